@@ -1,0 +1,443 @@
+// moelink device primitives, GPU half: the contract is in arch.cuh, which includes this file under
+// nvcc. Everything here is `__device__ __forceinline__`; MOELINK_LAUNCH is in runtime/cuda_launch.cuh.
+//
+// Memory operations are inline PTX with the scope spelled out, using generic addressing so the
+// same primitive works on global, peer (NVLink) and shared memory. PTX references below are to the
+// PTX ISA: "Memory Consistency Model" (ch. 8) and the ld/st/atom/red/fence/bar instructions (9.7).
+#pragma once
+
+#if !defined(__CUDACC__)
+#error "arch_cuda.cuh is the nvcc half of arch/arch.cuh: include arch/arch.cuh instead"
+#endif
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <type_traits>
+
+#include "runtime/cuda_device.h"
+
+// ---------------------------------------------------------------------------------------------
+// Qualifiers and shared memory
+
+#define MOELINK_DEVICE __device__ __forceinline__
+#define MOELINK_KERNEL __global__
+
+// The dimensions are a variadic tail so that `[f(a, b)]` survives macro argument splitting.
+#define MOELINK_SHARED(T, name, ...) __shared__ T name __VA_ARGS__
+
+#define MOELINK_DYNAMIC_SMEM(T, name) \
+  T* name = reinterpret_cast<T*>(::moelink::arch::detail::dynamic_smem_base())
+
+namespace moelink::arch {
+namespace detail {
+
+// One extern array for the whole TU (every extern __shared__ array aliases the start of the
+// launch's dynamic shared memory); its declared alignment asks the toolchain to place that start
+// on a 128-byte boundary, as the contract promises.
+MOELINK_DEVICE unsigned char* dynamic_smem_base() {
+  extern __shared__ __align__(128) unsigned char moelink_dynamic_smem[];
+  return moelink_dynamic_smem;
+}
+
+template <typename T>
+inline constexpr bool kIsWord = std::is_integral_v<T> && !std::is_same_v<T, bool> &&
+                                (sizeof(T) == 4 || sizeof(T) == 8);
+
+template <typename T>
+using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
+// Identity. Unsigned, as on the host target (so `thread_rank() - 1` means the same on both).
+// Warps are cut from the linear thread index, so %laneid == thread_rank() % 32.
+
+MOELINK_DEVICE unsigned thread_rank() {
+  return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+}
+MOELINK_DEVICE unsigned block_rank() {
+  return blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+}
+MOELINK_DEVICE unsigned num_threads() { return blockDim.x * blockDim.y * blockDim.z; }
+MOELINK_DEVICE unsigned num_blocks() { return gridDim.x * gridDim.y * gridDim.z; }
+MOELINK_DEVICE unsigned lane_id() {
+  unsigned lane;
+  asm("mov.u32 %0, %%laneid;" : "=r"(lane));
+  return lane;
+}
+MOELINK_DEVICE unsigned warp_id() { return thread_rank() / kWarpSize; }
+MOELINK_DEVICE unsigned num_warps() { return (num_threads() + kWarpSize - 1) / kWarpSize; }
+
+// ---------------------------------------------------------------------------------------------
+// Memory operations
+//
+// PTX spells the scope inside the instruction and an asm template must be a string literal, so
+// the scope switch is a macro: `if constexpr` on the template parameter S keeps exactly one asm
+// statement. OUTS and INS are parenthesised operand lists. Every statement clobbers "memory":
+// besides ordering, that tells the compiler the asm reads/writes *p, so a plain store to the same
+// address cannot be moved across a relaxed load of it.
+#define MOELINK_UNPAREN(...) __VA_ARGS__
+#define MOELINK_SCOPED_ASM(S, HEAD, TAIL, OUTS, INS)                                           \
+  do {                                                                                         \
+    if constexpr ((S) == ::moelink::arch::Scope::kBlock) {                                     \
+      asm volatile(HEAD ".cta" TAIL : MOELINK_UNPAREN OUTS : MOELINK_UNPAREN INS : "memory");  \
+    } else if constexpr ((S) == ::moelink::arch::Scope::kGpu) {                                \
+      asm volatile(HEAD ".gpu" TAIL : MOELINK_UNPAREN OUTS : MOELINK_UNPAREN INS : "memory");  \
+    } else {                                                                                   \
+      asm volatile(HEAD ".sys" TAIL : MOELINK_UNPAREN OUTS : MOELINK_UNPAREN INS : "memory");  \
+    }                                                                                          \
+  } while (0)
+
+#define MOELINK_REQUIRE_WORD(T, what) \
+  static_assert(detail::kIsWord<T>, what ": T must be a 32- or 64-bit integer type")
+
+// Scoped loads and stores, one line each in the tables below. Values are moved as .b32/.b64 bit
+// patterns. A stored value is not deduced (type_identity), so `st_release(u64_ptr, 1)` compiles.
+#define MOELINK_DEFINE_LOAD(NAME, HEAD)                                                          \
+  template <Scope S = Scope::kSys, typename T>                                                   \
+  MOELINK_DEVICE T NAME(const T* p) {                                                            \
+    MOELINK_REQUIRE_WORD(T, #NAME);                                                              \
+    detail::Bits<T> v;                                                                           \
+    if constexpr (sizeof(T) == 4)                                                                \
+      MOELINK_SCOPED_ASM(S, HEAD, ".b32 %0, [%1];", ("=r"(v)), ("l"(p)));                        \
+    else                                                                                         \
+      MOELINK_SCOPED_ASM(S, HEAD, ".b64 %0, [%1];", ("=l"(v)), ("l"(p)));                        \
+    return static_cast<T>(v);                                                                    \
+  }
+#define MOELINK_DEFINE_STORE(NAME, HEAD)                                                         \
+  template <Scope S = Scope::kSys, typename T>                                                   \
+  MOELINK_DEVICE void NAME(T* p, std::type_identity_t<T> value) {                                \
+    MOELINK_REQUIRE_WORD(T, #NAME);                                                              \
+    const auto v = static_cast<detail::Bits<T>>(value);                                          \
+    if constexpr (sizeof(T) == 4)                                                                \
+      MOELINK_SCOPED_ASM(S, HEAD, ".b32 [%0], %1;", (), ("l"(p), "r"(v)));                       \
+    else                                                                                         \
+      MOELINK_SCOPED_ASM(S, HEAD, ".b64 [%0], %1;", (), ("l"(p), "l"(v)));                       \
+  }
+
+MOELINK_DEFINE_LOAD(ld_acquire, "ld.acquire")
+MOELINK_DEFINE_LOAD(ld_relaxed, "ld.relaxed")
+MOELINK_DEFINE_STORE(st_release, "st.release")
+MOELINK_DEFINE_STORE(st_relaxed, "st.relaxed")
+#undef MOELINK_DEFINE_LOAD
+#undef MOELINK_DEFINE_STORE
+
+// ld.volatile/st.volatile have the memory-model semantics of .relaxed.sys (PTX ISA, ld and st:
+// "volatile ... same memory synchronization semantics as .relaxed.sys"), and are never cached in
+// registers or elided by the compiler. No scope to spell, so no table.
+template <typename T>
+MOELINK_DEVICE T ld_volatile(const T* p) {
+  MOELINK_REQUIRE_WORD(T, "ld_volatile");
+  detail::Bits<T> v;
+  if constexpr (sizeof(T) == 4) asm volatile("ld.volatile.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  else asm volatile("ld.volatile.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return static_cast<T>(v);
+}
+
+template <typename T>
+MOELINK_DEVICE void st_volatile(T* p, std::type_identity_t<T> value) {
+  MOELINK_REQUIRE_WORD(T, "st_volatile");
+  const auto v = static_cast<detail::Bits<T>>(value);
+  if constexpr (sizeof(T) == 4) asm volatile("st.volatile.b32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+  else asm volatile("st.volatile.b64 [%0], %1;" :: "l"(p), "l"(v) : "memory");
+}
+
+// Read-modify-writes, one line each in the table below. The PTX type suffix depends on width
+// and, for min/max, on signedness (add and exch are sign-agnostic in two's complement).
+#define MOELINK_DEFINE_RMW(NAME, HEAD, OP, S32, U32, S64, U64)                                   \
+  template <Scope S = Scope::kSys, typename T>                                                   \
+  MOELINK_DEVICE T NAME(T* p, std::type_identity_t<T> value) {                                   \
+    MOELINK_REQUIRE_WORD(T, #NAME);                                                              \
+    detail::Bits<T> old;                                                                         \
+    const auto v = static_cast<detail::Bits<T>>(value);                                          \
+    if constexpr (sizeof(T) == 4 && std::is_signed_v<T>)                                         \
+      MOELINK_SCOPED_ASM(S, HEAD, OP S32 " %0, [%1], %2;", ("=r"(old)), ("l"(p), "r"(v)));        \
+    else if constexpr (sizeof(T) == 4)                                                           \
+      MOELINK_SCOPED_ASM(S, HEAD, OP U32 " %0, [%1], %2;", ("=r"(old)), ("l"(p), "r"(v)));        \
+    else if constexpr (std::is_signed_v<T>)                                                      \
+      MOELINK_SCOPED_ASM(S, HEAD, OP S64 " %0, [%1], %2;", ("=l"(old)), ("l"(p), "l"(v)));        \
+    else                                                                                         \
+      MOELINK_SCOPED_ASM(S, HEAD, OP U64 " %0, [%1], %2;", ("=l"(old)), ("l"(p), "l"(v)));        \
+    return static_cast<T>(old);                                                                  \
+  }
+
+//                 name                PTX head        op       s32     u32     s64     u64
+MOELINK_DEFINE_RMW(atomic_add,         "atom.relaxed", ".add",  ".u32", ".u32", ".u64", ".u64")
+MOELINK_DEFINE_RMW(atomic_exch,        "atom.relaxed", ".exch", ".b32", ".b32", ".b64", ".b64")
+MOELINK_DEFINE_RMW(atomic_min,         "atom.relaxed", ".min",  ".s32", ".u32", ".s64", ".u64")
+MOELINK_DEFINE_RMW(atomic_max,         "atom.relaxed", ".max",  ".s32", ".u32", ".s64", ".u64")
+MOELINK_DEFINE_RMW(atomic_add_release, "atom.release", ".add",  ".u32", ".u32", ".u64", ".u64")
+#undef MOELINK_DEFINE_RMW
+
+template <Scope S = Scope::kSys, typename T>
+MOELINK_DEVICE T atomic_cas(T* p, std::type_identity_t<T> expected, std::type_identity_t<T> desired) {
+  MOELINK_REQUIRE_WORD(T, "atomic_cas");
+  detail::Bits<T> old;
+  const auto e = static_cast<detail::Bits<T>>(expected);
+  const auto d = static_cast<detail::Bits<T>>(desired);
+  if constexpr (sizeof(T) == 4)
+    MOELINK_SCOPED_ASM(S, "atom.relaxed", ".cas.b32 %0, [%1], %2, %3;", ("=r"(old)), ("l"(p), "r"(e), "r"(d)));
+  else
+    MOELINK_SCOPED_ASM(S, "atom.relaxed", ".cas.b64 %0, [%1], %2, %3;", ("=l"(old)), ("l"(p), "l"(e), "l"(d)));
+  return static_cast<T>(old);
+}
+
+// `red` is `atom` without the returned value: the SM does not wait for the old value, which is
+// what a signal-and-move-on (e.g. bumping a peer's tail counter) wants.
+template <Scope S = Scope::kSys, typename T>
+MOELINK_DEVICE void red_add_release(T* p, std::type_identity_t<T> value) {
+  MOELINK_REQUIRE_WORD(T, "red_add_release");
+  const auto v = static_cast<detail::Bits<T>>(value);
+  if constexpr (sizeof(T) == 4) MOELINK_SCOPED_ASM(S, "red.release", ".add.u32 [%0], %1;", (), ("l"(p), "r"(v)));
+  else MOELINK_SCOPED_ASM(S, "red.release", ".add.u64 [%0], %1;", (), ("l"(p), "l"(v)));
+}
+
+template <Scope S = Scope::kSys>
+MOELINK_DEVICE void fence() {
+  MOELINK_SCOPED_ASM(S, "fence.acq_rel", ";", (), ());
+}
+
+#undef MOELINK_SCOPED_ASM
+#undef MOELINK_UNPAREN
+
+// ---------------------------------------------------------------------------------------------
+// Time
+
+MOELINK_DEVICE uint64_t globaltimer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failure
+
+namespace detail {
+
+// Out of line, like every failure path here: printf packs its arguments into a local-memory
+// buffer, and that stack frame belongs in the cold function, not in every kernel that checks.
+template <typename... Args>
+__device__ __noinline__ void device_check_failed(const char* fmt, Args... args) {
+  printf(fmt, args...);
+  __trap();
+}
+
+}  // namespace detail
+
+// The message matches the host target's DeviceAssert: condition, formatted text, site.
+// `fmt` must be a string literal (it is pasted into the format).
+#define MOELINK_DEVICE_CHECK(cond, fmt, ...)                                                    \
+  do {                                                                                          \
+    if (!(cond)) {                                                                              \
+      ::moelink::arch::detail::device_check_failed(                                             \
+          "MOELINK_DEVICE_CHECK(%s) failed: " fmt " (%s:%d, block %u, thread %u)\n",             \
+          #cond __VA_OPT__(, ) __VA_ARGS__, __FILE__, __LINE__, ::moelink::arch::block_rank(),  \
+          ::moelink::arch::thread_rank());                                                      \
+    }                                                                                           \
+  } while (0)
+
+// ---------------------------------------------------------------------------------------------
+// Waiting
+
+namespace detail {
+namespace {
+
+// The deadline every wait_until in this TU reads. Without -rdc each nvcc TU has its own copy;
+// each copy registers its host shadow at load time and cuda_device.cu writes MOELINK_TIMEOUT_S
+// into all of them once per device. The initialiser is the default (100 s), so a wait is
+// bounded even before that.
+__device__ uint64_t g_wait_timeout_ns = 100ull * 1000 * 1000 * 1000;
+[[maybe_unused]] const bool g_wait_timeout_registered =
+    (::moelink::cuda::register_wait_timeout_symbol(&g_wait_timeout_ns), true);
+
+}  // namespace
+
+// Polls between deadline checks. A poll is one acquire load (hundreds of ns to microseconds), so
+// reading %globaltimer on every 64th costs nothing measurable and still notices expiry promptly.
+constexpr uint32_t kPollsPerDeadlineCheck = 64;
+
+// Out of line so that printf's argument buffer stays out of every kernel that waits.
+__device__ __noinline__ inline void wait_timed_out(WaitSite site, const char* cmp, bool is_signed,
+                                                   uint64_t awaited, uint64_t last,
+                                                   uint64_t waited_ns) {
+  const char* fmt =
+      is_signed ? "moelink: wait timed out after %.3f s: %s (rank %d, peer %d, channel %d), "
+                  "block %u thread %u awaited value %s %lld, last value %lld\n"
+                : "moelink: wait timed out after %.3f s: %s (rank %d, peer %d, channel %d), "
+                  "block %u thread %u awaited value %s %llu, last value %llu\n";
+  printf(fmt, waited_ns * 1e-9, site.what ? site.what : "(unnamed wait)", site.rank, site.peer,
+         site.channel, block_rank(), thread_rank(), cmp, static_cast<unsigned long long>(awaited),
+         static_cast<unsigned long long>(last));
+  __trap();
+}
+
+}  // namespace detail
+
+template <Scope S = Scope::kSys, typename T>
+MOELINK_DEVICE T wait_until(const T* p, Cmp cmp, std::type_identity_t<T> value, WaitSite site) {
+  MOELINK_REQUIRE_WORD(T, "wait_until");
+  T seen = ld_acquire<S>(p);
+  if (compare<T>(seen, cmp, value)) return seen;  // already there: no clock read at all
+
+  const uint64_t start = globaltimer_ns();
+  const uint64_t timeout_ns = detail::g_wait_timeout_ns;
+  for (uint32_t polls = 1;; ++polls) {
+    seen = ld_acquire<S>(p);
+    if (compare<T>(seen, cmp, value)) return seen;
+    if (polls % detail::kPollsPerDeadlineCheck == 0) {
+      const uint64_t waited = globaltimer_ns() - start;
+      if (waited > timeout_ns) {
+        detail::wait_timed_out(site, cmp_text(cmp), std::is_signed_v<T>,
+                               static_cast<uint64_t>(value), static_cast<uint64_t>(seen), waited);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warp collectives (sm_70+ *_sync intrinsics: mask names the participating lanes)
+
+MOELINK_DEVICE void syncwarp(uint32_t mask = kFullMask) { __syncwarp(mask); }
+
+namespace detail {
+
+// Shuffles any trivially copyable value of <= 8 bytes as one or two 32-bit words, which is also
+// what the hardware does for 64-bit types.
+template <typename T, typename Shuffle>
+MOELINK_DEVICE T shuffle_words(T v, Shuffle&& shuffle) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8,
+                "warp shuffles move trivially copyable values of at most 8 bytes");
+  uint32_t words[2] = {0, 0};
+  memcpy(words, &v, sizeof(T));
+  words[0] = shuffle(words[0]);
+  if constexpr (sizeof(T) > 4) words[1] = shuffle(words[1]);
+  memcpy(&v, words, sizeof(T));
+  return v;
+}
+
+}  // namespace detail
+
+template <typename T>
+MOELINK_DEVICE T shfl(uint32_t mask, T v, int src_lane, int width = kWarpSize) {
+  return detail::shuffle_words(v, [&](uint32_t w) { return __shfl_sync(mask, w, src_lane, width); });
+}
+template <typename T>
+MOELINK_DEVICE T shfl_xor(uint32_t mask, T v, int lane_mask, int width = kWarpSize) {
+  return detail::shuffle_words(v, [&](uint32_t w) { return __shfl_xor_sync(mask, w, lane_mask, width); });
+}
+template <typename T>
+MOELINK_DEVICE T shfl_up(uint32_t mask, T v, unsigned delta, int width = kWarpSize) {
+  return detail::shuffle_words(v, [&](uint32_t w) { return __shfl_up_sync(mask, w, delta, width); });
+}
+template <typename T>
+MOELINK_DEVICE T shfl_down(uint32_t mask, T v, unsigned delta, int width = kWarpSize) {
+  return detail::shuffle_words(v, [&](uint32_t w) { return __shfl_down_sync(mask, w, delta, width); });
+}
+
+MOELINK_DEVICE uint32_t ballot(uint32_t mask, bool pred) { return __ballot_sync(mask, pred); }
+MOELINK_DEVICE bool any(uint32_t mask, bool pred) { return __any_sync(mask, pred) != 0; }
+MOELINK_DEVICE bool all(uint32_t mask, bool pred) { return __all_sync(mask, pred) != 0; }
+MOELINK_DEVICE uint32_t activemask() { return __activemask(); }
+
+namespace detail {
+
+struct Sum { template <typename T> MOELINK_DEVICE T operator()(T a, T b) const { return a + b; } };
+struct Min { template <typename T> MOELINK_DEVICE T operator()(T a, T b) const { return b < a ? b : a; } };
+struct Max { template <typename T> MOELINK_DEVICE T operator()(T a, T b) const { return a < b ? b : a; } };
+
+// Full warp: xor butterfly (offsets 16, 8, 4, 2, 1). Each step combines x and y on one lane and
+// y and x on its partner; both are bitwise equal, so every lane ends with the same bits, floats
+// included. A partial mask cannot use the butterfly (a partner outside the mask returns an
+// undefined value), so it folds the member lanes in ascending lane order instead.
+template <typename T, typename Op>
+MOELINK_DEVICE T warp_reduce(uint32_t mask, T v, Op op) {
+  static_assert(std::is_arithmetic_v<T> && (sizeof(T) == 4 || sizeof(T) == 8),
+                "warp_reduce_*: T must be a 32- or 64-bit integer or floating-point type");
+  if (mask == kFullMask) {
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v = op(v, shfl_xor(mask, v, offset));
+    return v;
+  }
+  T acc = shfl(mask, v, __ffs(mask) - 1);
+  for (uint32_t rest = mask & (mask - 1); rest != 0; rest &= rest - 1)
+    acc = op(acc, shfl(mask, v, __ffs(rest) - 1));
+  return acc;
+}
+
+// sm_80+ has a single-instruction warp reduction (redux.sync) for 32-bit integers, any mask.
+template <typename T>
+inline constexpr bool kHasRedux = std::is_integral_v<T> && sizeof(T) == 4;
+
+}  // namespace detail
+
+template <typename T>
+MOELINK_DEVICE T warp_reduce_sum(uint32_t mask, T v) {
+#if __CUDA_ARCH__ >= 800
+  if constexpr (detail::kHasRedux<T>) return static_cast<T>(__reduce_add_sync(mask, v));
+#endif
+  return detail::warp_reduce(mask, v, detail::Sum{});
+}
+template <typename T>
+MOELINK_DEVICE T warp_reduce_min(uint32_t mask, T v) {
+#if __CUDA_ARCH__ >= 800
+  if constexpr (detail::kHasRedux<T>) return static_cast<T>(__reduce_min_sync(mask, v));
+#endif
+  return detail::warp_reduce(mask, v, detail::Min{});
+}
+template <typename T>
+MOELINK_DEVICE T warp_reduce_max(uint32_t mask, T v) {
+#if __CUDA_ARCH__ >= 800
+  if constexpr (detail::kHasRedux<T>) return static_cast<T>(__reduce_max_sync(mask, v));
+#endif
+  return detail::warp_reduce(mask, v, detail::Max{});
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block synchronisation. `bar.sync` is the .aligned form of barrier.sync (PTX ISA, bar): every
+// thread of a warp that takes part must execute the same bar instruction, which the contract's
+// "n is a multiple of 32" (whole warps) implies. Barrier 0 is __syncthreads'.
+
+MOELINK_DEVICE void sync_block() { __syncthreads(); }
+MOELINK_DEVICE void bar_sync(int id, int n) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory");
+}
+MOELINK_DEVICE void bar_arrive(int id, int n) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bulk movement
+
+// Lane-strided 16-byte accesses: on each step the participating lanes touch consecutive int4s,
+// so a full warp moves 512 contiguous bytes per instruction. Four loads are issued before their
+// stores so that each lane keeps several requests in flight (latency over NVLink is microseconds).
+MOELINK_DEVICE void warp_copy(uint32_t mask, void* dst, const void* src, size_t bytes) {
+  constexpr int kUnroll = 4;
+  const unsigned lane = lane_id();
+  const size_t stride = static_cast<size_t>(__popc(mask));
+  const size_t count = bytes / sizeof(int4);
+  // No __restrict__: with it nvcc turns the loads into ld.global.nc, whose read-only cache is
+  // not coherent with writes made by peers during the kernel (exactly what src usually holds).
+  int4* d = static_cast<int4*>(dst);
+  const int4* s = static_cast<const int4*>(src);
+
+  size_t i = static_cast<size_t>(__popc(mask & ((1u << lane) - 1)));  // rank among mask's lanes
+  for (; i + (kUnroll - 1) * stride < count; i += kUnroll * stride) {
+    int4 r[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) r[u] = s[i + u * stride];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) d[i + u * stride] = r[u];
+  }
+  for (; i < count; i += stride) d[i] = s[i];
+}
+
+#undef MOELINK_REQUIRE_WORD
+
+}  // namespace moelink::arch
+
+// MOELINK_LAUNCH: host-side glue, in its own file.
+#include "runtime/cuda_launch.cuh"

@@ -1,0 +1,105 @@
+#include "bindings/common.h"
+#include "runtime/ops_intranode.h"
+
+namespace moelink::bindings {
+
+void bind_intranode(py::module_& parent) {
+  py::module_ m = parent.def_submodule("intranode", "Intranode dispatch/combine kernels (runtime/ops_intranode.h).");
+  m.attr("MAX_RANKS") = kIntranodeMaxRanks;
+  m.attr("MAX_CHANNELS") = kIntranodeMaxChannels;
+
+  py::class_<IntranodeContext>(m, "Node", "Where a call runs: rank, shapes, windows, epoch.", py::module_local())
+      .def(py::init([](int rank, int num_ranks, int num_channels, int queue_tokens, int64_t row_bytes, int num_scales,
+                       int num_topk, int experts_per_rank, uintptr_t windows, uint64_t epoch, uintptr_t nvl_bytes) {
+             IntranodeContext node;
+             node.rank = rank;
+             node.shape = IntranodeShape{num_ranks, num_channels, queue_tokens, row_bytes, num_scales, num_topk,
+                                         experts_per_rank};
+             node.windows = ptr<void* const>(windows);
+             node.epoch = epoch;
+             node.nvl_bytes = ptr<uint64_t>(nvl_bytes);
+             return node;
+           }),
+           py::kw_only(), py::arg("rank"), py::arg("num_ranks"), py::arg("num_channels"), py::arg("queue_tokens"),
+           py::arg("row_bytes"), py::arg("num_scales"), py::arg("num_topk"), py::arg("experts_per_rank"),
+           py::arg("windows"), py::arg("epoch"), py::arg("nvl_bytes") = 0)
+      .def_property_readonly("window_bytes_needed",
+                             [](const IntranodeContext& node) { return IntranodeLayout::of(node.shape).total_bytes; });
+
+  m.def(
+      "notify",
+      [](const IntranodeContext& node, int64_t num_tokens, uintptr_t is_token_in_rank, uintptr_t num_tokens_per_expert,
+         int expert_alignment, uintptr_t recv_channel_start, uintptr_t recv_counts, uintptr_t stream, int rank) {
+        NotifyArgs args;
+        args.node = node;
+        args.num_tokens = num_tokens;
+        args.is_token_in_rank = ptr<const bool>(is_token_in_rank);
+        args.num_tokens_per_expert = ptr<const int32_t>(num_tokens_per_expert);
+        args.expert_alignment = expert_alignment;
+        args.recv_channel_start = ptr<int32_t>(recv_channel_start);
+        args.recv_counts = ptr<int32_t>(recv_counts);
+        intranode_notify(args, context(stream, rank));
+      },
+      py::arg("node"), py::arg("num_tokens"), py::arg("is_token_in_rank"), py::arg("num_tokens_per_expert"),
+      py::arg("expert_alignment"), py::arg("recv_channel_start"), py::arg("recv_counts"), MOELINK_CONTEXT_ARGS,
+      release_gil());
+
+  m.def(
+      "dispatch",
+      [](const IntranodeContext& node, bool barrier_first, int send_chunk, int64_t num_tokens, uintptr_t x,
+         uintptr_t x_scales, uintptr_t topk_idx, uintptr_t topk_weights, uintptr_t is_token_in_rank,
+         uintptr_t recv_channel_start, uintptr_t send_head, uintptr_t recv_x, uintptr_t recv_x_scales,
+         uintptr_t recv_topk_idx, uintptr_t recv_topk_weights, uintptr_t recv_src_idx, uintptr_t stream, int rank) {
+        DispatchArgs args;
+        args.node = node;
+        args.barrier_first = barrier_first;
+        args.num_tokens = num_tokens;
+        args.x = ptr<const void>(x);
+        args.x_scales = ptr<const float>(x_scales);
+        args.topk_idx = ptr<const int64_t>(topk_idx);
+        args.topk_weights = ptr<const float>(topk_weights);
+        args.is_token_in_rank = ptr<const bool>(is_token_in_rank);
+        args.recv_channel_start = ptr<const int32_t>(recv_channel_start);
+        args.send_head = ptr<int32_t>(send_head);
+        args.recv_x = ptr<void>(recv_x);
+        args.recv_x_scales = ptr<float>(recv_x_scales);
+        args.recv_topk_idx = ptr<int64_t>(recv_topk_idx);
+        args.recv_topk_weights = ptr<float>(recv_topk_weights);
+        args.recv_src_idx = ptr<int32_t>(recv_src_idx);
+        intranode_dispatch(args, context(stream, rank), send_chunk);
+      },
+      py::arg("node"), py::arg("barrier_first"), py::arg("send_chunk"), py::arg("num_tokens"), py::arg("x"),
+      py::arg("x_scales"), py::arg("topk_idx"), py::arg("topk_weights"), py::arg("is_token_in_rank"),
+      py::arg("recv_channel_start"), py::arg("send_head"), py::arg("recv_x"), py::arg("recv_x_scales"),
+      py::arg("recv_topk_idx"), py::arg("recv_topk_weights"), py::arg("recv_src_idx"), MOELINK_CONTEXT_ARGS,
+      release_gil());
+
+  m.def(
+      "combine",
+      [](const IntranodeContext& node, int send_chunk, int hidden, int64_t num_recv, uintptr_t x, uintptr_t topk_weights,
+         uintptr_t recv_channel_start, int64_t num_tokens, uintptr_t is_token_in_rank, uintptr_t send_head,
+         uintptr_t bias0, uintptr_t bias1, uintptr_t combined_x, uintptr_t combined_topk_weights, uintptr_t stream,
+         int rank) {
+        CombineArgs args;
+        args.node = node;
+        args.hidden = hidden;
+        args.num_recv = num_recv;
+        args.x = ptr<const uint16_t>(x);
+        args.topk_weights = ptr<const float>(topk_weights);
+        args.recv_channel_start = ptr<const int32_t>(recv_channel_start);
+        args.num_tokens = num_tokens;
+        args.is_token_in_rank = ptr<const bool>(is_token_in_rank);
+        args.send_head = ptr<const int32_t>(send_head);
+        args.bias[0] = ptr<const uint16_t>(bias0);
+        args.bias[1] = ptr<const uint16_t>(bias1);
+        args.combined_x = ptr<uint16_t>(combined_x);
+        args.combined_topk_weights = ptr<float>(combined_topk_weights);
+        intranode_combine(args, context(stream, rank), send_chunk);
+      },
+      py::arg("node"), py::arg("send_chunk"), py::arg("hidden"), py::arg("num_recv"), py::arg("x"),
+      py::arg("topk_weights"), py::arg("recv_channel_start"), py::arg("num_tokens"), py::arg("is_token_in_rank"),
+      py::arg("send_head"), py::arg("bias0"), py::arg("bias1"), py::arg("combined_x"), py::arg("combined_topk_weights"),
+      MOELINK_CONTEXT_ARGS, release_gil());
+}
+
+}  // namespace moelink::bindings

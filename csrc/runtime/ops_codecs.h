@@ -1,0 +1,86 @@
+// Payload codecs as standalone ops: FP8 (E4M3/E5M2, per-128-channel scales, float32 or UE8M0) and
+// LogFMT-nBit (n = 8, 9, 10). Target-neutral declarations; ops_codecs.cu is compiled by g++ into
+// moelink._host and by nvcc into moelink._cuda. The semantics, bit for bit, are those of
+// python/moelink/reference/codecs.py; docs/codecs.md has the wire layouts.
+//
+// Tensors are [num_tokens, hidden] with rows `*_row_stride` apart and unit stride along hidden.
+// The Python layer (python/moelink/codecs.py) validates shapes, dtypes and devices and allocates
+// outputs; the entry points below re-check only what would make a kernel write out of bounds.
+#pragma once
+
+#include <cstdint>
+
+#include "launch_context.h"
+
+namespace moelink {
+
+enum class CodecDType : int32_t { kFloat32 = 0, kBFloat16 = 1 };
+enum class Fp8Format : int32_t { kE4M3 = 0, kE5M2 = 1 };
+enum class Fp8ScaleFormat : int32_t { kFloat32 = 0, kUe8m0 = 1 };
+
+constexpr int kCodecGroup = 128;  // channels per FP8 scale group / LogFMT tile
+
+struct Fp8QuantizeArgs {
+  const void* x = nullptr;  // [num_tokens][hidden], x_dtype
+  CodecDType x_dtype = CodecDType::kBFloat16;
+  int64_t x_row_stride = 0;  // elements
+  int64_t num_tokens = 0;
+  int64_t hidden = 0;  // >= 1; the last group may be partial
+  Fp8Format format = Fp8Format::kE4M3;
+  Fp8ScaleFormat scale_format = Fp8ScaleFormat::kFloat32;
+  uint8_t* q = nullptr;  // [num_tokens][hidden] FP8 bits
+  int64_t q_row_stride = 0;  // bytes
+  // float32 [num_tokens][ceil(hidden/128)], or int32 [num_tokens][ceil(hidden/512)] holding UE8M0
+  // bytes (byte i of word j = group 4j + i, little-endian; missing groups 0). Fully overwritten.
+  void* scales = nullptr;
+  int64_t scales_row_stride = 0;  // elements (floats or int32 words)
+};
+
+struct Fp8DequantizeArgs {
+  const uint8_t* q = nullptr;
+  int64_t q_row_stride = 0;
+  Fp8Format format = Fp8Format::kE4M3;
+  Fp8ScaleFormat scale_format = Fp8ScaleFormat::kFloat32;
+  const void* scales = nullptr;
+  int64_t scales_row_stride = 0;
+  int64_t num_tokens = 0;
+  int64_t hidden = 0;
+  void* out = nullptr;  // [num_tokens][hidden], out_dtype
+  CodecDType out_dtype = CodecDType::kBFloat16;
+  int64_t out_row_stride = 0;  // elements
+};
+
+struct LogfmtEncodeArgs {
+  const void* x = nullptr;
+  CodecDType x_dtype = CodecDType::kBFloat16;
+  int64_t x_row_stride = 0;  // elements
+  int64_t num_tokens = 0;
+  int64_t hidden = 0;
+  int bits = 8;  // 8, 9 or 10
+  // [num_tokens][row_stride] bytes; each row gets logfmt_row_bytes(hidden, bits) bytes (padding
+  // included, so every byte of a row is written). 16-byte aligned base and a row stride that is
+  // a multiple of 16.
+  uint8_t* packed = nullptr;
+  int64_t packed_row_stride = 0;  // bytes
+};
+
+struct LogfmtDecodeArgs {
+  const uint8_t* packed = nullptr;  // 16-byte aligned rows, as written by logfmt_encode
+  int64_t packed_row_stride = 0;
+  int64_t num_tokens = 0;
+  int64_t hidden = 0;
+  int bits = 8;
+  void* out = nullptr;
+  CodecDType out_dtype = CodecDType::kBFloat16;
+  int64_t out_row_stride = 0;  // elements
+};
+
+// Bytes of one LogFMT row: 8-byte header per tile padded to 16, dense payload padded to 16.
+int64_t logfmt_row_bytes(int64_t hidden, int bits);
+
+void fp8_quantize(const Fp8QuantizeArgs& args, const LaunchContext& ctx);
+void fp8_dequantize(const Fp8DequantizeArgs& args, const LaunchContext& ctx);
+void logfmt_encode(const LogfmtEncodeArgs& args, const LaunchContext& ctx);
+void logfmt_decode(const LogfmtDecodeArgs& args, const LaunchContext& ctx);
+
+}  // namespace moelink

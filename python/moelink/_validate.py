@@ -1,0 +1,48 @@
+"""Input checks shared by the public API. Each raises a typed moelink error that names the
+argument, what was expected and what was received; nothing unchecked reaches a kernel."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from .errors import InvalidArgument, InvalidDType, InvalidShape, InvalidType, argument_error
+
+
+def tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise argument_error(InvalidType, name, "a torch.Tensor", type(value).__name__)
+    return value
+
+
+def dtype(name: str, value: torch.Tensor, allowed: Iterable[torch.dtype]) -> None:
+    allowed = tuple(allowed)
+    if value.dtype not in allowed:
+        expected = " or ".join(str(d) for d in allowed)
+        raise argument_error(InvalidDType, name, f"dtype {expected}", value.dtype)
+
+
+def ndim(name: str, value: torch.Tensor, expected: int, layout: str) -> None:
+    if value.dim() != expected:
+        raise argument_error(InvalidShape, name, f"a {expected}-D tensor {layout}", f"shape {tuple(value.shape)}")
+
+
+def contiguous(name: str, value: torch.Tensor) -> None:
+    if not value.is_contiguous():
+        raise argument_error(InvalidShape, name, "a contiguous tensor", f"strides {tuple(value.stride())}")
+
+
+def integer(name: str, value: object, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise argument_error(InvalidType, name, "an int", type(value).__name__)
+    if minimum is not None and value < minimum:
+        raise argument_error(InvalidArgument, name, f"an int >= {minimum}", value)
+    return value
+
+
+def divides(divisor_name: str, divisor: int, dividend_name: str, dividend: int) -> None:
+    if dividend % divisor != 0:
+        raise argument_error(
+            InvalidArgument, dividend_name, f"a multiple of {divisor_name} = {divisor}", f"{dividend}"
+        )

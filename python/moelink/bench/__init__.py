@@ -1,0 +1,1 @@
+"""Benchmarks of moelink against the baselines MoE frameworks use without it (``bench.baseline``)."""

@@ -1,0 +1,276 @@
+"""Intranode dispatch and combine through moelink.Buffer, on 2 and 4 real rank processes, against
+moelink.reference on fresh random routings, edge cases, SM budgets, tiny queues and schedule seeds.
+
+Every rank draws the inputs of *all* ranks from the case's seed, so it can compute the global
+reference itself and check its own outputs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import moelink
+from moelink import errors, reference, runtime
+from moelink.reference.dispatch import assert_combine_close
+from multiproc import rank_group_fixture
+from seeding import seed  # noqa: F401  (fixture)
+
+group = rank_group_fixture(2, 4, case_timeout=240)
+
+
+# ---- helpers running inside the ranks ----------------------------------------------------------
+
+def _buffer(ctx, num_nvl_bytes: int = 1 << 24) -> moelink.Buffer:
+    buffer = ctx.state.get("buffer")
+    if buffer is None or buffer.num_nvl_bytes < num_nvl_bytes or buffer._unusable:
+        if buffer is not None:
+            buffer.destroy()
+        buffer = moelink.Buffer(ctx.group, num_nvl_bytes)
+        ctx.state["buffer"] = buffer
+    return buffer
+
+
+def _inputs(seed, world, case):
+    """Every rank's inputs for one case: x, topk_idx, topk_weights per rank."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden, num_topk, num_experts = case["hidden"], case["num_topk"], case["experts_per_rank"] * world
+    xs, idx, weights = [], [], []
+    for r in range(world):
+        n = case["tokens"][r] if "tokens" in case else int(torch.randint(0, case.get("max_tokens", 160), (1,), generator=gen))
+        x = torch.randn(n, hidden, generator=gen).to(torch.bfloat16)
+        topk = torch.randint(-1, num_experts, (n, num_topk), generator=gen)
+        if case.get("skew"):  # nearly everything to rank 0's experts
+            topk = torch.where(torch.rand(n, num_topk, generator=gen) < 0.95, topk % case["experts_per_rank"], topk)
+        if case.get("sparse"):
+            topk[torch.rand(n, num_topk, generator=gen) < 0.6] = -1
+        if case.get("fp8"):
+            x = (x.to(torch.float8_e4m3fn), torch.rand(n, (hidden + 127) // 128, generator=gen) + 0.5)
+        xs.append(x)
+        idx.append(topk)
+        weights.append(torch.rand(n, num_topk, generator=gen))
+    return xs, idx, weights, num_experts
+
+
+def _dispatch_and_combine(ctx, seed, case):
+    world, rank = ctx.world_size, ctx.rank
+    runtime.set_schedule(case.get("schedule", "deterministic"))
+    config = moelink.Config(case.get("num_sms", 4), case.get("send_chunk", 6), case.get("queue", 64))
+    xs, idx, weights, num_experts = _inputs(seed, world, case)
+    hidden = case["hidden"]
+    buffer = _buffer(ctx, config.get_nvl_buffer_size_hint(hidden * 2, world))
+    x, topk_idx, topk_weights = xs[rank], idx[rank], weights[rank]
+    alignment, worst = case.get("expert_alignment", 1), case.get("num_worst_tokens", 0)
+
+    per_rank, per_node, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+    recv_x, recv_idx, recv_w, per_expert_list, handle, event = buffer.dispatch(
+        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx, topk_weights=topk_weights, expert_alignment=alignment, num_worst_tokens=worst,
+        config=config)
+    event.current_stream_wait()
+
+    want = reference.intranode_dispatch(xs, idx, num_experts, weights, expert_alignment=alignment,
+                                        num_worst_tokens=worst)[rank]
+    m = want.num_recv_tokens
+    got_x = recv_x[0] if isinstance(recv_x, tuple) else recv_x
+    if case.get("fp8"):
+        assert torch.equal(got_x[:m].view(torch.uint8), want.recv_x[0][:m].view(torch.uint8)), "fp8 rows"
+        assert torch.equal(recv_x[1][:m], want.recv_x[1][:m]), "fp8 scales"
+    else:
+        assert torch.equal(got_x[:m], want.recv_x[:m]), "recv_x"
+    assert got_x.shape[0] == (worst or m)
+    assert torch.equal(recv_idx, want.recv_topk_idx), "recv_topk_idx"
+    assert torch.equal(recv_w, want.recv_topk_weights.to(torch.float32)), "recv_topk_weights"
+    assert per_expert_list == want.num_recv_tokens_per_expert_list, "num_recv_tokens_per_expert_list"
+    assert torch.equal(handle.recv_src_idx.long(), want.recv_src_idx[:m]), "recv_src_idx"
+
+    if case.get("cached"):
+        again = buffer.dispatch(x, handle=handle, topk_idx=topk_idx, topk_weights=topk_weights, config=config)
+        assert torch.equal(again[0] if not isinstance(again[0], tuple) else again[0][0], got_x[:m]), "cached recv_x"
+        assert torch.equal(again[1], recv_idx[:m]) and torch.equal(again[2], recv_w[:m]), "cached top-k"
+
+    if case.get("fp8"):
+        return m
+    # Expert outputs: a deterministic function of the row, so every rank can build everyone's.
+    def expert(rows):
+        return (rows.float() * 0.5 + 1.0).to(torch.bfloat16)
+    bias_kind = case.get("bias")
+    gen = torch.Generator().manual_seed(seed + 1)
+    biases = []
+    for r in range(world):
+        n = xs[r].shape[0]
+        if bias_kind == "one":
+            biases.append(torch.randn(n, hidden, generator=gen).to(torch.bfloat16))
+        elif bias_kind == "pair":
+            biases.append((torch.randn(n, hidden, generator=gen).to(torch.bfloat16),
+                           torch.randn(n, hidden, generator=gen).to(torch.bfloat16)))
+        else:
+            biases.append(None)
+    all_dispatched = reference.intranode_dispatch(xs, idx, num_experts, weights)
+    outputs = [expert(d.recv_x) for d in all_dispatched]
+    returned_w = [d.recv_topk_weights.float() for d in all_dispatched] if case.get("weights", True) else None
+    expected = reference.intranode_combine(outputs, all_dispatched, [xx.shape[0] for xx in xs], returned_w, biases)[rank]
+    combined_x, combined_w, _ = buffer.combine(
+        expert(got_x[:m]), handle, topk_weights=recv_w[:m] if returned_w is not None else None,
+        bias=biases[rank], config=config)
+    assert_combine_close(combined_x, combined_w, expected, context=f"rank {rank}")
+    return m
+
+
+def _run(group, seed, **case):
+    received = group.run(_dispatch_and_combine, seed, case)
+    return received
+
+
+# ---- tests -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("hidden,num_topk,experts_per_rank", [(64, 8, 4), (256, 4, 2), (16, 1, 1), (512, 9, 3)])
+def test_random_routings(group, seed, hidden, num_topk, experts_per_rank):
+    _run(group, seed, hidden=hidden, num_topk=num_topk, experts_per_rank=experts_per_rank)
+
+
+def test_topk_32_and_deepseek_hidden(group, seed):
+    _run(group, seed, hidden=7168, num_topk=32, experts_per_rank=16, max_tokens=24)
+
+
+@pytest.mark.parametrize("num_sms", [2, 4, 8])
+def test_sm_budgets(group, seed, num_sms):
+    _run(group, seed, hidden=128, num_topk=6, experts_per_rank=2, num_sms=num_sms)
+
+
+def test_tiny_queues_wrap_many_times(group, seed):
+    _run(group, seed, hidden=64, num_topk=4, experts_per_rank=2, queue=group.world_size, send_chunk=1, max_tokens=300)
+
+
+def test_skewed_routing_one_rank_gets_nearly_everything(group, seed):
+    _run(group, seed, hidden=96, num_topk=8, experts_per_rank=4, skew=True)
+
+
+def test_tokens_routed_nowhere_and_ranks_without_tokens(group, seed):
+    tokens = [0] + [57] * (group.world_size - 1)
+    _run(group, seed, hidden=64, num_topk=4, experts_per_rank=2, sparse=True, tokens=tokens)
+    _run(group, seed, hidden=64, num_topk=4, experts_per_rank=2, tokens=[0] * group.world_size)
+
+
+@pytest.mark.parametrize("alignment", [1, 128])
+def test_expert_alignment_and_worst_case_rows(group, seed, alignment):
+    _run(group, seed, hidden=64, num_topk=4, experts_per_rank=2, expert_alignment=alignment)
+    _run(group, seed, hidden=64, num_topk=4, experts_per_rank=2, tokens=[40] * group.world_size,
+         num_worst_tokens=40 * group.world_size)
+
+
+@pytest.mark.parametrize("bias", [None, "one", "pair"])
+def test_combine_with_and_without_weights_and_bias(group, seed, bias):
+    _run(group, seed, hidden=128, num_topk=4, experts_per_rank=2, bias=bias, weights=bias != "one")
+
+
+def test_cached_dispatch_equals_fresh_dispatch(group, seed):
+    _run(group, seed, hidden=128, num_topk=8, experts_per_rank=2, cached=True)
+
+
+def test_fp8_payload_travels_as_is(group, seed):
+    _run(group, seed, hidden=256, num_topk=4, experts_per_rank=2, fp8=True)
+
+
+@pytest.mark.parametrize("schedule", ["random:21", "random:22:0.5"])
+def test_under_random_schedules(group, seed, schedule):
+    _run(group, seed, hidden=64, num_topk=4, experts_per_rank=2, queue=8, send_chunk=3, schedule=schedule)
+
+
+def _absent_rank(ctx):
+    runtime.set_wait_timeout(1.0)
+    buffer = _buffer(ctx)
+    try:
+        if ctx.rank == 1:
+            return "skipped"
+        topk = torch.zeros(4, 2, dtype=torch.int64)
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk, 2 * ctx.world_size)
+        try:
+            buffer.dispatch(torch.zeros(4, 16, dtype=torch.bfloat16), topk_idx=topk, is_token_in_rank=in_rank,
+                            num_tokens_per_expert=per_expert)
+        except errors.CommTimeout as exc:
+            message = str(exc)
+        else:
+            raise AssertionError("dispatch without peer 1 returned")
+        with pytest.raises(errors.BufferUnusable, match="create a new Buffer"):
+            buffer.dispatch(torch.zeros(4, 16, dtype=torch.bfloat16), topk_idx=topk, is_token_in_rank=in_rank,
+                            num_tokens_per_expert=per_expert)
+        return message
+    finally:
+        runtime.set_wait_timeout(100.0)
+        buffer.destroy()
+        ctx.state.pop("buffer", None)
+
+
+def test_rank_that_never_dispatches_makes_peers_time_out(group):
+    messages = group.run(_absent_rank)
+    assert messages[1] == "skipped"
+    for rank, message in enumerate(messages):
+        if rank != 1:
+            assert "intranode notify" in message and "from peer 1" in message and f"rank {rank}" in message, message
+    assert group.leftover_segments() == []
+
+
+def _invalid_calls(ctx):
+    buffer = _buffer(ctx)
+    topk = torch.zeros(4, 2, dtype=torch.int64)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk, 2 * ctx.world_size)
+    x = torch.zeros(4, 16, dtype=torch.bfloat16)
+    good = dict(topk_idx=topk, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    checks = [
+        (dict(x=x.float()[:, :3].contiguous()), errors.InvalidShape, "rows of a positive multiple of 16 bytes"),
+        (dict(x=x.to(torch.int32)), errors.InvalidDType, "x: expected dtype"),
+        (dict(x=x[None]), errors.InvalidShape, "x: expected a 2-D tensor"),
+        (dict(x=x.t().contiguous().t()), errors.InvalidShape, "contiguous"),
+        (dict(topk_idx=topk.int()), errors.InvalidDType, "topk_idx: expected dtype torch.int64"),
+        (dict(topk_idx=topk + 2 * ctx.world_size), errors.InvalidArgument, "topk_idx: expected expert ids"),
+        (dict(topk_idx=None), errors.InvalidArgument, "topk_idx: expected a tensor"),
+        (dict(is_token_in_rank=in_rank[:2]), errors.InvalidShape, "is_token_in_rank: expected shape"),
+        (dict(num_tokens_per_expert=per_expert[:-1]), errors.InvalidArgument, "num_experts"),
+        (dict(topk_weights=torch.zeros(4, 3)), errors.InvalidShape, "topk_weights: expected shape (4, 2)"),
+        (dict(expert_alignment=0), errors.InvalidArgument, "expert_alignment: expected an int >= 1"),
+        (dict(config="fast"), errors.InvalidType, "config: expected a moelink.Config"),
+        (dict(x=(x, torch.zeros(4, 7))), errors.InvalidShape, "scales"),
+        (dict(handle=object()), errors.InvalidType, "handle: expected a handle returned by Buffer.dispatch"),
+    ]
+    for overrides, error, text in checks:
+        kwargs = dict(good, x=x)
+        kwargs.update(overrides)
+        with pytest.raises(error, match=None) as info:
+            buffer.dispatch(**kwargs)
+        assert text in str(info.value), (text, str(info.value))
+    small = moelink.Buffer(ctx.group, 4096)
+    try:
+        with pytest.raises(errors.InvalidArgument, match="num_nvl_bytes: expected at least"):
+            small.dispatch(x, **good)
+    finally:
+        small.destroy()
+    return True
+
+
+def test_invalid_arguments_raise_typed_errors_on_every_rank(group):
+    assert group.run(_invalid_calls) == [True] * group.world_size
+
+
+def _killed_mid_operation(ctx):
+    import signal
+
+    runtime.set_wait_timeout(1.0)
+    buffer = _buffer(ctx)
+    if ctx.rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    topk = torch.zeros(4, 2, dtype=torch.int64)
+    _, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk, 2 * ctx.world_size)
+    with pytest.raises(errors.CommTimeout):
+        buffer.dispatch(torch.zeros(4, 16, dtype=torch.bfloat16), topk_idx=topk, is_token_in_rank=in_rank,
+                        num_tokens_per_expert=per_expert)
+    return True
+
+
+def test_killed_rank_leaks_no_shared_memory(group):
+    from multiproc import RankCrashed
+
+    with pytest.raises(RankCrashed):
+        group.run(_killed_mid_operation, grace_s=20)
+    assert group.leftover_segments() == []
