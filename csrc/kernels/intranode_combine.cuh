@@ -25,33 +25,14 @@ MOELINK_DEVICE void combine_send(const CombineArgs& args, const IntranodeLayout&
   const IntranodeContext& node = args.node;
   const IntranodeShape& shape = node.shape;
   const int lane = static_cast<int>(lane_id());
-  const Queue queue = Queue::of(node, layout, dst, channel, node.rank);
   const int32_t* starts = args.recv_channel_start + dst * shape.num_channels + channel;
   const int64_t first_row = starts[0], rows = starts[1] - starts[0];
-  const int64_t slot_bytes = shape.row_bytes + 4 * shape.num_topk;
-
-  const uint64_t start = shfl(kFullMask, lane == 0 ? ld_acquire(queue.tail) : uint64_t{0}, 0);
-  uint64_t tail = start, published = start, head_seen = start;
-  auto publish = [&] {
-    syncwarp();
-    if (lane == 0 && tail != published) {
-      st_release(queue.tail, tail);
-      if (node.nvl_bytes != nullptr && dst != node.rank) {
-        atomic_add(node.nvl_bytes, static_cast<uint64_t>((tail - published) * slot_bytes));
-      }
-    }
-    published = tail;
-  };
+  QueueSender sender = QueueSender::open(node, Queue::of(node, layout, dst, channel, node.rank), dst, channel,
+                                         send_chunk, shape.row_bytes + 4 * shape.num_topk,
+                                         "intranode combine: room in source rank's queue");
+  const Queue& queue = sender.queue;
   for (int64_t i = 0; i < rows; ++i) {
-    if (tail - head_seen >= static_cast<uint64_t>(shape.queue_tokens)) {
-      publish();
-      const uint64_t needed = tail - static_cast<uint64_t>(shape.queue_tokens) + 1;
-      head_seen = shfl(kFullMask, lane == 0 ? wait_until(queue.head, Cmp::kGe, needed,
-                                                         WaitSite{"intranode combine: room in source rank's queue",
-                                                                  node.rank, dst, channel})
-                                            : uint64_t{0}, 0);
-    }
-    const int slot = queue.slot(tail);
+    const int slot = sender.reserve();
     const int64_t row = first_row + i;
     warp_copy(kFullMask, queue.base + layout.row + slot * shape.row_bytes,
               reinterpret_cast<const char*>(args.x) + row * shape.row_bytes, static_cast<size_t>(shape.row_bytes));
@@ -59,10 +40,9 @@ MOELINK_DEVICE void combine_send(const CombineArgs& args, const IntranodeLayout&
     for (int k = lane; k < shape.num_topk; k += kWarpSize) {
       weights[k] = args.topk_weights != nullptr ? args.topk_weights[row * shape.num_topk + k] : 0.0f;
     }
-    ++tail;
-    if (tail - published >= static_cast<uint64_t>(send_chunk)) publish();
+    sender.commit();
   }
-  publish();
+  sender.publish();
 }
 
 // Sums the copies of `token` (8 bf16 channels per lane per step) into combined_x.

@@ -39,6 +39,57 @@ struct Queue {
   MOELINK_DEVICE int slot(uint64_t position) const { return static_cast<int>(position % static_cast<uint64_t>(capacity)); }
 };
 
+// One sender warp's end of a queue (every lane calls every member, lane 0 does the signalling).
+// Tokens are written into reserve()d slots and made visible by commit(), which releases the tail
+// every `send_chunk` tokens; reserve() publishes what is queued before it waits for room, so the
+// receiver can always make progress.
+struct QueueSender {
+  Queue queue;
+  uint64_t start, tail, published, head_seen;
+  int send_chunk;
+  int64_t slot_bytes;         // bytes a slot carries over the link, for the byte counter
+  uint64_t* byte_counter;     // null when the queue is this rank's own (no link crossed)
+  WaitSite room;
+
+  MOELINK_DEVICE static QueueSender open(const IntranodeContext& node, const Queue& queue, int dst, int channel,
+                                         int send_chunk, int64_t slot_bytes, const char* room_what) {
+    QueueSender s;
+    s.queue = queue;
+    // The tail was last written by this rank (earlier calls drained the queue): it is the start.
+    s.start = shfl(kFullMask, lane_id() == 0 ? ld_acquire(queue.tail) : uint64_t{0}, 0);
+    s.tail = s.published = s.head_seen = s.start;
+    s.send_chunk = send_chunk;
+    s.slot_bytes = slot_bytes;
+    s.byte_counter = dst != node.rank ? node.nvl_bytes : nullptr;
+    s.room = WaitSite{room_what, node.rank, dst, channel};
+    return s;
+  }
+
+  // The slot for the next token, once the receiver has freed it.
+  MOELINK_DEVICE int reserve() {
+    if (tail - head_seen >= static_cast<uint64_t>(queue.capacity)) {
+      publish();
+      const uint64_t needed = tail - static_cast<uint64_t>(queue.capacity) + 1;
+      head_seen = shfl(kFullMask, lane_id() == 0 ? wait_until(queue.head, Cmp::kGe, needed, room) : uint64_t{0}, 0);
+    }
+    return queue.slot(tail);
+  }
+
+  MOELINK_DEVICE void commit() {
+    ++tail;
+    if (tail - published >= static_cast<uint64_t>(send_chunk)) publish();
+  }
+
+  MOELINK_DEVICE void publish() {
+    syncwarp();  // every lane's slot writes precede lane 0's release
+    if (lane_id() == 0 && tail != published) {
+      st_release(queue.tail, tail);
+      if (byte_counter != nullptr) atomic_add(byte_counter, (tail - published) * static_cast<uint64_t>(slot_bytes));
+    }
+    published = tail;
+  }
+};
+
 struct TokenRange {
   int64_t begin, end;
 };

@@ -26,23 +26,12 @@ MOELINK_DEVICE void dispatch_send(const DispatchArgs& args, const IntranodeLayou
   const IntranodeContext& node = args.node;
   const IntranodeShape& shape = node.shape;
   const int lane = static_cast<int>(lane_id());
-  const Queue queue = Queue::of(node, layout, dst, channel, node.rank);
   const TokenRange range = channel_tokens(args.num_tokens, shape.num_channels, channel);
   const int64_t first_expert = static_cast<int64_t>(dst) * shape.experts_per_rank;
-
-  // The tail was last written by this rank (earlier calls drained the queue), so it is the start.
-  const uint64_t start = shfl(kFullMask, lane == 0 ? ld_acquire(queue.tail) : uint64_t{0}, 0);
-  uint64_t tail = start, published = start, head_seen = start;
-  auto publish = [&] {
-    syncwarp();  // every lane's slot writes precede lane 0's release
-    if (lane == 0 && tail != published) {
-      st_release(queue.tail, tail);
-      if (node.nvl_bytes != nullptr && dst != node.rank) {
-        atomic_add(node.nvl_bytes, static_cast<uint64_t>((tail - published) * dispatch_slot_bytes(shape)));
-      }
-    }
-    published = tail;
-  };
+  QueueSender sender = QueueSender::open(node, Queue::of(node, layout, dst, channel, node.rank), dst, channel,
+                                         send_chunk, dispatch_slot_bytes(shape),
+                                         "intranode dispatch: room in receiver's queue");
+  const Queue& queue = sender.queue;
 
   for (int64_t batch = range.begin; batch < range.end; batch += kWarpSize) {
     const int64_t my_token = batch + lane;
@@ -50,15 +39,7 @@ MOELINK_DEVICE void dispatch_send(const DispatchArgs& args, const IntranodeLayou
     if (my_token < range.end && !mine) args.send_head[my_token * shape.num_ranks + dst] = -1;
     for (uint32_t selected = ballot(kFullMask, mine); selected != 0; selected &= selected - 1) {
       const int64_t token = batch + lowest_bit(selected);
-      if (tail - head_seen >= static_cast<uint64_t>(shape.queue_tokens)) {
-        publish();  // the receiver must see what is queued before we wait for it to make room
-        const uint64_t needed = tail - static_cast<uint64_t>(shape.queue_tokens) + 1;
-        head_seen = shfl(kFullMask, lane == 0 ? wait_until(queue.head, Cmp::kGe, needed,
-                                                           WaitSite{"intranode dispatch: room in receiver's queue",
-                                                                    node.rank, dst, channel})
-                                              : uint64_t{0}, 0);
-      }
-      const int slot = queue.slot(tail);
+      const int slot = sender.reserve();
       warp_copy(kFullMask, queue.base + layout.row + slot * shape.row_bytes,
                 static_cast<const char*>(args.x) + token * shape.row_bytes, static_cast<size_t>(shape.row_bytes));
       float* scales = reinterpret_cast<float*>(queue.base + layout.scales) + static_cast<int64_t>(slot) * shape.num_scales;
@@ -73,13 +54,12 @@ MOELINK_DEVICE void dispatch_send(const DispatchArgs& args, const IntranodeLayou
       }
       if (lane == 0) {
         reinterpret_cast<int32_t*>(queue.base + layout.src)[slot] = static_cast<int32_t>(token);
-        args.send_head[token * shape.num_ranks + dst] = static_cast<int32_t>(tail - start);
+        args.send_head[token * shape.num_ranks + dst] = static_cast<int32_t>(sender.tail - sender.start);
       }
-      ++tail;
-      if (tail - published >= static_cast<uint64_t>(send_chunk)) publish();
+      sender.commit();
     }
   }
-  publish();
+  sender.publish();
 }
 
 MOELINK_DEVICE void dispatch_receive(const DispatchArgs& args, const IntranodeLayout& layout, int channel, int src) {
