@@ -69,12 +69,11 @@ namespace {
 // canary at the bottom of each stack catches overflows when the fiber switches out.
 class StackPool {
  public:
-  char* acquire() {
+  void acquire(size_t count, std::vector<char*>& out) {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (free_.empty()) grow();
-    char* stack = free_.back();
-    free_.pop_back();
-    return stack;
+    while (free_.size() < count) grow();
+    out.insert(out.end(), free_.end() - static_cast<std::ptrdiff_t>(count), free_.end());
+    free_.resize(free_.size() - count);
   }
 
   void release(std::vector<char*>& stacks) {
@@ -118,7 +117,7 @@ size_t stack_bytes() {
   return bytes;
 }
 
-char* acquire_stack() { return pool().acquire(); }
+void acquire_stacks(size_t count, std::vector<char*>& out) { pool().acquire(count, out); }
 void release_stacks(std::vector<char*>& stacks) { pool().release(stacks); }
 
 }  // namespace moelink::simt

@@ -162,7 +162,7 @@ extern "C" void moelink_simt_switch(void** save_sp, void* load_sp);
 // `index` (the fiber's) only varies where in the stack's top page the first frame starts.
 void* prepare_stack(char* stack_low, size_t bytes, size_t index, void (*entry)());
 // Stacks of stack_bytes() each, pooled for the life of the process.
-char* acquire_stack();
+void acquire_stacks(size_t count, std::vector<char*>& out);  // appends `count` stacks
 void release_stacks(std::vector<char*>& stacks);
 constexpr uint64_t kStackCanary = 0x6d6f656c696e6b21ull;  // "moelink!"
 

@@ -71,7 +71,6 @@ Launch::Launch(const LaunchConfig& config, void (*body_fn)(void*), void* arg)
   const unsigned warps_per_block = (threads + 31) / 32;
   blocks_.resize(num_blocks);
   fibers_.resize(static_cast<size_t>(threads) * num_blocks);
-  stacks_.reserve(fibers_.size());
   runq_.reserve(fibers_.size());
   parked_.reserve(64);
   const size_t smem_bytes = (config.dynamic_smem_bytes + 127) & ~size_t{127};
@@ -92,6 +91,7 @@ Launch::Launch(const LaunchConfig& config, void (*body_fn)(void*), void* arg)
     }
   }
   const size_t stack_size = stack_bytes();
+  acquire_stacks(fibers_.size(), stacks_);
   for (size_t i = 0; i < fibers_.size(); ++i) {
     Fiber& fiber = fibers_[i];
     const unsigned b = static_cast<unsigned>(i / threads), t = static_cast<unsigned>(i % threads);
@@ -107,8 +107,7 @@ Launch::Launch(const LaunchConfig& config, void (*body_fn)(void*), void* arg)
     id.lane = t % 32;
     id.warp = t / 32;
     fiber.block = &blocks_[b];
-    fiber.stack_low = acquire_stack();
-    stacks_.push_back(fiber.stack_low);
+    fiber.stack_low = stacks_[i];
     fiber.sp = prepare_stack(fiber.stack_low, stack_size, i, &fiber_entry);
     runq_.push_back(&fiber);
   }
