@@ -18,6 +18,7 @@ from multiproc import rank_group_fixture
 from seeding import seed  # noqa: F401  (fixture)
 
 group = rank_group_fixture(2, 4, case_timeout=240)
+group8 = rank_group_fixture(8, name="group8", case_timeout=600)
 
 
 # ---- helpers running inside the ranks ----------------------------------------------------------
@@ -274,3 +275,13 @@ def test_killed_rank_leaks_no_shared_memory(group):
     with pytest.raises(RankCrashed):
         group.run(_killed_mid_operation, grace_s=20)
     assert group.leftover_segments() == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [
+    dict(hidden=256, num_topk=8, experts_per_rank=4),
+    dict(hidden=64, num_topk=8, experts_per_rank=2, queue=8, send_chunk=2, schedule="random:31"),
+    dict(hidden=128, num_topk=8, experts_per_rank=2, num_sms=8, cached=True, bias="pair"),
+])
+def test_eight_ranks(group8, seed, case):
+    _run(group8, seed, **case)
