@@ -42,13 +42,13 @@ def test_exp2_polynomial_is_accurate_bounded_and_exact_at_zero():
     top = torch.arange(0x3F000000, 0x3F800000, dtype=torch.int64).to(torch.int32).view(torch.float32)
     sweep = torch.linspace(0, 0.5, 100001)
     for f in (top, sweep):
-        p = C._exp2_nonpos(f - 1.0) * 2.0  # y = f - 1 in [-1, 0): i = -1, fraction f
+        p = C.logfmt._exp2_nonpos(f - 1.0) * 2.0  # y = f - 1 in [-1, 0): i = -1, fraction f
         exact = torch.pow(2.0, f.double())
         assert ((p.double() - exact).abs() / exact).max() < 1.2e-7
-    assert (C._exp2_nonpos(top - 1.0) <= 1.0).all()
-    assert C._exp2_nonpos(torch.tensor([0.0, -0.0])).tolist() == [1.0, 1.0]
+    assert (C.logfmt._exp2_nonpos(top - 1.0) <= 1.0).all()
+    assert C.logfmt._exp2_nonpos(torch.tensor([0.0, -0.0])).tolist() == [1.0, 1.0]
     y = -torch.rand(10000) * 34
-    rel = (C._exp2_nonpos(y).double() - torch.pow(2.0, y.double())).abs() / torch.pow(2.0, y.double())
+    rel = (C.logfmt._exp2_nonpos(y).double() - torch.pow(2.0, y.double())).abs() / torch.pow(2.0, y.double())
     assert rel.max() < 2e-7
 
 
@@ -58,7 +58,7 @@ def test_log2_split_is_accurate_including_subnormals():
         torch.tensor([1.0, 2.0, 0.5, math.sqrt(2), 3.0e38, 1.5e-45, 1e-40, 1.17e-38]),
     ])
     mags = mags[mags > 0]
-    e, l = C._log2_split(C._bits(mags))
+    e, l = C.logfmt._log2_split(C.fp32._bits(mags))
     got = e.double() + l.double()
     exact = torch.log2(mags.double())
     assert (got - exact).abs().max() < 2e-7
@@ -122,7 +122,7 @@ def test_fp8_round_trip_error_bound(fmt, scale_format, hidden, rng):
         scale = scales
     else:
         scale = torch.pow(2.0, (C.ue8m0_unpack(scales, groups) - 127).double()).float()
-        assert (scale >= C._groups_view(x).abs().amax(-1) / f.max_value).all()
+        assert (scale >= C.common._groups_view(x).abs().amax(-1) / f.max_value).all()
     per_channel = scale.repeat_interleave(128, dim=1)[:, :hidden].double()
     # half an fp8 ulp relative, or half the subnormal quantum, plus float32 rounding of the scale
     ulp_rel = 2.0 ** -(f.mantissa_bits + 1)
@@ -135,7 +135,7 @@ def test_fp8_group_max_decodes_to_itself_with_float_scales(rng):
     x = randn(rng, 64, 1024)
     q, s = C.fp8_quantize(x, "e4m3")
     y = C.fp8_dequantize(q, s, torch.float32)
-    xg, yg = C._groups_view(x), C._groups_view(y)
+    xg, yg = C.common._groups_view(x), C.common._groups_view(y)
     idx = xg.abs().argmax(-1, keepdim=True)
     assert torch.allclose(yg.gather(-1, idx), xg.gather(-1, idx), rtol=2**-22, atol=0)
 
@@ -222,7 +222,7 @@ def test_ue8m0_scale_is_the_power_of_two_at_or_above_amax_over_max(rng):
     _, s = C.fp8_quantize(x, "e4m3", "ue8m0")
     assert s.shape == (16, 2)
     scale = torch.pow(2.0, (C.ue8m0_unpack(s, 5) - 127).double())
-    ratio = C._groups_view(x).abs().amax(-1).double() / 448.0
+    ratio = C.common._groups_view(x).abs().amax(-1).double() / 448.0
     assert ((scale >= ratio) & (scale < 2 * ratio)).all()
     assert scale[0, 0].item() == 2.0**-3
 
@@ -242,7 +242,7 @@ def test_fp8_partial_last_group_uses_only_its_channels(rng):
 def _tile_bounds(x, bits):
     """Per-element bound on |x_hat - x| implied by the format (plus float32 slack)."""
     K = (1 << (bits - 1)) - 1
-    xg = C._groups_view(x.float()).double()
+    xg = C.common._groups_view(x.float()).double()
     mag = xg.abs()
     nz = mag > 0
     M = torch.where(nz, mag, 0).amax(-1, keepdim=True)
@@ -302,7 +302,7 @@ def test_logfmt_linear_rounding_is_unbiased(bits, rng):
     # decoded grid of this header, v_1..v_K
     M, s, _ = C.logfmt_unpack(packed, 128, bits)
     k = torch.arange(1, K + 1)
-    v = C._logfmt_w(torch.ones(K), K - k, s[0, 0].expand(K)).double()
+    v = C.logfmt._logfmt_w(torch.ones(K), K - k, s[0, 0].expand(K)).double()
     j = torch.randint(0, K - 1, (tiles * 128,), generator=rng)
     u = torch.rand(tiles * 128, generator=rng, dtype=torch.float64)
     samples = (v[j] + u * (v[j + 1] - v[j])).float().reshape(tiles, 128)
@@ -327,7 +327,7 @@ def test_logfmt_tile_maximum_and_single_nonzero_are_exact(bits, rng):
     x[0] = 0.0
     x[0, 300] = -3.1415e-3  # a single nonzero
     y = C.logfmt_decode(C.logfmt_encode(x, bits), 512, bits, torch.float32)
-    xg, yg = C._groups_view(x), C._groups_view(y)
+    xg, yg = C.common._groups_view(x), C.common._groups_view(y)
     idx = xg.abs().argmax(-1, keepdim=True)
     assert torch.equal(yg.gather(-1, idx), xg.gather(-1, idx))
     assert torch.equal(y[0], x[0])

@@ -6,7 +6,7 @@
 // range, clamped to 32); the encoder rounds in linear space (midpoint of neighbouring decoded
 // values). Wire row: [tile headers {float32 M, float32 step}, padded to 16 B][dense n-bit fields,
 // 16*n bytes per full tile][pad to 16 B]. Field = sign << (n-1) | code; "negative zero" marks a
-// non-finite input and decodes to NaN. python/moelink/reference/codecs.py is the specification.
+// non-finite input and decodes to NaN. python/moelink/reference/codecs/ is the specification.
 //
 // Why no log2f/exp2f: the code an encoder picks depends on comparing |x| with a midpoint of two
 // decoded values, and CUDA's and glibc's exp2f differ by ulps, which would flip codes near a
@@ -16,8 +16,9 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
-#include "kernels/codec_fp8.cuh"
+#include "kernels/codec_common.cuh"
 
 namespace moelink::kernels::codec {
 
@@ -116,14 +117,9 @@ MOELINK_DEVICE float ldexp_rne(float w, int k) {
   const uint32_t wb = float_bits(w);
   const int exp_field = static_cast<int>(wb >> 23) + k;
   if (exp_field >= 1) return bits_float((static_cast<uint32_t>(exp_field) << 23) | (wb & 0x7FFFFFu));
-  int shift = 1 - exp_field;
-  if (shift > 25) shift = 25;
-  const uint32_t significand = (wb & 0x7FFFFFu) | 0x800000u;
-  uint32_t r = significand >> shift;
-  const uint32_t rem = significand & ((1u << shift) - 1u);
-  const uint32_t half = 1u << (shift - 1);
-  r += (rem > half || (rem == half && (r & 1u))) ? 1u : 0u;
-  return bits_float(r);  // rounding up to 2**23 gives the smallest normal, as it should
+  const int shift = 1 - exp_field;
+  // Rounding up to 2**23 gives the smallest normal, as it should.
+  return bits_float(rshift_rne((wb & 0x7FFFFFu) | 0x800000u, shift > 25 ? 25 : shift));
 }
 
 // ---- tile scale -------------------------------------------------------------------------------
@@ -284,28 +280,21 @@ MOELINK_DEVICE void logfmt_decode_lane(uint64_t lane_fields, LogfmtHeader header
 
 template <int kBits>
 MOELINK_KERNEL void logfmt_encode_kernel(LogfmtEncodeArgs args) {
-  using namespace arch;
-  const int lane = static_cast<int>(lane_id());
   const LogfmtRowLayout layout = logfmt_row_layout(args.hidden, kBits);
-  const int64_t total = args.num_tokens * layout.num_tiles;
-  const int64_t warps = static_cast<int64_t>(num_blocks()) * kWarpsPerBlock;
-  const size_t elem = args.x_dtype == CodecDType::kBFloat16 ? 2 : 4;
-  for (int64_t work = block_rank() * kWarpsPerBlock + warp_id(); work < total; work += warps) {
-    const int64_t token = work / layout.num_tiles, tile = work % layout.num_tiles;
-    int64_t first;
-    const int count = lane_channels(args.hidden, tile, lane, &first);
+  const size_t elem = element_bytes(args.x_dtype);
+  for_each_group(args.num_tokens, args.hidden, [&](const GroupWork& w) {
     float v[4];
-    load4(static_cast<const char*>(args.x) + token * args.x_row_stride * elem, args.x_dtype, first, count, v);
+    load4(static_cast<const char*>(args.x) + w.token * args.x_row_stride * elem, args.x_dtype, w.first, w.count, v);
     const LogfmtGroupCodes<kBits> g = logfmt_encode_group<kBits>(v);
 
-    uint8_t* row = args.packed + token * args.packed_row_stride;
-    const bool last = tile == layout.num_tiles - 1;
+    uint8_t* row = args.packed + w.token * args.packed_row_stride;
+    const bool last = w.group == layout.num_tiles - 1;
     const int channels = last ? static_cast<int>(layout.last_channels) : kCodecGroup;
     const int num_words = (channels * kBits + 31) / 32;
-    const int64_t payload = layout.payload_offset(tile);
+    const int64_t payload = layout.payload_offset(w.group);
     logfmt_store_payload<kBits>(g.lane_fields, reinterpret_cast<uint32_t*>(row + payload), num_words);
-    if (lane == 0) {
-      float* header = reinterpret_cast<float*>(row + 8 * tile);
+    if (w.lane == 0) {
+      float* header = reinterpret_cast<float*>(row + 8 * w.group);
       header[0] = g.header.max_abs;
       header[1] = g.header.step;
       if (last) {  // the row's padding, so that every byte of the output is defined
@@ -313,47 +302,48 @@ MOELINK_KERNEL void logfmt_encode_kernel(LogfmtEncodeArgs args) {
         for (int64_t b = payload + 4 * num_words; b < layout.row_bytes; ++b) row[b] = 0;
       }
     }
-  }
+  });
 }
 
 template <int kBits>
 MOELINK_KERNEL void logfmt_decode_kernel(LogfmtDecodeArgs args) {
-  using namespace arch;
-  const int lane = static_cast<int>(lane_id());
   const LogfmtRowLayout layout = logfmt_row_layout(args.hidden, kBits);
-  const int64_t total = args.num_tokens * layout.num_tiles;
-  const int64_t warps = static_cast<int64_t>(num_blocks()) * kWarpsPerBlock;
-  const size_t elem = args.out_dtype == CodecDType::kBFloat16 ? 2 : 4;
-  for (int64_t work = block_rank() * kWarpsPerBlock + warp_id(); work < total; work += warps) {
-    const int64_t token = work / layout.num_tiles, tile = work % layout.num_tiles;
-    int64_t first;
-    const int count = lane_channels(args.hidden, tile, lane, &first);
-    if (count == 0) continue;  // no collective below
-    const uint8_t* row = args.packed + token * args.packed_row_stride;
-    const float* header = reinterpret_cast<const float*>(row + 8 * tile);
-    const uint64_t fields = logfmt_load_lane<kBits>(reinterpret_cast<const uint32_t*>(row + layout.payload_offset(tile)), lane, count);
+  const size_t elem = element_bytes(args.out_dtype);
+  for_each_group(args.num_tokens, args.hidden, [&](const GroupWork& w) {
+    if (w.count == 0) return;  // no collective below
+    const uint8_t* row = args.packed + w.token * args.packed_row_stride;
+    const float* header = reinterpret_cast<const float*>(row + 8 * w.group);
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(row + layout.payload_offset(w.group));
+    const uint64_t fields = logfmt_load_lane<kBits>(words, w.lane, w.count);
     float out[4];
-    logfmt_decode_lane<kBits>(fields, LogfmtHeader{header[0], header[1]}, count, args.out_dtype, out);
-    store4(static_cast<char*>(args.out) + token * args.out_row_stride * elem, args.out_dtype, first, count, out);
+    logfmt_decode_lane<kBits>(fields, LogfmtHeader{header[0], header[1]}, w.count, args.out_dtype, out);
+    store4(static_cast<char*>(args.out) + w.token * args.out_row_stride * elem, args.out_dtype, w.first, w.count, out);
+  });
+}
+
+// Calls launch(std::integral_constant<int, n>{}) for n = bits (8, 9, 10; anything else as 10 --
+// ops_codecs.cu has rejected it already): one kernel instantiation each.
+template <typename Launch>
+inline void with_logfmt_bits(int bits, Launch&& launch) {
+  switch (bits) {
+    case 8: launch(std::integral_constant<int, 8>{}); break;
+    case 9: launch(std::integral_constant<int, 9>{}); break;
+    default: launch(std::integral_constant<int, 10>{}); break;
   }
 }
 
 inline void launch_logfmt_encode(const LogfmtEncodeArgs& args, const LaunchContext& ctx) {
   const unsigned grid = grid_for(args.num_tokens * logfmt_row_layout(args.hidden, args.bits).num_tiles);
-  switch (args.bits) {
-    case 8: MOELINK_LAUNCH(ctx, "logfmt_encode", logfmt_encode_kernel<8>, grid, kThreads, 0, args); break;
-    case 9: MOELINK_LAUNCH(ctx, "logfmt_encode", logfmt_encode_kernel<9>, grid, kThreads, 0, args); break;
-    default: MOELINK_LAUNCH(ctx, "logfmt_encode", logfmt_encode_kernel<10>, grid, kThreads, 0, args); break;
-  }
+  with_logfmt_bits(args.bits, [&](auto bits) {
+    MOELINK_LAUNCH(ctx, "logfmt_encode", logfmt_encode_kernel<decltype(bits)::value>, grid, kThreads, 0, args);
+  });
 }
 
 inline void launch_logfmt_decode(const LogfmtDecodeArgs& args, const LaunchContext& ctx) {
   const unsigned grid = grid_for(args.num_tokens * logfmt_row_layout(args.hidden, args.bits).num_tiles);
-  switch (args.bits) {
-    case 8: MOELINK_LAUNCH(ctx, "logfmt_decode", logfmt_decode_kernel<8>, grid, kThreads, 0, args); break;
-    case 9: MOELINK_LAUNCH(ctx, "logfmt_decode", logfmt_decode_kernel<9>, grid, kThreads, 0, args); break;
-    default: MOELINK_LAUNCH(ctx, "logfmt_decode", logfmt_decode_kernel<10>, grid, kThreads, 0, args); break;
-  }
+  with_logfmt_bits(args.bits, [&](auto bits) {
+    MOELINK_LAUNCH(ctx, "logfmt_decode", logfmt_decode_kernel<decltype(bits)::value>, grid, kThreads, 0, args);
+  });
 }
 
 }  // namespace moelink::kernels::codec

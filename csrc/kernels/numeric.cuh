@@ -1,5 +1,10 @@
 // Bit-level float helpers shared by kernels, identical on both targets (no <cuda_bf16.h> on the
 // host, and the same rounding everywhere so the two builds agree bit for bit).
+//
+// Reproducible float32: rn_add/rn_sub/rn_mul/rn_div are one IEEE-754 binary32 operation rounded to
+// nearest-even, never fused into an FMA (nvcc fuses a*b+c by default; g++ may with -mfma). Code
+// that must give the same bits on both targets does its float arithmetic through them, and its
+// conversions in integer code on the bits (never libm or <cuda_fp8.h>).
 #pragma once
 
 #include <cstdint>
@@ -37,5 +42,58 @@ MOELINK_DEVICE uint16_t float_to_bf16(float v) {
   if ((b & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
   return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
 }
+
+// ---- float32 bit patterns ---------------------------------------------------------------------
+
+constexpr uint32_t kAbsMask = 0x7FFFFFFFu;       // everything but the sign
+constexpr uint32_t kInfBits = 0x7F800000u;       // +inf; also the exponent mask
+constexpr uint32_t kQuietNanBits = 0x7FC00000u;  // the canonical quiet NaN
+constexpr uint32_t kF32MaxBits = 0x7F7FFFFFu;    // FLT_MAX
+constexpr uint32_t kBf16MaxBits = 0x7F7F0000u;   // bfloat16's largest finite value, as float32
+
+MOELINK_DEVICE bool is_finite_bits(uint32_t bits) { return (bits & kInfBits) != kInfBits; }
+
+// 2**k for k in [-126, 127], exact.
+MOELINK_DEVICE float pow2i(int k) { return bits_float(static_cast<uint32_t>(k + 127) << 23); }
+
+// v >> shift rounded to nearest, ties to even, for shift in [1, 31]: the rounding step of
+// float -> narrower-float conversions done on the significand's bits.
+MOELINK_DEVICE uint32_t rshift_rne(uint32_t v, int shift) {
+  uint32_t r = v >> shift;
+  const uint32_t rem = v & ((1u << shift) - 1u);
+  const uint32_t half = 1u << (shift - 1);
+  r += (rem > half || (rem == half && (r & 1u))) ? 1u : 0u;
+  return r;
+}
+
+// ---- reproducible float32 arithmetic ----------------------------------------------------------
+
+#if defined(__CUDA_ARCH__)
+MOELINK_DEVICE float rn_add(float a, float b) { return __fadd_rn(a, b); }
+MOELINK_DEVICE float rn_sub(float a, float b) { return __fsub_rn(a, b); }
+MOELINK_DEVICE float rn_mul(float a, float b) { return __fmul_rn(a, b); }
+MOELINK_DEVICE float rn_div(float a, float b) { return __fdiv_rn(a, b); }
+#else
+// Hides a product from the optimiser so that it cannot become one half of an FMA.
+MOELINK_DEVICE void no_contract(float& v) {
+#if defined(__x86_64__) || defined(__i386__)
+  __asm__("" : "+x"(v));
+#elif defined(__aarch64__)
+  __asm__("" : "+w"(v));
+#else
+  volatile float sink = v;
+  v = sink;
+#endif
+}
+
+MOELINK_DEVICE float rn_add(float a, float b) { return a + b; }
+MOELINK_DEVICE float rn_sub(float a, float b) { return a - b; }
+MOELINK_DEVICE float rn_mul(float a, float b) {
+  float p = a * b;
+  no_contract(p);
+  return p;
+}
+MOELINK_DEVICE float rn_div(float a, float b) { return a / b; }
+#endif
 
 }  // namespace moelink::kernels

@@ -31,8 +31,15 @@ void check_fp8_kinds(const char* op, Fp8Format format, Fp8ScaleFormat scale_form
 }
 
 int64_t scale_columns(int64_t hidden, Fp8ScaleFormat scale_format) {
-  const int64_t groups = (hidden + kCodecGroup - 1) / kCodecGroup;
+  const int64_t groups = kernels::codec::num_groups(hidden);
   return scale_format == Fp8ScaleFormat::kFloat32 ? groups : (groups + 3) / 4;
+}
+
+// LogFMT rows hold at least row_bytes and start 16-byte aligned (the kernels' word accesses).
+void check_packed_rows(const char* op, const uint8_t* packed, int64_t row_stride, int64_t row_bytes) {
+  if (row_stride < row_bytes) fail(op, "a row stride is shorter than its row");
+  if (reinterpret_cast<uintptr_t>(packed) % 16 != 0 || row_stride % 16 != 0)
+    fail(op, "packed rows must be 16-byte aligned");
 }
 
 }  // namespace
@@ -76,9 +83,8 @@ void logfmt_encode(const LogfmtEncodeArgs& args, const LaunchContext& ctx) {
   if (!valid_dtype(args.x_dtype)) fail(op, "x must be float32 or bfloat16");
   if (args.num_tokens == 0) return;
   if (!args.x || !args.packed) fail(op, "null pointer");
-  if (args.x_row_stride < args.hidden || args.packed_row_stride < row_bytes) fail(op, "a row stride is shorter than its row");
-  if (reinterpret_cast<uintptr_t>(args.packed) % 16 != 0 || args.packed_row_stride % 16 != 0)
-    fail(op, "packed rows must be 16-byte aligned");
+  if (args.x_row_stride < args.hidden) fail(op, "a row stride is shorter than its row");
+  check_packed_rows(op, args.packed, args.packed_row_stride, row_bytes);
   kernels::codec::launch_logfmt_encode(args, ctx);
 }
 
@@ -89,9 +95,8 @@ void logfmt_decode(const LogfmtDecodeArgs& args, const LaunchContext& ctx) {
   if (!valid_dtype(args.out_dtype)) fail(op, "out must be float32 or bfloat16");
   if (args.num_tokens == 0) return;
   if (!args.packed || !args.out) fail(op, "null pointer");
-  if (args.out_row_stride < args.hidden || args.packed_row_stride < row_bytes) fail(op, "a row stride is shorter than its row");
-  if (reinterpret_cast<uintptr_t>(args.packed) % 16 != 0 || args.packed_row_stride % 16 != 0)
-    fail(op, "packed rows must be 16-byte aligned");
+  if (args.out_row_stride < args.hidden) fail(op, "a row stride is shorter than its row");
+  check_packed_rows(op, args.packed, args.packed_row_stride, row_bytes);
   kernels::codec::launch_logfmt_decode(args, ctx);
 }
 

@@ -1,7 +1,7 @@
 // Payload codecs as standalone ops: FP8 (E4M3/E5M2, per-128-channel scales, float32 or UE8M0) and
 // LogFMT-nBit (n = 8, 9, 10). Target-neutral declarations; ops_codecs.cu is compiled by g++ into
 // moelink._host and by nvcc into moelink._cuda. The semantics, bit for bit, are those of
-// python/moelink/reference/codecs.py; docs/codecs.md has the wire layouts.
+// python/moelink/reference/codecs/; docs/codecs.md has the wire layouts.
 //
 // Tensors are [num_tokens, hidden] with rows `*_row_stride` apart and unit stride along hidden.
 // The Python layer (python/moelink/codecs.py) validates shapes, dtypes and devices and allocates
