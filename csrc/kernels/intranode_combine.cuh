@@ -45,22 +45,29 @@ MOELINK_DEVICE void combine_send(const CombineArgs& args, const IntranodeLayout&
   sender.publish();
 }
 
-// Sums the copies of `token` (8 bf16 channels per lane per step) into combined_x.
+// Sums the copies of `token` (8 bf16 channels per lane per step) into combined_x. `rows` and
+// `weights` are this warp's scratch for the copies' addresses, resolved once per token rather
+// than once per channel group (the slot lookup is a 64-bit modulo).
 MOELINK_DEVICE void reduce_token(const CombineArgs& args, const IntranodeLayout& layout, int channel, int64_t token,
-                                 const uint64_t* queue_start) {
+                                 const uint64_t* queue_start, const uint16_t** rows, const float** weights) {
   const IntranodeContext& node = args.node;
   const IntranodeShape& shape = node.shape;
   const int ranks = shape.num_ranks, lane = static_cast<int>(lane_id());
-  const bool* in_rank = args.is_token_in_rank + token * ranks;
-  const int32_t* send_head = args.send_head + token * ranks;
 
-  for (int d = 0; d < ranks; ++d) {
-    if (!in_rank[d] || lane != 0) continue;
-    const Queue queue = Queue::of(node, layout, node.rank, channel, d);
-    wait_until(queue.tail, Cmp::kGt, queue_start[d] + static_cast<uint64_t>(send_head[d]),
-               WaitSite{"intranode combine: expert output from rank", node.rank, d, channel});
+  // Lane d resolves rank d's copy; the copies are compacted in rank order (the summation order).
+  const bool has_copy = lane < ranks && args.is_token_in_rank[token * ranks + lane];
+  const uint32_t holders = ballot(kFullMask, has_copy);
+  const int copies = popcount(holders);
+  if (has_copy) {
+    const Queue queue = Queue::of(node, layout, node.rank, channel, lane);
+    const uint64_t position = queue_start[lane] + static_cast<uint64_t>(args.send_head[token * ranks + lane]);
+    wait_until(queue.tail, Cmp::kGt, position, WaitSite{"intranode combine: expert output from rank", node.rank, lane, channel});
+    const int index = popcount(holders & ((1u << lane) - 1u));
+    const int slot = queue.slot(position);
+    rows[index] = reinterpret_cast<const uint16_t*>(queue.base + layout.row + slot * shape.row_bytes);
+    weights[index] = reinterpret_cast<const float*>(queue.base + layout.weights) + static_cast<int64_t>(slot) * shape.num_topk;
   }
-  syncwarp();  // lane 0's acquires order every lane's reads of the rows
+  syncwarp();  // the acquires and the scratch writes, for every lane
 
   const int groups = args.hidden / 8;
   for (int g = lane; g < groups; g += kWarpSize) {
@@ -72,33 +79,28 @@ MOELINK_DEVICE void reduce_token(const CombineArgs& args, const IntranodeLayout&
       }
       sum[i] = value;
     }
-    for (int d = 0; d < ranks; ++d) {
-      if (!in_rank[d]) continue;
-      const Queue queue = Queue::of(node, layout, node.rank, channel, d);
-      const int slot = queue.slot(queue_start[d] + static_cast<uint64_t>(send_head[d]));
-      const uint16_t* row = reinterpret_cast<const uint16_t*>(queue.base + layout.row + slot * shape.row_bytes);
-      for (int i = 0; i < 8; ++i) sum[i] += bf16_to_float(row[g * 8 + i]);
+    for (int c = 0; c < copies; ++c) {
+      const uint16_t* row = rows[c] + g * 8;
+      for (int i = 0; i < 8; ++i) sum[i] += bf16_to_float(row[i]);
     }
     for (int i = 0; i < 8; ++i) args.combined_x[token * args.hidden + g * 8 + i] = float_to_bf16(sum[i]);
   }
   if (args.combined_topk_weights != nullptr) {
     for (int k = lane; k < shape.num_topk; k += kWarpSize) {
       float weight = 0.0f;
-      for (int d = 0; d < ranks; ++d) {
-        if (!in_rank[d]) continue;
-        const Queue queue = Queue::of(node, layout, node.rank, channel, d);
-        const int slot = queue.slot(queue_start[d] + static_cast<uint64_t>(send_head[d]));
-        weight += reinterpret_cast<const float*>(queue.base + layout.weights)[static_cast<int64_t>(slot) * shape.num_topk + k];
-      }
+      for (int c = 0; c < copies; ++c) weight += weights[c][k];
       args.combined_topk_weights[token * shape.num_topk + k] = weight;
     }
   }
+  syncwarp();  // the scratch is reused for the warp's next token
 }
 
 MOELINK_DEVICE void combine_receive(const CombineArgs& args, const IntranodeLayout& layout, int channel) {
   const IntranodeContext& node = args.node;
   const int ranks = node.shape.num_ranks;
   MOELINK_SHARED(uint64_t, queue_start, [kIntranodeMaxRanks]);
+  MOELINK_SHARED(const uint16_t*, copy_rows, [kIntranodeMaxRanks][kIntranodeMaxRanks]);  // [warp][copy]
+  MOELINK_SHARED(const float*, copy_weights, [kIntranodeMaxRanks][kIntranodeMaxRanks]);
   const int tid = static_cast<int>(thread_rank());
   // Thread d (< ranks) owns queue (c, d): it alone reads its start and publishes its head.
   const Queue own_queue = Queue::of(node, layout, node.rank, channel, tid < ranks ? tid : 0);
@@ -110,7 +112,9 @@ MOELINK_DEVICE void combine_receive(const CombineArgs& args, const IntranodeLayo
   for (int64_t round = range.begin; round < range.end; round += warps) {
     const int64_t round_end = round + warps < range.end ? round + warps : range.end;
     const int64_t token = round + static_cast<int>(warp_id());
-    if (token < round_end) reduce_token(args, layout, channel, token, queue_start);
+    if (token < round_end) {
+      reduce_token(args, layout, channel, token, queue_start, copy_rows[warp_id()], copy_weights[warp_id()]);
+    }
     sync_block();  // every warp is done with this round's rows
     // Rows of queue (c, d) used so far: one past the position of the round's last token sent by d.
     // Derived from the round's own tokens, not from what other warps record, because they may

@@ -178,7 +178,9 @@ def dispatch(node: Node, call: DispatchCall):
             raise argument_error(InvalidArgument, "num_worst_tokens",
                                  f"at least {num_recv} (the rows this rank receives)", call.num_worst_tokens)
         rows = call.num_worst_tokens
-    recv_x = torch.zeros((rows, x.shape[1]), dtype=x.dtype)
+    # Every received row is overwritten by the kernel; only num_worst_tokens padding is zeroed.
+    recv_x = torch.empty((rows, x.shape[1]), dtype=x.dtype)
+    recv_x[num_recv:].zero_()
     recv_scales = torch.zeros((rows, num_scales), dtype=torch.float32) if num_scales else None
     recv_topk_idx = torch.full((rows, num_topk), -1, dtype=torch.int64) if num_topk else None
     recv_topk_weights = torch.zeros((rows, num_topk), dtype=torch.float32) if call.topk_weights is not None else None
