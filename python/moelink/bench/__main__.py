@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m moelink.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=_positive, default=4, help="rank processes (default 4)")
-    p.add_argument("--tokens", type=int, default=2048, help="tokens per rank (default 2048)")
+    p.add_argument("--tokens", type=_positive, default=2048, help="tokens per rank (default 2048)")
     p.add_argument("--hidden", type=_positive, default=7168, help="hidden size (default 7168, DeepSeek-V3)")
     p.add_argument("--experts", type=_positive, default=None,
                    help="routed experts, a multiple of --ranks (default 256 when it is a multiple of 8 * ranks)")
@@ -73,8 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         import moelink
         args.num_sms = moelink.Buffer.num_sms
     problems = []
-    if args.tokens < 0 or args.warmup < 0:
-        problems.append("--tokens and --warmup must be >= 0")
+    if args.warmup < 0:
+        problems.append("--warmup must be >= 0")
     if args.experts % args.ranks:
         problems.append(f"--experts {args.experts} must be a multiple of --ranks {args.ranks}")
     if args.topk > args.experts:

@@ -199,7 +199,8 @@ def run_rank(rank: int, world: int, group, opts: BenchOptions) -> dict:
             "baseline_combine": lambda: baseline_combine(expert_out, b_handle),
         }
         times = {name: [] for name in VARIANTS}
-        runtime_stats = {name: dict.fromkeys(runtime.stats(), 0) for name in VARIANTS if not name.startswith("baseline")}
+        runtime_stats = {name: dict.fromkeys(runtime.stats(), 0)
+                         for name in VARIANTS if not name.startswith("baseline")}
         for iteration in range(opts.warmup + opts.iters):
             for name in VARIANTS:
                 before = runtime.stats() if name in runtime_stats else None

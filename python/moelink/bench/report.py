@@ -120,9 +120,10 @@ def format_table(s: dict) -> str:
     lines.append("")
     b = s["bytes_moved"]
     verdict = "equal to" if b["match"] else "DIFFERENT FROM"
-    lines.append(f"byte counters (Buffer.bytes_moved, nvl, per rank, one call): dispatch {b['counters']['dispatch_nvl']}, "
-                 f"combine {b['counters']['combine_nvl']}; {verdict} the queue-slot bytes expected from the routing; "
-                 f"rdma {b['counters']['dispatch_rdma']} / {b['counters']['combine_rdma']}")
+    counters = b["counters"]
+    lines.append(f"byte counters (Buffer.bytes_moved, nvl, per rank, one call): dispatch {counters['dispatch_nvl']}, "
+                 f"combine {counters['combine_nvl']}; {verdict} the queue-slot bytes expected from the routing; "
+                 f"rdma {counters['dispatch_rdma']} / {counters['combine_rdma']}")
     per_call = s["runtime_per_call"]
     lines.append("fiber runtime per call (median rank): " + "; ".join(
         f"{name} {st['switches']:.0f} switches, {st['fibers']:.0f} fibers, {st['idle_sleeps']:.0f} idle sleeps"
