@@ -285,3 +285,83 @@ def test_killed_rank_leaks_no_shared_memory(group):
 ])
 def test_eight_ranks(group8, seed, case):
     _run(group8, seed, **case)
+
+
+def _deepep_style(ctx):
+    """The call sequence of DeepEP's README (normal kernels), with only the import changed."""
+    import moelink as deep_ep
+
+    deep_ep.Buffer.set_num_sms(4)
+    num_nvl_bytes = deep_ep.Buffer.get_dispatch_config(ctx.world_size).get_nvl_buffer_size_hint(64 * 2, ctx.world_size)
+    with deep_ep.Buffer(ctx.group, num_nvl_bytes, 0) as buffer:
+        gen = torch.Generator().manual_seed(7 + ctx.rank)
+        x = torch.randn(33, 64, generator=gen).to(torch.bfloat16)
+        topk_idx = torch.randint(0, 4 * ctx.world_size, (33, 2), generator=gen)
+        topk_weights = torch.rand(33, 2, generator=gen)
+        num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, previous_event = \
+            buffer.get_dispatch_layout(topk_idx, 4 * ctx.world_size, previous_event=None, async_finish=True,
+                                       allocate_on_comm_stream=False)
+        recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event = buffer.dispatch(
+            x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=num_tokens_per_rank,
+            num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
+            num_tokens_per_expert=num_tokens_per_expert, previous_event=previous_event, async_finish=True,
+            allocate_on_comm_stream=True)
+        event.current_stream_wait()
+        combined_x, _, event = buffer.combine(recv_x, handle, async_finish=True, previous_event=event)
+        event.current_stream_wait()
+    deep_ep.Buffer.set_num_sms(moelink.config.DEFAULT_NUM_SMS)
+    copies = is_token_in_rank.sum(1, keepdim=True).float()
+    assert torch.allclose(combined_x.float(), (x.float() * copies).to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
+    assert sum(num_recv_tokens_per_expert_list) == int((recv_topk_idx >= 0).sum())
+    return True
+
+
+def test_deepep_call_sequence_runs_unchanged(group):
+    assert group.run(_deepep_style) == [True] * group.world_size
+
+
+def _invalid_construction_and_combine(ctx):
+    with pytest.raises(errors.InvalidType, match="group: expected a torch.distributed ProcessGroup, got str"):
+        moelink.Buffer("world", 1 << 20)
+    for kwargs, text in [
+        (dict(num_nvl_bytes=0), "num_nvl_bytes: expected an int >= 1, got 0"),
+        (dict(num_nvl_bytes=1 << 20, num_rdma_bytes=1 << 20), "only the intranode normal mode"),
+        (dict(num_nvl_bytes=1 << 20, low_latency_mode=True), "only the intranode normal mode"),
+        (dict(num_nvl_bytes=1 << 20, ranks_per_node=1), "only the intranode normal mode"),
+    ]:
+        with pytest.raises(errors.InvalidArgument) as info:
+            moelink.Buffer(ctx.group, **kwargs)
+        assert text in str(info.value)
+    with pytest.raises(errors.InvalidArgument, match="new_num_sms: expected an even number, got 3"):
+        moelink.Buffer.set_num_sms(3)
+
+    buffer = _buffer(ctx)
+    topk = torch.zeros(4, 2, dtype=torch.int64)
+    _, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk, 2 * ctx.world_size)
+    config = moelink.Config(4, 4, 32)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(torch.ones(4, 16, dtype=torch.bfloat16), topk_idx=topk,
+                                                 is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                                                 config=config)
+    rows = recv_x.shape[0]
+    checks = [
+        (dict(x=recv_x.float()), errors.InvalidDType, "x: expected dtype torch.bfloat16"),
+        (dict(x=torch.zeros(rows + 1, 16, dtype=torch.bfloat16)), errors.InvalidShape, "(the dispatch's rows)"),
+        (dict(handle=(1, 2)), errors.InvalidType, "handle: expected a handle returned by Buffer.dispatch"),
+        (dict(topk_weights=torch.zeros(rows + 1, 2)), errors.InvalidShape, "topk_weights: expected shape"),
+        (dict(bias=torch.zeros(3, 16, dtype=torch.bfloat16)), errors.InvalidShape, "bias[0]: expected shape (4, 16)"),
+        (dict(bias=(None, torch.zeros(4, 8, dtype=torch.bfloat16))), errors.InvalidShape, "bias[1]: expected shape"),
+        (dict(config=moelink.Config(8, 4, 32)), errors.InvalidArgument, "config: expected num_sms = 4"),
+    ]
+    for overrides, error, text in checks:
+        kwargs = dict(x=recv_x, handle=handle, config=config)
+        kwargs.update(overrides)
+        with pytest.raises(error) as info:
+            buffer.combine(**kwargs)
+        assert text in str(info.value), (text, str(info.value))
+    combined, _, _ = buffer.combine(recv_x, handle, config=config)  # still usable after refused calls
+    assert torch.equal(combined, in_rank.sum(1, keepdim=True).to(torch.bfloat16).expand(4, 16))
+    return True
+
+
+def test_invalid_construction_and_combine_arguments(group):
+    assert group.run(_invalid_construction_and_combine) == [True] * group.world_size
