@@ -10,7 +10,6 @@ from moelink import errors
 from moelink.bench.baseline import baseline_combine, baseline_dispatch, memcpy_bandwidth
 from moelink.reference.dispatch import assert_combine_close, intranode_combine, intranode_dispatch
 from multiproc import rank_group_fixture
-from seeding import seed  # noqa: F401  (fixture)
 
 group = rank_group_fixture(2)
 

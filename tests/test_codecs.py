@@ -12,7 +12,6 @@ import torch
 import moelink
 from moelink import _backend, codecs, errors, runtime
 from moelink.reference import codecs as ref
-from seeding import seed  # noqa: F401  (fixture)
 
 BF16_MAX = float.fromhex("0x1.fep+127")
 F32_MAX = float.fromhex("0x1.fffffep+127")

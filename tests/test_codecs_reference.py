@@ -14,7 +14,6 @@ import torch
 
 from moelink.errors import InvalidArgument, InvalidDType, InvalidShape, InvalidType
 from moelink.reference import codecs as C
-from seeding import seed  # noqa: F401  (fixture)
 
 BF16_MAX = float.fromhex("0x1.fep+127")
 

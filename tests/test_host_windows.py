@@ -10,7 +10,6 @@ import signal
 import stat
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from moelink import _host, errors

@@ -15,7 +15,6 @@ import moelink
 from moelink import errors, reference, runtime
 from moelink.reference.dispatch import assert_combine_close
 from multiproc import rank_group_fixture
-from seeding import seed  # noqa: F401  (fixture)
 
 group = rank_group_fixture(2, 4, case_timeout=240)
 group8 = rank_group_fixture(8, name="group8", case_timeout=600)

@@ -8,7 +8,6 @@ import torch
 
 import moelink
 from moelink import errors, reference, runtime
-from seeding import seed  # noqa: F401  (fixture)
 
 
 def _assert_layout_equal(topk_idx, num_experts, num_ranks, ranks_per_node, context=""):

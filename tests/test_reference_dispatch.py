@@ -14,7 +14,6 @@ from moelink.reference.dispatch import (
     intranode_combine,
     intranode_dispatch,
 )
-from seeding import seed  # noqa: F401  (fixture)
 
 
 def random_routing(gen, num_ranks, num_experts, num_topk, max_tokens=40, hidden=32, p_none=0.15, distinct=True):
@@ -86,7 +85,7 @@ def test_duplicate_experts_count_twice_but_send_once():
 
 def test_routed_nowhere_zero_tokens_and_one_rank_takes_all(seed):
     gen = torch.Generator().manual_seed(seed)
-    num_ranks, num_experts, hidden = 4, 8, 16
+    num_experts, hidden = 8, 16
     xs = [torch.randn(n, hidden, generator=gen) for n in (5, 0, 3, 4)]
     idxs = [torch.full((5, 2), -1), torch.empty(0, 2, dtype=torch.int64),
             torch.tensor([[6, 7], [7, -1], [6, 6]]), torch.tensor([[7, -1], [-1, 6], [6, 7], [7, 6]])]

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from moelink import _host, errors, runtime
-from seeding import seed  # noqa: F401  (fixture)
 
 selftest = _host.selftest
 SCHEDULES = ["deterministic", "random:1", "random:2:0.5", "random:3:1.0"]

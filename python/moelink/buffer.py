@@ -10,7 +10,7 @@ is not built yet: asking for it raises :class:`moelink.errors.GPUUnavailable`.
 
 from __future__ import annotations
 
-from typing import ClassVar, List, Optional, Tuple, Union
+from typing import ClassVar, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist

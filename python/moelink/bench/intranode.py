@@ -92,7 +92,6 @@ def _check_equal(name: str, got: torch.Tensor, want: torch.Tensor, rank: int) ->
 def _verify_once(rank, buffer, opts, payload, topk_idx, topk_weights, dispatch_config, combine_config):
     """One untimed dispatch + combine of both implementations: equal results, and the byte
     counters. Returns (handle, bf16 combine input, counters, expected counters, row counts)."""
-    world = buffer.group_size
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, opts.experts)
     buffer.reset_bytes_moved()
     recv, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
