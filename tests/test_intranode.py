@@ -291,24 +291,26 @@ def _deepep_style(ctx):
     import moelink as deep_ep
 
     deep_ep.Buffer.set_num_sms(4)
-    num_nvl_bytes = deep_ep.Buffer.get_dispatch_config(ctx.world_size).get_nvl_buffer_size_hint(64 * 2, ctx.world_size)
-    with deep_ep.Buffer(ctx.group, num_nvl_bytes, 0) as buffer:
-        gen = torch.Generator().manual_seed(7 + ctx.rank)
-        x = torch.randn(33, 64, generator=gen).to(torch.bfloat16)
-        topk_idx = torch.randint(0, 4 * ctx.world_size, (33, 2), generator=gen)
-        topk_weights = torch.rand(33, 2, generator=gen)
-        num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, previous_event = \
-            buffer.get_dispatch_layout(topk_idx, 4 * ctx.world_size, previous_event=None, async_finish=True,
-                                       allocate_on_comm_stream=False)
-        recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event = buffer.dispatch(
-            x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=num_tokens_per_rank,
-            num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
-            num_tokens_per_expert=num_tokens_per_expert, previous_event=previous_event, async_finish=True,
-            allocate_on_comm_stream=True)
-        event.current_stream_wait()
-        combined_x, _, event = buffer.combine(recv_x, handle, async_finish=True, previous_event=event)
-        event.current_stream_wait()
-    deep_ep.Buffer.set_num_sms(moelink.config.DEFAULT_NUM_SMS)
+    try:
+        num_nvl_bytes = deep_ep.Buffer.get_dispatch_config(ctx.world_size).get_nvl_buffer_size_hint(64 * 2, ctx.world_size)
+        with deep_ep.Buffer(ctx.group, num_nvl_bytes, 0) as buffer:
+            gen = torch.Generator().manual_seed(7 + ctx.rank)
+            x = torch.randn(33, 64, generator=gen).to(torch.bfloat16)
+            topk_idx = torch.randint(0, 4 * ctx.world_size, (33, 2), generator=gen)
+            topk_weights = torch.rand(33, 2, generator=gen)
+            num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, previous_event = \
+                buffer.get_dispatch_layout(topk_idx, 4 * ctx.world_size, previous_event=None, async_finish=True,
+                                           allocate_on_comm_stream=False)
+            recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event = buffer.dispatch(
+                x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=num_tokens_per_rank,
+                num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
+                num_tokens_per_expert=num_tokens_per_expert, previous_event=previous_event, async_finish=True,
+                allocate_on_comm_stream=True)
+            event.current_stream_wait()
+            combined_x, _, event = buffer.combine(recv_x, handle, async_finish=True, previous_event=event)
+            event.current_stream_wait()
+    finally:
+        deep_ep.Buffer.set_num_sms(moelink.config.DEFAULT_NUM_SMS)
     copies = is_token_in_rank.sum(1, keepdim=True).float()
     assert torch.allclose(combined_x.float(), (x.float() * copies).to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
     assert sum(num_recv_tokens_per_expert_list) == int((recv_topk_idx >= 0).sum())

@@ -92,7 +92,6 @@ MOELINK_DEVICE void reduce_token(const CombineArgs& args, const IntranodeLayout&
       args.combined_topk_weights[token * shape.num_topk + k] = weight;
     }
   }
-  syncwarp();  // the scratch is reused for the warp's next token
 }
 
 MOELINK_DEVICE void combine_receive(const CombineArgs& args, const IntranodeLayout& layout, int channel) {
@@ -115,7 +114,7 @@ MOELINK_DEVICE void combine_receive(const CombineArgs& args, const IntranodeLayo
     if (token < round_end) {
       reduce_token(args, layout, channel, token, queue_start, copy_rows[warp_id()], copy_weights[warp_id()]);
     }
-    sync_block();  // every warp is done with this round's rows
+    sync_block();  // every warp is done with this round's rows (and with its copy scratch)
     // Rows of queue (c, d) used so far: one past the position of the round's last token sent by d.
     // Derived from the round's own tokens, not from what other warps record, because they may
     // already be reading the next round's rows.
