@@ -83,6 +83,20 @@
 //                             barrier). Postcondition: after a syncwarp(mask), every lane sees all
 //                             of `dst`. On the host it is one memcpy by the lowest lane of mask.
 //
+// Work split across lanes
+//   LaneRange lane_range(mask, count)
+//                             The calling lane's share of `count` work items (16-byte pieces of a
+//                             row, 8-channel groups, ...) among the lanes of `mask`, which must hold
+//                             the calling lane. Iterate `for (int64_t i = r.begin; i < r.end; i +=
+//                             r.step)`; together the lanes of `mask` visit [0, count) exactly once.
+//                             GPU: interleaved (begin = the lane's rank among mask's lanes, step =
+//                             popcount(mask)), so at every step the lanes touch consecutive items
+//                             (coalesced). Host: one contiguous chunk per lane (ceil(count / lanes)
+//                             items, step 1), so the single OS thread that runs every fiber streams
+//                             through memory in order, which the prefetcher and the compiler's
+//                             vectoriser want. Kernels must not assume which lane gets which item.
+//   elect_one(mask) -> bool   true on exactly one lane of `mask` (the lowest), false on the rest.
+//
 // Failure
 //   MOELINK_DEVICE_CHECK(cond, fmt, ...)
 //                             If !cond: host launch fails with moelink.errors.DeviceAssert whose

@@ -435,6 +435,15 @@ MOELINK_DEVICE void warp_copy(uint32_t mask, void* dst, const void* src, size_t 
   for (; i < count; i += stride) d[i] = s[i];
 }
 
+// ---------------------------------------------------------------------------------------------
+// Work split: interleaved, so consecutive lanes touch consecutive items (coalesced).
+
+MOELINK_DEVICE LaneRange lane_range(uint32_t mask, int64_t count) {
+  const unsigned lane = lane_id();
+  return {static_cast<int64_t>(__popc(mask & ((1u << lane) - 1u))), count, static_cast<int64_t>(__popc(mask))};
+}
+MOELINK_DEVICE bool elect_one(uint32_t mask) { return lane_id() == static_cast<unsigned>(__ffs(mask) - 1); }
+
 #undef MOELINK_REQUIRE_WORD
 
 }  // namespace moelink::arch

@@ -286,6 +286,20 @@ MOELINK_DEVICE void warp_copy(uint32_t mask, void* dst, const void* src, size_t 
   if (lane_id() == static_cast<unsigned>(__builtin_ctz(mask))) std::memcpy(dst, src, bytes);
 }
 
+// ---- work split --------------------------------------------------------------------------------
+// Contiguous chunks: every fiber runs on one OS thread, so a lane's chunk is streamed in order
+// before the next lane runs (arch.cuh: lane_range).
+MOELINK_DEVICE LaneRange lane_range(uint32_t mask, int64_t count) {
+  const unsigned lane = lane_id();
+  const int64_t lanes = __builtin_popcount(mask);
+  const int64_t rank = __builtin_popcount(mask & ((1u << lane) - 1u));
+  const int64_t chunk = (count + lanes - 1) / lanes;
+  const int64_t begin = rank * chunk < count ? rank * chunk : count;
+  const int64_t end = begin + chunk < count ? begin + chunk : count;
+  return {begin, end, 1};
+}
+MOELINK_DEVICE bool elect_one(uint32_t mask) { return lane_id() == static_cast<unsigned>(__builtin_ctz(mask)); }
+
 // ---- time --------------------------------------------------------------------------------------
 MOELINK_DEVICE uint64_t globaltimer_ns() { return simt::now_ns(); }
 

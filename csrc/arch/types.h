@@ -26,6 +26,11 @@ struct WaitSite {
   int channel = -1;  // channel (or block) the wait belongs to
 };
 
+// A lane's share of a work split (arch.cuh: lane_range).
+struct LaneRange {
+  int64_t begin, end, step;
+};
+
 template <typename T>
 MOELINK_HOST_DEVICE constexpr bool compare(T observed, Cmp cmp, T value) {
   switch (cmp) {
