@@ -15,29 +15,43 @@ received rows, local expert ids, weights and per-expert counts must equal the ba
 combined rows too. A mismatch raises :class:`ResultMismatch`, so no number is ever reported for a
 wrong result. The same pass reads ``Buffer.bytes_moved()`` and compares it with the bytes the
 kernels' queue slots must carry (docs/buffer-layout.md), a structural check of what moved.
+
+Then ``bench.timing.time_variants`` times the variants of :data:`ROWS` interleaved with the memcpy
+floor. The baseline reuses its buffers across calls (a ``BaselineWorkspace``), as moelink's
+Buffer does, so neither side pays page faults the other does not.
+
+This module is the ``intranode`` benchmark mode (``MODE``; see ``bench/modes.py`` for the contract
+a mode fulfils and how to add one).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
-from typing import Callable
+from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 import moelink
-from moelink import runtime
-from moelink.bench.baseline import baseline_combine, baseline_dispatch, memcpy_bandwidth
+from moelink.bench.baseline import BaselineWorkspace, baseline_combine, baseline_dispatch
+from moelink.bench.floor import SharedCopyFloor
+from moelink.bench.modes import Mode, Row
+from moelink.bench.progress import Progress
+from moelink.bench.timing import Variant, time_variants
 from moelink.codecs import fp8_quantize
 
-__all__ = ["BenchOptions", "ResultMismatch", "run_rank", "VARIANTS"]
+__all__ = ["BenchOptions", "ResultMismatch", "run_rank", "ROWS", "VARIANTS", "MODE"]
 
-# Timed variants, in the order each iteration runs them. Interleaving the implementations inside
-# every iteration (rather than timing one after the other) exposes them to the same background
-# load, which matters on a shared machine.
-VARIANTS = ("layout", "dispatch", "dispatch_cached", "combine", "baseline_dispatch", "baseline_combine")
+# Timed variants, in the order each iteration runs them (then the memcpy floor).
+ROWS = (
+    Row("layout", "layout (get_dispatch_layout)"),
+    Row("dispatch", "dispatch: layout + notify + payload", "dispatch_bytes", "baseline_dispatch", "dispatch"),
+    Row("dispatch_cached", "dispatch, cached handle (DeepEP's figure)", "dispatch_bytes", "baseline_dispatch",
+        "dispatch"),
+    Row("combine", "combine", "combine_bytes", "baseline_combine", "combine"),
+    Row("baseline_dispatch", "baseline dispatch (all_to_all_single)", "dispatch_bytes", None, "dispatch", True),
+    Row("baseline_combine", "baseline combine (all_to_all_single)", "combine_bytes", None, "combine", True),
+)
+VARIANTS = tuple(row.variant for row in ROWS)
 
 
 class ResultMismatch(AssertionError):
@@ -55,6 +69,7 @@ class BenchOptions:
     warmup: int
     fp8: bool
     seed: int
+    floor_seconds: float = 0.25  # each iteration's memcpy floor: seconds every rank copies
 
 
 def _inputs(rank: int, opts: BenchOptions):
@@ -89,7 +104,7 @@ def _check_equal(name: str, got: torch.Tensor, want: torch.Tensor, rank: int) ->
                              f"{a.shape[0]} rows (first: row {int(bad[0])})")
 
 
-def _verify_once(rank, buffer, opts, payload, topk_idx, topk_weights, dispatch_config, combine_config):
+def _verify_once(rank, buffer, opts, payload, topk_idx, topk_weights, dispatch_config, combine_config, workspace):
     """One untimed dispatch + combine of both implementations: equal results, and the byte
     counters. Returns (handle, bf16 combine input, counters, expected counters, row counts)."""
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, opts.experts)
@@ -98,7 +113,8 @@ def _verify_once(rank, buffer, opts, payload, topk_idx, topk_weights, dispatch_c
         payload, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
         topk_idx=topk_idx, topk_weights=topk_weights, config=dispatch_config)
     dispatch_counters = buffer.bytes_moved()
-    b_recv, b_idx, b_w, b_counts, b_handle = baseline_dispatch(payload, topk_idx, opts.experts, topk_weights)
+    b_recv, b_idx, b_w, b_counts, b_handle = baseline_dispatch(payload, topk_idx, opts.experts, topk_weights,
+                                                                workspace=workspace)
 
     recv_rows = recv[0] if isinstance(recv, tuple) else recv
     _check_equal("recv_x", recv_rows, b_recv[0] if isinstance(b_recv, tuple) else b_recv, rank)
@@ -114,7 +130,7 @@ def _verify_once(rank, buffer, opts, payload, topk_idx, topk_weights, dispatch_c
     buffer.reset_bytes_moved()
     combined, _, _ = buffer.combine(expert_out, handle, config=combine_config)
     combine_counters = buffer.bytes_moved()
-    b_combined, _ = baseline_combine(expert_out, b_handle)
+    b_combined, _ = baseline_combine(expert_out, b_handle, workspace=workspace)
     _check_equal("combined_x", combined, b_combined, rank)
 
     sent_rows = in_rank.sum(dim=0).tolist()  # rows this rank sends to each rank (itself included)
@@ -133,51 +149,29 @@ def _verify_once(rank, buffer, opts, payload, topk_idx, topk_weights, dispatch_c
     return handle, expert_out, counters, expected, rows
 
 
-def _timed(group, fn: Callable[[], object]) -> float:
-    """Seconds of one call of ``fn`` on this rank, started right after a barrier."""
-    dist.barrier(group)
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def _shared_memcpy_rate(group, num_bytes: int, seconds: float = 0.5) -> float:
-    """Bytes/s this rank copies while every rank copies at once, for ``seconds``.
-
-    This is the floor the per-rank figures are compared with. ``memcpy_bandwidth`` times single
-    copies; a copy of a few MB ends within one scheduler time slice, so with more ranks than cores
-    it measures a core to itself even when all ranks call it together. The ranks' dispatch and
-    combine, though, run while every rank competes for the cores. Copying back to back for a
-    common duration makes the copies overlap for real, so each rank measures its share.
-    """
-    src = torch.ones(num_bytes, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # fault the pages in before the clock starts
-    dist.barrier(group)
-    copied, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        dst.copy_(src)
-        copied += num_bytes
-    elapsed = time.perf_counter() - start
-    dist.barrier(group)
-    return copied / elapsed
-
-
-def run_rank(rank: int, world: int, group, opts: BenchOptions) -> dict:
+def run_rank(rank: int, world: int, group, opts: BenchOptions, progress: Optional[Progress] = None) -> dict:
     """Benchmark body of one rank (``launch.run_ranks`` calls it). Returns plain data only."""
+    progress = (progress or Progress(enabled=False)).for_rank(rank)
     moelink.Buffer.set_num_sms(opts.num_sms)
     dispatch_config = moelink.Buffer.get_dispatch_config(world)
     combine_config = moelink.Buffer.get_combine_config(world)
     hidden_bytes = opts.hidden * 2  # DeepEP's convention: bf16 rows; FP8 rows + scales are smaller
     num_nvl_bytes = max(cfg.get_nvl_buffer_size_hint(hidden_bytes, world, num_topk=opts.topk)
                         for cfg in (dispatch_config, combine_config))
+    progress(f"building inputs: {opts.tokens} tokens x hidden {opts.hidden}, top-{opts.topk} of {opts.experts} "
+             f"experts{', FP8' if opts.fp8 else ''}")
     payload, topk_idx, topk_weights = _inputs(rank, opts)
 
+    progress(f"creating moelink.Buffer ({num_nvl_bytes / 2**20:.1f} MiB window per rank, {opts.num_sms} SMs)")
     buffer = moelink.Buffer(group, num_nvl_bytes)
     try:
+        workspace = BaselineWorkspace()
+        progress("checking moelink against the baseline (one untimed dispatch and combine of each)")
         handle, expert_out, counters, expected, rows = _verify_once(
-            rank, buffer, opts, payload, topk_idx, topk_weights, dispatch_config, combine_config)
-        b_handle = baseline_dispatch(payload, topk_idx, opts.experts, topk_weights)[4]
+            rank, buffer, opts, payload, topk_idx, topk_weights, dispatch_config, combine_config, workspace)
+        b_handle = baseline_dispatch(payload, topk_idx, opts.experts, topk_weights, workspace=workspace)[4]
+        dispatch_bytes = rows["recv_rows"] * (rows["row_bytes"] + 4 * rows["num_scales"])
+        floor = SharedCopyFloor(group, max(dispatch_bytes, 1), opts.floor_seconds)
 
         def fresh_dispatch():
             per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, opts.experts)
@@ -185,7 +179,7 @@ def run_rank(rank: int, world: int, group, opts: BenchOptions) -> dict:
                                    num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights,
                                    config=dispatch_config)
 
-        variants = {
+        calls = {
             # layout alone: what fresh dispatch pays on top of the notify + payload kernels
             "layout": lambda: buffer.get_dispatch_layout(topk_idx, opts.experts),
             # what a framework calls per MoE layer: layout + notify + payload
@@ -194,26 +188,15 @@ def run_rank(rank: int, world: int, group, opts: BenchOptions) -> dict:
             # no notify, no top-k metadata; the payload kernel alone
             "dispatch_cached": lambda: buffer.dispatch(payload, handle=handle, config=dispatch_config),
             "combine": lambda: buffer.combine(expert_out, handle, config=combine_config),
-            "baseline_dispatch": lambda: baseline_dispatch(payload, topk_idx, opts.experts, topk_weights),
-            "baseline_combine": lambda: baseline_combine(expert_out, b_handle),
+            "baseline_dispatch": lambda: baseline_dispatch(payload, topk_idx, opts.experts, topk_weights,
+                                                           workspace=workspace),
+            "baseline_combine": lambda: baseline_combine(expert_out, b_handle, workspace=workspace),
         }
-        times = {name: [] for name in VARIANTS}
-        runtime_stats = {name: dict.fromkeys(runtime.stats(), 0)
-                         for name in VARIANTS if not name.startswith("baseline")}
-        for iteration in range(opts.warmup + opts.iters):
-            for name in VARIANTS:
-                before = runtime.stats() if name in runtime_stats else None
-                elapsed = _timed(group, variants[name])
-                if iteration >= opts.warmup:
-                    times[name].append(elapsed)
-                    if before is not None:
-                        after = runtime.stats()
-                        for key in before:
-                            runtime_stats[name][key] += after[key] - before[key]
-
-        dispatch_bytes = rows["recv_rows"] * (rows["row_bytes"] + 4 * rows["num_scales"])
-        memcpy_Bps = memcpy_bandwidth(max(dispatch_bytes, 1), iters=max(5, opts.iters), warmup=max(1, opts.warmup))
-        memcpy_shared_Bps = _shared_memcpy_rate(group, max(dispatch_bytes, 1))
+        variants = [Variant(name, calls[name], runtime_counters=not name.startswith("baseline")) for name in VARIANTS]
+        progress(f"timing {opts.iters} iterations after {opts.warmup} warm-up, each: "
+                 f"{', '.join(VARIANTS)}, then the memcpy floor ({opts.floor_seconds:g} s of copies)")
+        records = time_variants(group, variants, floor, iters=opts.iters, warmup=opts.warmup, progress=progress)
+        baseline_workspace = {"bytes": workspace.nbytes, "allocations": workspace.allocations}
     finally:
         buffer.destroy()
 
@@ -223,14 +206,76 @@ def run_rank(rank: int, world: int, group, opts: BenchOptions) -> dict:
         "dispatch_bytes": dispatch_bytes,
         "combine_bytes": rows["recv_rows"] * opts.hidden * 2,
         "rows": rows,
-        "times_s": times,
-        "median_s": {name: statistics.median(ts) for name, ts in times.items()},
-        "memcpy_Bps": memcpy_Bps,  # single copies of the dispatch bytes (baseline.memcpy_bandwidth)
-        "memcpy_shared_Bps": memcpy_shared_Bps,  # this rank's share while all ranks copy
+        **records,
         "bytes_moved": counters,
         "bytes_expected": expected,
-        "runtime_stats": runtime_stats,
+        "baseline_workspace": baseline_workspace,
         "num_nvl_bytes": num_nvl_bytes,
         "dispatch_config": dataclasses.asdict(dispatch_config),
         "combine_config": dataclasses.asdict(combine_config),
     }
+
+
+# ---- the mode's command-line side and its lines under the table ---------------------------------
+
+def make_options(args) -> BenchOptions:
+    return BenchOptions(tokens=args.tokens, hidden=args.hidden, experts=args.experts, topk=args.topk,
+                        num_sms=args.num_sms, iters=args.iters, warmup=args.warmup, fp8=args.fp8, seed=args.seed,
+                        floor_seconds=args.floor_seconds)
+
+
+def problems(args) -> list[str]:
+    found = []
+    if args.experts % args.ranks:
+        found.append(f"--experts {args.experts} must be a multiple of --ranks {args.ranks}")
+    if args.topk > args.experts:
+        found.append(f"--topk {args.topk} exceeds --experts {args.experts} (experts per token are distinct)")
+    row_multiple = 16 if args.fp8 else 8  # kernel rows are a multiple of 16 bytes (bf16: 8 channels)
+    if args.hidden % row_multiple:
+        found.append(f"--hidden {args.hidden} must be a multiple of {row_multiple} "
+                     f"(rows of a multiple of 16 bytes{' in FP8' if args.fp8 else ''})")
+    if args.num_sms % 2:
+        found.append(f"--num-sms {args.num_sms} must be even (a sender and a receiver block per channel)")
+    if args.fp8 and not hasattr(torch, "float8_e4m3fn"):
+        found.append("--fp8 needs a torch with float8_e4m3fn")
+    return found
+
+
+def unavailable(args) -> Optional[str]:
+    return None  # every build has the host target's intranode path
+
+
+def summarize_extra(per_rank: list[dict]) -> dict:
+    counters = {key: [r["bytes_moved"][key] for r in per_rank] for key in per_rank[0]["bytes_moved"]}
+    expected = {key: [r["bytes_expected"][key] for r in per_rank] for key in per_rank[0]["bytes_expected"]}
+    match = all(counters[k] == expected[k] for k in expected) and not any(
+        counters["dispatch_rdma"] + counters["combine_rdma"])
+    return {
+        "bytes_moved": {"counters": counters, "expected": expected, "match": match},
+        "configs": {"dispatch": per_rank[0]["dispatch_config"], "combine": per_rank[0]["combine_config"],
+                    "num_nvl_bytes": per_rank[0]["num_nvl_bytes"]},
+        "recv_rows_per_rank": [r["rows"]["recv_rows"] for r in per_rank],
+        "baseline_workspace": [r["baseline_workspace"] for r in per_rank],
+    }
+
+
+def format_extra(extra: dict) -> list[str]:
+    b = extra["bytes_moved"]
+    counters = b["counters"]
+    verdict = "equal to" if b["match"] else "DIFFERENT FROM"
+    ws = extra["baseline_workspace"]
+    return [
+        f"rows received per rank: {extra['recv_rows_per_rank']}",
+        f"byte counters (Buffer.bytes_moved, nvl, per rank, one call): dispatch {counters['dispatch_nvl']}, "
+        f"combine {counters['combine_nvl']}; {verdict} the queue-slot bytes expected from the routing; "
+        f"rdma {counters['dispatch_rdma']} / {counters['combine_rdma']}",
+        f"baseline workspace per rank: {max(w['bytes'] for w in ws) / 1e6:.1f} MB at most, "
+        f"{max(w['allocations'] for w in ws)} allocations at most over the whole run (all in the first calls)",
+        "correctness: moelink's received rows, top-k ids, weights, per-expert counts and combined rows "
+        "equal the baseline's on every rank (checked before timing)",
+    ]
+
+
+MODE = Mode(name="intranode", title="moelink intranode dispatch/combine, host target", rows=ROWS,
+            make_options=make_options, problems=problems, unavailable=unavailable, run_rank=run_rank,
+            summarize_extra=summarize_extra, format_extra=format_extra)

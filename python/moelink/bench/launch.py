@@ -51,7 +51,7 @@ class RanksFailed(RuntimeError):
 
 
 def _rank_entry(rank: int, world_size: int, store_port: int, conn, env: dict, deadline_s: float,
-                deadline_wall: float, threads: int, fn: Callable, args: tuple) -> None:
+                deadline_wall: float, threads: int, fn: Callable, args: tuple, progress) -> None:
     """Body of a rank process: join the group, run ``fn``, send back ("ok", value) or ("error", text)."""
     os.environ.update(env)
     try:  # die with the launcher instead of lingering (Linux: prctl(PR_SET_PDEATHSIG, SIGKILL))
@@ -69,6 +69,8 @@ def _rank_entry(rank: int, world_size: int, store_port: int, conn, env: dict, de
         timeout = datetime.timedelta(seconds=deadline_s)
         store = dist.TCPStore("127.0.0.1", store_port, world_size, is_master=False, timeout=timeout)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
+        if progress is not None:
+            progress(f"rank {rank}/{world_size} joined the gloo group (pid {os.getpid()})")
         try:
             reply = ("ok", fn(rank, world_size, dist.group.WORLD, *args))
         finally:
@@ -110,8 +112,9 @@ def _remove_leftover_segments(tag: str) -> list[str]:
 
 
 def run_ranks(fn: Callable, args: tuple, world_size: int, *, deadline_s: float,
-              threads_per_rank: int = 1, env: Optional[dict] = None) -> list[Any]:
-    """Runs ``fn(rank, world_size, group, *args)`` on ``world_size`` fresh processes; see the module doc."""
+              threads_per_rank: int = 1, env: Optional[dict] = None, progress=None) -> list[Any]:
+    """Runs ``fn(rank, world_size, group, *args)`` on ``world_size`` fresh processes; see the module doc.
+    ``progress`` (a ``bench.progress.Progress``): say on stderr when the ranks start and join."""
     if world_size < 1:
         raise ValueError(f"world_size: expected >= 1, got {world_size}")
     tag = "bench" + secrets.token_hex(4)
@@ -125,12 +128,14 @@ def run_ranks(fn: Callable, args: tuple, world_size: int, *, deadline_s: float,
     ctx = mp.get_context("spawn")
     deadline_wall = time.time() + deadline_s
     procs, conns = [], []
+    if progress is not None:
+        progress(f"starting {world_size} rank processes (spawn: each imports torch first, a few seconds)")
     try:
         for rank in range(world_size):
             parent_end, child_end = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_rank_entry, name=f"moelink-bench-rank{rank}", daemon=True,
                                args=(rank, world_size, store.port, child_end, rank_env, deadline_s,
-                                     deadline_wall, threads_per_rank, fn, args))
+                                     deadline_wall, threads_per_rank, fn, args, progress))
             proc.start()
             child_end.close()
             procs.append(proc)

@@ -1,7 +1,10 @@
-"""Turns the per-rank results of ``bench.intranode.run_rank`` into one summary and a table.
+"""Turns one mode's per-rank records (``bench.timing.time_variants`` plus the mode's byte counts)
+into one summary and a table with its legend.
 
-Per-rank bandwidth = that rank's bytes / the median of its iteration times; the summary gives the
-median over ranks and the min and max across ranks. Ratios compare medians over ranks.
+Every figure is first reduced over a rank's timed iterations (median), then given across ranks as
+median [min..max]. Ratios are computed per iteration (a variant's bandwidth in iteration i over
+the baseline's, or over the memcpy floor, of the same iteration i), then the median over
+iterations: so a neighbour's burst of load that slows one iteration slows both sides of its ratio.
 """
 
 from __future__ import annotations
@@ -9,125 +12,155 @@ from __future__ import annotations
 import statistics
 from typing import Optional
 
-__all__ = ["summarize", "format_table"]
+from .modes import Mode
 
-# (variant, the bytes it is credited with, label in the table)
-_ROWS = (
-    ("layout", None, "layout (get_dispatch_layout)"),
-    ("dispatch", "dispatch_bytes", "dispatch: layout + notify + payload"),
-    ("dispatch_cached", "dispatch_bytes", "dispatch, cached handle (DeepEP's figure)"),
-    ("combine", "combine_bytes", "combine"),
-    ("baseline_dispatch", "dispatch_bytes", "baseline dispatch (all_to_all_single)"),
-    ("baseline_combine", "combine_bytes", "baseline combine (all_to_all_single)"),
-)
-# moelink variant -> the baseline variant it is compared with
-_PAIRS = {"dispatch": "baseline_dispatch", "dispatch_cached": "baseline_dispatch", "combine": "baseline_combine"}
+__all__ = ["LEGEND", "summarize", "format_table", "format_legend"]
+
+# Column -> what it holds; printed under every table and stored in --json as "legend".
+LEGEND = {
+    "ms per call": "wall time of one call on a rank, timed right after a barrier of all ranks; median over the "
+                   "timed iterations, then median [min..max] over ranks",
+    "GB/s per rank": "DeepEP's per-rank algorithm bandwidth: dispatch = payload bytes the rank receives "
+                     "(received rows x row bytes, FP8 scales included), combine = the same rows sent back, "
+                     "divided by the median time; top-k ids, weights and counts are not counted",
+    "baseline": "how MoE frameworks dispatch without DeepEP (bench/baseline.py: split sizes, permute, "
+                "all_to_all_single over gloo, un-permute), written as we would write it: every large buffer "
+                "is reused across calls (a BaselineWorkspace), so like moelink it takes no per-call page "
+                "faults; a baseline allocating fresh 100 MB buffers per call ran about 3x slower",
+    "/baseline": "bandwidth over the baseline's, per iteration (both timed in the same iteration), then the "
+                 "median over iterations; > 1: moelink is faster",
+    "/memcpy": "bandwidth over the memcpy floor measured in the same iteration, then the median; a "
+               "shared-memory dispatch copies each byte twice, so 0.5 is its ceiling unless it copies once",
+    "memcpy floor": "each rank's share of the machine's copy rate while all ranks copy the dispatch bytes "
+                    "back to back at once, measured in every timed iteration right after its variants (not "
+                    "once after the loop: on a shared machine the floor moves with the neighbours' load)",
+    "minor faults per call": "minor page faults of the rank's process during one call (getrusage ru_minflt "
+                             "delta): pages of freshly mapped memory touched; a call that reuses its buffers "
+                             "takes about none",
+    "switches per call": "fiber switches of moelink's host runtime (moelink.runtime.stats) in one call; "
+                         "'per token' divides by the rank's tokens; fibers = CUDA threads run, idle sleeps = "
+                         "back-offs of parked waits",
+    "load": "1-min load average of the machine (os.getloadavg): before and after the run, and its range over the "
+            "timed iterations (rank 0 samples it at each); above the CPU count the ranks competed for cores",
+}
 
 
 def _spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def summarize(per_rank: list[dict], *, options: dict, solo_memcpy_Bps: Optional[float], context: dict) -> dict:
-    """One JSON-ready object: options, per-variant time and bandwidth spreads, ratios, checks."""
+def _per_iteration_ratios(numerator: list[float], denominator: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(numerator, denominator) if b > 0)
+
+
+def summarize(mode: Mode, per_rank: list[dict], *, options: dict, context: Optional[dict] = None) -> dict:
+    """One JSON-ready object for one mode: options, and per variant the time, bandwidth, ratio,
+    page-fault and fiber-runtime spreads; the floor; the load; the mode's own checks."""
     variants = {}
-    for name, bytes_key, label in _ROWS:
-        times = [r["median_s"][name] for r in per_rank]
-        entry = {"label": label, "time_s": _spread(times)}
-        if bytes_key is not None:
-            entry["bytes_per_rank"] = _spread([r[bytes_key] for r in per_rank])
-            entry["GBps"] = _spread([r[bytes_key] / t / 1e9 for r, t in zip(per_rank, times)])
-        variants[name] = entry
-    memcpy = {
-        # the floor: each rank's share of the machine's copy rate while all ranks copy at once
-        "shared_GBps": _spread([r["memcpy_shared_Bps"] / 1e9 for r in per_rank]),
-        # baseline.memcpy_bandwidth in each rank: single copies of the dispatch bytes
-        "single_copy_GBps": _spread([r["memcpy_Bps"] / 1e9 for r in per_rank]),
-        # the same, in the launcher after the ranks exited: one process with the machine to itself
-        "solo_GBps": None if solo_memcpy_Bps is None else solo_memcpy_Bps / 1e9,
-    }
-    floor = memcpy["shared_GBps"]["median"]
-    ratios = {}
-    for name in ("dispatch", "dispatch_cached", "combine", "baseline_dispatch", "baseline_combine"):
-        bw = variants[name]["GBps"]["median"]
-        ratios[name] = {"vs_memcpy": bw / floor}
-        if name in _PAIRS:
-            ratios[name]["vs_baseline"] = bw / variants[_PAIRS[name]]["GBps"]["median"]
+    bandwidth = {}  # variant -> per rank -> per iteration bytes/s
+    for row in mode.rows:
+        times = [r["times_s"][row.variant] for r in per_rank]
+        entry = {"label": row.label, "time_s": _spread([statistics.median(t) for t in times])}
+        if row.bytes_key is not None:
+            nbytes = [r[row.bytes_key] for r in per_rank]
+            bandwidth[row.variant] = [[b / max(t, 1e-12) for t in ts] for b, ts in zip(nbytes, times)]
+            entry["bytes_per_rank"] = _spread(nbytes)
+            entry["GBps"] = _spread([b / statistics.median(ts) / 1e9 for b, ts in zip(nbytes, times)])
+            entry["vs_memcpy"] = _spread([_per_iteration_ratios(bw, r["floor_Bps"])
+                                          for bw, r in zip(bandwidth[row.variant], per_rank)])
+        entry["minor_faults_per_call"] = _spread([statistics.median(r["minor_faults"][row.variant])
+                                                  for r in per_rank])
+        if row.variant in per_rank[0]["runtime"]:
+            per_call = {key: statistics.median(statistics.median(r["runtime"][row.variant][key]) for r in per_rank)
+                        for key in per_rank[0]["runtime"][row.variant]}
+            tokens = statistics.median(r[mode.tokens_key] for r in per_rank)
+            entry["runtime_per_call"] = per_call
+            entry["switches_per_token"] = per_call["switches"] / max(tokens, 1)
+        variants[row.variant] = entry
+    for row in mode.rows:
+        if row.baseline is not None and row.variant in bandwidth:
+            variants[row.variant]["vs_baseline"] = _spread([
+                _per_iteration_ratios(mine, theirs)
+                for mine, theirs in zip(bandwidth[row.variant], bandwidth[row.baseline])])
 
-    counters = {key: [r["bytes_moved"][key] for r in per_rank] for key in per_rank[0]["bytes_moved"]}
-    expected = {key: [r["bytes_expected"][key] for r in per_rank] for key in per_rank[0]["bytes_expected"]}
-    counters_match = all(counters[k] == expected[k] for k in expected) and not any(
-        counters["dispatch_rdma"] + counters["combine_rdma"])
-
-    # Fiber-runtime work per call (summed over timed iterations on each rank, then per call).
-    iters = len(per_rank[0]["times_s"]["dispatch"])
-    runtime_per_call = {
-        name: {key: statistics.median(r["runtime_stats"][name][key] for r in per_rank) / max(iters, 1)
-               for key in per_rank[0]["runtime_stats"][name]}
-        for name in per_rank[0]["runtime_stats"]}
-
+    load = [x for r in per_rank for x in r.get("load_1min", [])]
     return {
-        "benchmark": "moelink intranode dispatch/combine, host target",
-        **context,
+        "mode": mode.name,
+        "title": mode.title,
+        "ranks": len(per_rank),
+        **(context or {}),
         "options": options,
-        "correct": True,  # run_rank raises before timing anything if moelink differs from the baseline
+        "correct": True,  # a mode's run_rank raises before timing anything if its results are wrong
         "variants": variants,
-        "memcpy": memcpy,
-        "ratios": ratios,
-        "bytes_moved": {"counters": counters, "expected": expected, "match": counters_match},
-        "runtime_per_call": runtime_per_call,
-        "configs": {"dispatch": per_rank[0]["dispatch_config"], "combine": per_rank[0]["combine_config"],
-                    "num_nvl_bytes": per_rank[0]["num_nvl_bytes"]},
-        "recv_rows_per_rank": [r["rows"]["recv_rows"] for r in per_rank],
-        "per_rank": [{"rank": r["rank"], "times_s": r["times_s"], "memcpy_shared_Bps": r["memcpy_shared_Bps"],
-                      "memcpy_Bps": r["memcpy_Bps"]} for r in per_rank],
+        "memcpy_floor": {
+            "GBps": _spread([statistics.median(r["floor_Bps"]) / 1e9 for r in per_rank]),
+            "per_iteration_GBps": [[b / 1e9 for b in r["floor_Bps"]] for r in per_rank],
+        },
+        "load_1min_during": _spread(load) if load else None,
+        **mode.summarize_extra(per_rank),
+        "per_rank": [{"rank": r["rank"], "times_s": r["times_s"], "minor_faults": r["minor_faults"],
+                      "floor_Bps": r["floor_Bps"]} for r in per_rank],
     }
 
 
-def _fmt_spread(spread: dict, scale: float = 1.0, digits: int = 2) -> str:
-    return (f"{spread['median'] * scale:8.{digits}f} [{spread['min'] * scale:.{digits}f}"
+def _fmt(spread: Optional[dict], scale: float = 1.0, digits: int = 2) -> str:
+    if spread is None:
+        return "-"
+    return (f"{spread['median'] * scale:.{digits}f} [{spread['min'] * scale:.{digits}f}"
             f"..{spread['max'] * scale:.{digits}f}]")
 
 
-def format_table(s: dict) -> str:
+def _header(s: dict) -> list[str]:
     o = s["options"]
-    payload = "FP8 e4m3 + f32 scales" if o["fp8"] else "bf16"
-    lines = [
-        f"moelink intranode dispatch/combine, host target: {s['ranks']} ranks (processes) on {s['cpus']} CPUs, "
-        f"{o['tokens']} tokens/rank, hidden {o['hidden']}, top-{o['topk']} of {o['experts']} experts, {payload}, "
-        f"{o['num_sms']} SMs = {o['num_sms'] // 2} channels, {o['iters']} iterations after {o['warmup']} warm-up",
-        f"per-rank payload (median over ranks): dispatch receives "
-        f"{s['variants']['dispatch']['bytes_per_rank']['median'] / 1e6:.2f} MB, combine sends "
-        f"{s['variants']['combine']['bytes_per_rank']['median'] / 1e6:.2f} MB "
-        f"(rows received per rank: {s['recv_rows_per_rank']})",
+    shape = [f"{s['ranks']} ranks (processes)"]
+    if "cpus" in s:
+        shape[0] += f" on {s['cpus']} CPUs"
+    for key, text in (("tokens", "{} tokens/rank"), ("hidden", "hidden {}")):
+        if key in o:
+            shape.append(text.format(o[key]))
+    if "topk" in o and "experts" in o:
+        shape.append(f"top-{o['topk']} of {o['experts']} experts")
+    if "fp8" in o:
+        shape.append("FP8 e4m3 + f32 scales" if o["fp8"] else "bf16")
+    if "num_sms" in o:
+        shape.append(f"{o['num_sms']} SMs = {o['num_sms'] // 2} channels")
+    if "iters" in o:
+        shape.append(f"{o['iters']} iterations after {o.get('warmup', 0)} warm-up")
+    return [f"{s['title']}: " + ", ".join(shape)]
+
+
+def format_table(s: dict, mode: Optional[Mode] = None) -> str:
+    """The two tables of one mode (speed; what each call costs), then the mode's own lines."""
+    w = 44
+    lines = _header(s) + [
         "",
-        f"{'':44}{'ms per call':>26}  {'GB/s per rank':>26}  {'/baseline':>9}  {'/memcpy':>8}",
-        f"{'':44}{'median [min..max] ranks':>26}  {'median [min..max] ranks':>26}",
+        f"{'':{w}}{'ms per call':>26}  {'GB/s per rank':>26}  {'/baseline':>18}  {'/memcpy':>20}",
+        f"{'(each: median [min..max] over ranks)':{w}}",
     ]
-    for name, entry in s["variants"].items():
-        bw = _fmt_spread(entry["GBps"], digits=3) if "GBps" in entry else "-"
-        ratio = s["ratios"].get(name, {})
-        vs_base = f"{ratio['vs_baseline']:9.2f}" if "vs_baseline" in ratio else f"{'':9}"
-        vs_mem = f"{ratio['vs_memcpy']:8.3f}" if "vs_memcpy" in ratio else ""
-        lines.append(f"{entry['label']:44}{_fmt_spread(entry['time_s'], 1e3):>26}  {bw:>26}  {vs_base}  {vs_mem}")
-    m = s["memcpy"]
-    lines.append(f"{'memcpy floor: share while all ranks copy':44}{'':26}  "
-                 f"{_fmt_spread(m['shared_GBps'], digits=3):>26}  {'':9}  {1:8.3f}")
-    lines.append(f"{'memcpy, single copies (memcpy_bandwidth)':44}{'':26}  "
-                 f"{_fmt_spread(m['single_copy_GBps'], digits=3):>26}")
-    if m["solo_GBps"] is not None:
-        lines.append(f"{'memcpy, one process alone':44}{'':26}  {m['solo_GBps']:8.3f}")
+    for name, e in s["variants"].items():
+        lines.append(f"{e['label']:{w}}{_fmt(e['time_s'], 1e3):>26}  {_fmt(e.get('GBps'), digits=3):>26}  "
+                     f"{_fmt(e.get('vs_baseline')) if 'vs_baseline' in e else '':>18}  "
+                     f"{_fmt(e.get('vs_memcpy'), digits=3) if 'vs_memcpy' in e else '':>20}")
+    lines.append(f"{'memcpy floor (interleaved, all ranks copy)':{w}}{'':>26}  "
+                 f"{_fmt(s['memcpy_floor']['GBps'], digits=3):>26}  {'':>18}  {'1':>20}")
+    if s.get("memcpy_solo_GBps") is not None:
+        lines.append(f"{'memcpy, one process alone (context only)':{w}}{'':>26}  {s['memcpy_solo_GBps']:>26.3f}")
+
+    lines += ["", f"{'what each call costs (median rank)':{w}}{'minor faults per call':>26}  {'switches per call':>18}  "
+                  f"{'per token':>10}  {'fibers':>8}  {'idle sleeps':>11}"]
+    for name, e in s["variants"].items():
+        rt = e.get("runtime_per_call")
+        extra = (f"{rt['switches']:>18.0f}  {e['switches_per_token']:>10.1f}  {rt['fibers']:>8.0f}  "
+                 f"{rt['idle_sleeps']:>11.0f}") if rt else f"{'-':>18}  {'-':>10}  {'-':>8}  {'-':>11}"
+        lines.append(f"{e['label']:{w}}{_fmt(e['minor_faults_per_call'], digits=0):>26}  {extra}")
     lines.append("")
-    b = s["bytes_moved"]
-    verdict = "equal to" if b["match"] else "DIFFERENT FROM"
-    counters = b["counters"]
-    lines.append(f"byte counters (Buffer.bytes_moved, nvl, per rank, one call): dispatch {counters['dispatch_nvl']}, "
-                 f"combine {counters['combine_nvl']}; {verdict} the queue-slot bytes expected from the routing; "
-                 f"rdma {counters['dispatch_rdma']} / {counters['combine_rdma']}")
-    per_call = s["runtime_per_call"]
-    lines.append("fiber runtime per call (median rank): " + "; ".join(
-        f"{name} {st['switches']:.0f} switches, {st['fibers']:.0f} fibers, {st['idle_sleeps']:.0f} idle sleeps"
-        for name, st in per_call.items()))
-    lines.append("correctness: moelink's received rows, top-k ids, weights, per-expert counts and combined rows "
-                 "equal the baseline's on every rank (checked before timing)")
+    if mode is not None:
+        lines += mode.format_extra(s)
+    return "\n".join(lines)
+
+
+def format_legend() -> str:
+    lines = ["legend:"]
+    for column, text in LEGEND.items():
+        lines.append(f"  {column}: {text}")
     return "\n".join(lines)
