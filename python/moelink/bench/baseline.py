@@ -200,13 +200,20 @@ def baseline_combine(
     back = _exchange(x, None, handle.recv_counts, handle.send_counts, group, ws, "combine.x")
     combined = ws.take("combine.acc", (handle.num_tokens, hidden), torch.float32)
     combined.zero_()
-    for b in bias if isinstance(bias, tuple) else (bias,):
-        if b is not None:
-            combined.add_(b)  # widened to float32 element by element: no float32 copy of the bias
     rows = back.shape[0]
-    if rows:
-        chunk = max(1, min(rows, _STAGING_BYTES // max(1, hidden * 4)))
+    biases = [b for b in (bias if isinstance(bias, tuple) else (bias,)) if b is not None]
+    longest = max([rows] + [handle.num_tokens] * bool(biases))
+    if longest:
+        # Rows are widened to float32 a chunk at a time in the staging buffer (an in-place add of a
+        # bf16 tensor to a float32 one would allocate a float32 copy of the whole tensor).
+        chunk = max(1, min(longest, _STAGING_BYTES // max(1, hidden * 4)))
         staging = ws.take("combine.staging", (chunk, hidden), torch.float32)
+        for b in biases:
+            for start in range(0, handle.num_tokens, chunk):
+                n = min(chunk, handle.num_tokens - start)
+                widened = staging[:n]
+                widened.copy_(b[start:start + n])
+                combined[start:start + n].add_(widened)
         for start in range(0, rows, chunk):
             n = min(chunk, rows - start)
             widened = staging[:n]
