@@ -48,7 +48,8 @@ def points_of(args: argparse.Namespace, mode: Mode, default_experts) -> tuple[di
         for value in args.sweep_values[axis]:
             point = _point_args(args, axis, value, default_experts)
             key = _key(point)
-            problems = mode.problems(point) or ([mode.unavailable(point)] if mode.unavailable(point) else [])
+            why_not = mode.unavailable(point)
+            problems = [why_not] if why_not else mode.problems(point)
             if problems:
                 skipped[key] = "; ".join(problems)
             else:
