@@ -97,13 +97,16 @@ def test_nvl_hint_formula_and_coverage():
     c = Config(20, 6, 256, 6, 256)
     r, ch, s, hb = 8, 10, 256, 7168 * 2
     hint = c.get_nvl_buffer_size_hint(hb, r)
-    assert hint == cfg.intranode_window_bytes(num_ranks=r, num_channels=ch, queue_tokens=s, row_bytes=hb,
-                                              num_scales=hb // 128, num_topk=32, experts_per_rank=1024)
+    assert hint == max(cfg.intranode_window_bytes(num_ranks=r, num_channels=ch, queue_tokens=s, row_bytes=hb,
+                                                  num_scales=hb // 128, num_topk=32, experts_per_rank=1024,
+                                                  sub_channels=sub) for sub in range(1, 9))
     assert c.get_nvl_buffer_size_hint(hb, 16, ranks_per_node=8) == hint
     # bf16 and FP8 dispatches (top-k <= 32) and combines of this hidden size fit the hint.
     for row, scales, topk in [(hb, 0, 8), (hb // 2, hb // 2 // 128, 32), (hb, 0, 32)]:
-        assert cfg.intranode_window_bytes(num_ranks=r, num_channels=ch, queue_tokens=s, row_bytes=row,
-                                          num_scales=scales, num_topk=topk, experts_per_rank=256) <= hint
+        for sub in range(1, 9):  # whatever split the block size picks
+            assert cfg.intranode_window_bytes(num_ranks=r, num_channels=ch, queue_tokens=s, row_bytes=row,
+                                              num_scales=scales, num_topk=topk, experts_per_rank=256,
+                                              sub_channels=sub) <= hint
     assert c.get_nvl_buffer_size_hint(hb, r, num_topk=8) < hint
     assert Config(20, 6, 512).get_nvl_buffer_size_hint(hb, r) > hint
     assert 290 * 2**20 < hint < 300 * 2**20  # the 80 queues' 256 rows of 14 KiB dominate
@@ -114,10 +117,12 @@ def test_python_mirror_matches_the_extension():
     if intranode is None:
         pytest.skip("moelink._host has no intranode module yet")
     for ranks, channels, slots, row, scales, topk, experts in SHAPES:
-        node = intranode.Node(rank=0, num_ranks=ranks, num_channels=channels, queue_tokens=slots, row_bytes=row,
-                              num_scales=scales, num_topk=topk, experts_per_rank=experts, windows=0, epoch=1)
-        assert node.window_bytes_needed == cfg.intranode_window_bytes(**dict(zip(_SHAPE_KEYS, (
-            ranks, channels, slots, row, scales, topk, experts))))
+        for sub in (1, 2, 3):
+            node = intranode.Node(rank=0, num_ranks=ranks, num_channels=channels, block_warps=16, sub_channels=sub,
+                                  queue_tokens=slots, row_bytes=row, num_scales=scales, num_topk=topk,
+                                  experts_per_rank=experts, windows=[1] * ranks)
+            assert node.window_bytes_needed == cfg.intranode_window_bytes(**dict(zip(_SHAPE_KEYS, (
+                ranks, channels, slots, row, scales, topk, experts))), sub_channels=sub)
 
 
 def test_hint_argument_checks():

@@ -11,6 +11,9 @@
 //   MOELINK_DEVICE            a device function (`__device__ __forceinline__` / `inline`).
 //   MOELINK_HOST_DEVICE       callable from host code too (types.h).
 //   MOELINK_KERNEL            a kernel entry point (`__global__` / plain function).
+//   MOELINK_LAUNCH_BOUNDS(n)  between `void` and the kernel's name: the most threads per block it is
+//                             launched with (`__launch_bounds__(n, 1)` on the GPU, so ptxas budgets
+//                             registers for n threads; nothing on the host).
 //   MOELINK_SHARED(T, name, [d0][d1]...)
 //                             a statically sized shared array, one per block on both targets.
 //                             Never write a bare `__shared__` array: on the host it would be
@@ -49,10 +52,16 @@
 //   wait_until<S>(p, cmp, value, site) -> T
 //                             Returns the first value v observed with an acquire load at scope S
 //                             such that `v cmp value` holds (signed or unsigned as T). While it
-//                             waits the thread yields (host) or spins (GPU). Every wait has a
-//                             deadline (MOELINK_TIMEOUT_S, default 100 s): on expiry the host
-//                             launch fails with moelink.errors.CommTimeout, the GPU traps; both
-//                             name the kernel, rank, block, thread, `site` and the last value seen.
+//                             waits the thread yields (host) or spins with relaxed loads (GPU: no
+//                             L1 invalidation per poll; one acquire load once the condition holds).
+//                             Every wait has a deadline (MOELINK_TIMEOUT_S, default 100 s). On
+//                             expiry the host launch fails with moelink.errors.CommTimeout; the GPU
+//                             fills the process's AbortRecord (runtime/abort_record.h) and returns,
+//                             and from then on every wait returns at once with a value satisfying
+//                             its condition, so grids drain in bounded time; the host raises the
+//                             same CommTimeout from the record. Both name the kernel or wait, rank,
+//                             peer, channel, block, thread, `site` and the last value seen. Kernels
+//                             therefore use waited-for values only within bounds they check.
 //   WaitSite{what, rank, peer, channel}
 //                             describes a wait for that message: `what` is a static string such
 //                             as "dispatch: receiver queue tail"; -1 means "not applicable".
@@ -75,6 +84,13 @@
 //                             id 0 is reserved for sync_block(). Waits until n threads arrived.
 //   bar_arrive(id, n)         PTX `bar.arrive`: counts toward the barrier without waiting.
 //
+// 16-byte vectors (Vec16, types.h): pointers 16-byte aligned.
+//   load16(p)                 a plain 16-byte load (memory other threads or ranks may have written,
+//                             after the acquire that published it).
+//   load16_input(p)           a 16-byte load of memory that no one writes while the kernel runs
+//                             (the caller's input tensors): the GPU's read-only path (ld.global.nc).
+//   store16(p, v)             a plain 16-byte store.
+//
 // Bulk movement
 //   warp_copy(mask, dst, src, bytes)
 //                             Copies `bytes` (a multiple of 16, both pointers 16-byte aligned)
@@ -96,6 +112,20 @@
 //                             through memory in order, which the prefetcher and the compiler's
 //                             vectoriser want. Kernels must not assume which lane gets which item.
 //   elect_one(mask) -> bool   true on exactly one lane of `mask` (the lowest), false on the rest.
+//   warp_copy_input(mask, dst, src, bytes)
+//                             warp_copy from memory no one writes while the kernel runs (the read-only
+//                             path on the GPU).
+//   BulkStage bulk_stage(warp_smem)
+//                             Every lane of a warp calls it once with the same kBulkStageBytes of
+//                             dynamic shared memory (128-byte aligned) that only this warp uses; the
+//                             result is the warp's staging for warp_bulk_copy.
+//   warp_bulk_copy(mask, stage, dst, src, bytes)
+//                             Same contract as warp_copy (bytes a multiple of 16, pointers 16-byte
+//                             aligned, src complete before the call, dst complete for every lane of
+//                             mask when it returns). sm_90: one elected lane streams the bytes through
+//                             the warp's staging with the Tensor Memory Accelerator (cp.async.bulk
+//                             global -> shared -> global, two halves in flight); host: one memcpy.
+//                             Always call it with the same mask for a given stage.
 //
 // Failure
 //   MOELINK_DEVICE_CHECK(cond, fmt, ...)
@@ -114,6 +144,11 @@
 //   MOELINK_LAUNCH(ctx, "name", kernel, grid_blocks, block_threads, dynamic_smem_bytes, args...)
 //                             ctx is a moelink::LaunchContext (csrc/runtime/launch_context.h).
 //                             1-D grids; args are copied by value, like CUDA kernel parameters.
+//   MOELINK_LAUNCH_COOPERATIVE(ctx, "name", kernel, grid_blocks, block_threads, smem, args...)
+//                             The same for a grid whose blocks wait on each other: on the GPU a
+//                             cooperative launch, which either makes every block co-resident or fails
+//                             at launch with InvalidArgument naming the grid (instead of hanging);
+//                             on the host every block is co-resident anyway.
 #pragma once
 
 #include "arch/types.h"

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "runtime/abort_record.h"
 #include "runtime/cuda_device.h"
 
 // ---------------------------------------------------------------------------------------------
@@ -24,6 +25,7 @@
 
 #define MOELINK_DEVICE __device__ __forceinline__
 #define MOELINK_KERNEL __global__
+#define MOELINK_LAUNCH_BOUNDS(threads) __launch_bounds__(threads, 1)
 
 // The dimensions are a variadic tail so that `[f(a, b)]` survives macro argument splitting.
 #define MOELINK_SHARED(T, name, ...) __shared__ T name __VA_ARGS__
@@ -241,37 +243,94 @@ __device__ __noinline__ void device_check_failed(const char* fmt, Args... args) 
 
 // ---------------------------------------------------------------------------------------------
 // Waiting
+//
+// A poll is a relaxed load: an acquire load invalidates the SM's L1 on every iteration, which
+// costs the other warps of the SM their cached lines. Once the condition holds, one acquire load
+// of the same word makes everything its writer released visible (and is re-checked, so a word
+// that moved on between the two loads is simply polled again). A wait past its deadline claims
+// the process's AbortRecord (runtime/abort_record.h) and returns; once the record is claimed,
+// every wait returns at once with a value satisfying its condition, so every grid drains in
+// bounded time and the host raises CommTimeout without the CUDA context being destroyed.
 
 namespace detail {
 namespace {
 
-// The deadline every wait_until in this TU reads. Without -rdc each nvcc TU has its own copy;
-// each copy registers its host shadow at load time and cuda_device.cu writes MOELINK_TIMEOUT_S
-// into all of them once per device. The initialiser is the default (100 s), so a wait is
-// bounded even before that.
+// The deadline and the abort record every wait_until in this TU reads. Without -rdc each nvcc TU
+// has its own copy; each copy registers its host shadow at load time and cuda_device.cu writes
+// MOELINK_TIMEOUT_S and the record's device address into all of them once per device. The
+// initialisers keep a wait bounded (and trapping, with no record to fill) even before that.
 __device__ uint64_t g_wait_timeout_ns = 100ull * 1000 * 1000 * 1000;
-[[maybe_unused]] const bool g_wait_timeout_registered =
-    (::moelink::cuda::register_wait_timeout_symbol(&g_wait_timeout_ns), true);
+__device__ ::moelink::AbortRecord* g_abort_record = nullptr;
+[[maybe_unused]] const bool g_wait_symbols_registered =
+    (::moelink::cuda::register_wait_timeout_symbol(&g_wait_timeout_ns),
+     ::moelink::cuda::register_abort_record_symbol(&g_abort_record), true);
 
 }  // namespace
 
-// Polls between deadline checks. A poll is one acquire load (hundreds of ns to microseconds), so
-// reading %globaltimer on every 64th costs nothing measurable and still notices expiry promptly.
+// Polls between deadline (and abort) checks: reading %globaltimer and the mapped host record
+// on every 64th poll costs nothing measurable and still notices expiry within microseconds.
 constexpr uint32_t kPollsPerDeadlineCheck = 64;
 
-// Out of line so that printf's argument buffer stays out of every kernel that waits.
-__device__ __noinline__ inline void wait_timed_out(WaitSite site, const char* cmp, bool is_signed,
-                                                   uint64_t awaited, uint64_t last,
-                                                   uint64_t waited_ns) {
-  const char* fmt =
-      is_signed ? "moelink: wait timed out after %.3f s: %s (rank %d, peer %d, channel %d), "
-                  "block %u thread %u awaited value %s %lld, last value %lld\n"
-                : "moelink: wait timed out after %.3f s: %s (rank %d, peer %d, channel %d), "
-                  "block %u thread %u awaited value %s %llu, last value %llu\n";
-  printf(fmt, waited_ns * 1e-9, site.what ? site.what : "(unnamed wait)", site.rank, site.peer,
-         site.channel, block_rank(), thread_rank(), cmp, static_cast<unsigned long long>(awaited),
-         static_cast<unsigned long long>(last));
-  __trap();
+template <typename T>
+MOELINK_DEVICE T satisfying(Cmp cmp, T value) {
+  switch (cmp) {
+    case Cmp::kNe: case Cmp::kGt: return static_cast<T>(value + 1);
+    case Cmp::kLt: return static_cast<T>(value - 1);
+    default: return value;  // kEq, kGe, kLe
+  }
+}
+
+MOELINK_DEVICE bool aborted() {
+  const ::moelink::AbortRecord* record = g_abort_record;
+  return record != nullptr && ld_volatile(&record->state) != 0;
+}
+
+// Out of line: the record-filling path belongs in a cold function, not in every kernel.
+__device__ __noinline__ inline void record_timeout(WaitSite site, uint32_t cmp, bool is_signed, uint64_t awaited,
+                                                   uint64_t last, uint64_t waited_ns) {
+  ::moelink::AbortRecord* record = g_abort_record;
+  if (record == nullptr) {  // no record installed (a kernel launched outside moelink's launcher)
+    printf("moelink: wait timed out: %s (rank %d, peer %d, channel %d)\n", site.what ? site.what : "?", site.rank,
+           site.peer, site.channel);
+    __trap();
+  }
+  if (atomic_cas<Scope::kSys>(&record->state, 0u, 1u) != 0u) return;  // another wait got there first
+  record->rank = site.rank;
+  record->peer = site.peer;
+  record->channel = site.channel;
+  record->block = block_rank();
+  record->thread = thread_rank();
+  record->awaited = awaited;
+  record->last = last;
+  record->waited_ns = waited_ns;
+  record->cmp = cmp;
+  record->is_signed = is_signed ? 1u : 0u;
+  const char* what = site.what ? site.what : "(unnamed wait)";
+  int i = 0;
+  for (; i + 1 < static_cast<int>(sizeof record->what) && what[i] != '\0'; ++i) record->what[i] = what[i];
+  record->what[i] = '\0';
+  st_release<Scope::kSys>(&record->published, 1u);
+}
+
+template <Scope S, typename T>
+__device__ __noinline__ T wait_slow(const T* p, Cmp cmp, T value, WaitSite site) {
+  const uint64_t start = globaltimer_ns();
+  const uint64_t timeout_ns = g_wait_timeout_ns;
+  for (uint32_t polls = 1;; ++polls) {
+    if (compare<T>(ld_relaxed<S>(p), cmp, value)) {
+      const T seen = ld_acquire<S>(p);
+      if (compare<T>(seen, cmp, value)) return seen;
+    }
+    if (polls % kPollsPerDeadlineCheck == 0) {
+      if (aborted()) return satisfying(cmp, value);
+      const uint64_t waited = globaltimer_ns() - start;
+      if (waited > timeout_ns) {
+        record_timeout(site, static_cast<uint32_t>(cmp), std::is_signed_v<T>, static_cast<uint64_t>(value),
+                       static_cast<uint64_t>(ld_relaxed<S>(p)), waited);
+        return satisfying(cmp, value);
+      }
+    }
+  }
 }
 
 }  // namespace detail
@@ -279,22 +338,9 @@ __device__ __noinline__ inline void wait_timed_out(WaitSite site, const char* cm
 template <Scope S = Scope::kSys, typename T>
 MOELINK_DEVICE T wait_until(const T* p, Cmp cmp, std::type_identity_t<T> value, WaitSite site) {
   MOELINK_REQUIRE_WORD(T, "wait_until");
-  T seen = ld_acquire<S>(p);
-  if (compare<T>(seen, cmp, value)) return seen;  // already there: no clock read at all
-
-  const uint64_t start = globaltimer_ns();
-  const uint64_t timeout_ns = detail::g_wait_timeout_ns;
-  for (uint32_t polls = 1;; ++polls) {
-    seen = ld_acquire<S>(p);
-    if (compare<T>(seen, cmp, value)) return seen;
-    if (polls % detail::kPollsPerDeadlineCheck == 0) {
-      const uint64_t waited = globaltimer_ns() - start;
-      if (waited > timeout_ns) {
-        detail::wait_timed_out(site, cmp_text(cmp), std::is_signed_v<T>,
-                               static_cast<uint64_t>(value), static_cast<uint64_t>(seen), waited);
-      }
-    }
-  }
+  const T seen = ld_acquire<S>(p);
+  if (compare<T>(seen, cmp, value)) return seen;  // already there: one acquire, no clock read
+  return detail::wait_slow<S, T>(p, cmp, value, site);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -409,30 +455,123 @@ MOELINK_DEVICE void bar_arrive(int id, int n) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Bulk movement
+// 16-byte vectors and bulk movement
+
+MOELINK_DEVICE Vec16 load16(const void* p) {
+  const int4 v = *static_cast<const int4*>(p);
+  return Vec16{{static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
+                static_cast<uint32_t>(v.w)}};
+}
+// ld.global.nc: the read-only (texture) path. Only for memory nobody writes during the kernel:
+// that cache is not coherent with writes made while the kernel runs.
+MOELINK_DEVICE Vec16 load16_input(const void* p) {
+  const int4 v = __ldg(static_cast<const int4*>(p));
+  return Vec16{{static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
+                static_cast<uint32_t>(v.w)}};
+}
+MOELINK_DEVICE void store16(void* p, const Vec16& v) {
+  *static_cast<int4*>(p) = make_int4(static_cast<int>(v.w[0]), static_cast<int>(v.w[1]), static_cast<int>(v.w[2]),
+                                     static_cast<int>(v.w[3]));
+}
+
+namespace detail {
 
 // Lane-strided 16-byte accesses: on each step the participating lanes touch consecutive int4s,
 // so a full warp moves 512 contiguous bytes per instruction. Four loads are issued before their
 // stores so that each lane keeps several requests in flight (latency over NVLink is microseconds).
-MOELINK_DEVICE void warp_copy(uint32_t mask, void* dst, const void* src, size_t bytes) {
+template <bool kInput>
+MOELINK_DEVICE void warp_copy_impl(uint32_t mask, void* dst, const void* src, size_t bytes) {
   constexpr int kUnroll = 4;
   const unsigned lane = lane_id();
   const size_t stride = static_cast<size_t>(__popc(mask));
   const size_t count = bytes / sizeof(int4);
-  // No __restrict__: with it nvcc turns the loads into ld.global.nc, whose read-only cache is
-  // not coherent with writes made by peers during the kernel (exactly what src usually holds).
+  // No __restrict__ for the coherent form: with it nvcc turns the loads into ld.global.nc, whose
+  // read-only cache is not coherent with writes made by peers during the kernel (exactly what
+  // src usually holds). The input form asks for that path on purpose.
   int4* d = static_cast<int4*>(dst);
   const int4* s = static_cast<const int4*>(src);
+  auto load = [&](size_t i) { if constexpr (kInput) return __ldg(s + i); else return s[i]; };
 
   size_t i = static_cast<size_t>(__popc(mask & ((1u << lane) - 1)));  // rank among mask's lanes
   for (; i + (kUnroll - 1) * stride < count; i += kUnroll * stride) {
     int4 r[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) r[u] = s[i + u * stride];
+    for (int u = 0; u < kUnroll; ++u) r[u] = load(i + u * stride);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) d[i + u * stride] = r[u];
   }
-  for (; i < count; i += stride) d[i] = s[i];
+  for (; i < count; i += stride) d[i] = load(i);
+}
+
+MOELINK_DEVICE uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+}  // namespace detail
+
+MOELINK_DEVICE void warp_copy(uint32_t mask, void* dst, const void* src, size_t bytes) {
+  detail::warp_copy_impl<false>(mask, dst, src, bytes);
+}
+MOELINK_DEVICE void warp_copy_input(uint32_t mask, void* dst, const void* src, size_t bytes) {
+  detail::warp_copy_impl<true>(mask, dst, src, bytes);
+}
+
+// Staging of warp_bulk_copy: halves [0, H) and [H, 2H) (H = kBulkHalfBytes), mbarriers at 2H and 2H + 8. `phases`
+// holds each mbarrier's current phase parity (bit h for half h); only the elected lane uses it.
+struct BulkStage {
+  unsigned char* smem;
+  uint32_t phases;
+};
+
+MOELINK_DEVICE BulkStage bulk_stage(void* warp_smem) {
+  BulkStage stage{static_cast<unsigned char*>(warp_smem), 0u};
+  if (lane_id() == 0) {
+    const uint32_t bar = detail::smem_address(stage.smem + 2 * kBulkHalfBytes);
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar + 8) : "memory");
+    // The async proxy (the TMA unit) must see the initialised barriers.
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  }
+  __syncwarp();
+  return stage;
+}
+
+// One elected lane streams `bytes` global -> shared -> global through the two halves: the load of
+// chunk i+1 starts while the store of chunk i drains. The mbarrier's transaction count tells when
+// a load landed; `wait_group.read 1` tells that the half about to be refilled was read out by its
+// store; `wait_group 0` at the end that every store is performed, and the proxy fence orders those
+// async-proxy writes before this thread's later generic accesses (the release that publishes them).
+MOELINK_DEVICE void warp_bulk_copy(uint32_t mask, BulkStage& stage, void* dst, const void* src, size_t bytes) {
+  if (lane_id() == static_cast<unsigned>(__ffs(mask) - 1)) {
+    const uint32_t half0 = detail::smem_address(stage.smem);
+    const uint32_t bar0 = half0 + 2 * kBulkHalfBytes;
+    char* d = static_cast<char*>(dst);
+    const char* s = static_cast<const char*>(src);
+    int h = 0;
+    for (size_t offset = 0; offset < bytes; offset += kBulkHalfBytes, h ^= 1) {
+      const uint32_t chunk = static_cast<uint32_t>(bytes - offset < kBulkHalfBytes ? bytes - offset : kBulkHalfBytes);
+      const uint32_t buffer = half0 + static_cast<uint32_t>(h) * kBulkHalfBytes;
+      const uint32_t bar = bar0 + 8u * static_cast<uint32_t>(h);
+      asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(chunk) : "memory");
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                   ::"r"(buffer), "l"(s + offset), "r"(chunk), "r"(bar) : "memory");
+      const uint32_t parity = (stage.phases >> h) & 1u;
+      uint32_t done = 0;
+      while (!done) {
+        asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+      }
+      stage.phases ^= 1u << h;
+      asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(d + offset), "r"(buffer),
+                   "r"(chunk) : "memory");
+      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+    }
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+  }
+  __syncwarp(mask);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@
 
 #define MOELINK_DEVICE inline
 #define MOELINK_KERNEL
+#define MOELINK_LAUNCH_BOUNDS(threads)
 
 // CUDA qualifiers that kernel code may spell directly.
 #ifndef __device__
@@ -280,10 +281,27 @@ MOELINK_DEVICE void sync_block() { simt::block_barrier(0, -1, false); }
 MOELINK_DEVICE void bar_sync(int id, int num_threads) { simt::block_barrier(id, num_threads, false); }
 MOELINK_DEVICE void bar_arrive(int id, int num_threads) { simt::block_barrier(id, num_threads, true); }
 
-// ---- bulk movement -----------------------------------------------------------------------------
+// ---- 16-byte vectors and bulk movement ----------------------------------------------------------
+MOELINK_DEVICE Vec16 load16(const void* p) {
+  Vec16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+MOELINK_DEVICE Vec16 load16_input(const void* p) { return load16(p); }
+MOELINK_DEVICE void store16(void* p, const Vec16& v) { std::memcpy(p, &v, sizeof v); }
+
 MOELINK_DEVICE void warp_copy(uint32_t mask, void* dst, const void* src, size_t bytes) {
   detail::memory_op();
   if (lane_id() == static_cast<unsigned>(__builtin_ctz(mask))) std::memcpy(dst, src, bytes);
+}
+MOELINK_DEVICE void warp_copy_input(uint32_t mask, void* dst, const void* src, size_t bytes) {
+  warp_copy(mask, dst, src, bytes);
+}
+
+struct BulkStage {};
+MOELINK_DEVICE BulkStage bulk_stage(void*) { return {}; }
+MOELINK_DEVICE void warp_bulk_copy(uint32_t mask, BulkStage&, void* dst, const void* src, size_t bytes) {
+  warp_copy(mask, dst, src, bytes);
 }
 
 // ---- work split --------------------------------------------------------------------------------
@@ -335,3 +353,5 @@ void launch_kernel(const LaunchContext& ctx, const char* name, void (*kernel)(Pa
 
 // Variadic after the name, so a kernel template with several arguments (`k<A, B>`) passes whole.
 #define MOELINK_LAUNCH(ctx, name, ...) ::moelink::simt::detail::launch_kernel((ctx), (name), __VA_ARGS__)
+// Every block of a host launch is co-resident: cooperative launches need nothing more.
+#define MOELINK_LAUNCH_COOPERATIVE(ctx, name, ...) ::moelink::simt::detail::launch_kernel((ctx), (name), __VA_ARGS__)

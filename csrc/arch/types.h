@@ -26,6 +26,16 @@ struct WaitSite {
   int channel = -1;  // channel (or block) the wait belongs to
 };
 
+// 16 bytes moved by one load or store (arch.cuh: load16, store16): eight bf16, four floats.
+struct alignas(16) Vec16 {
+  uint32_t w[4];
+};
+
+// Shared memory warp_bulk_copy needs per warp (two 3 KiB halves and two mbarriers on the GPU;
+// allocated on the host too, so dynamic shared memory sizes agree on both targets).
+inline constexpr size_t kBulkHalfBytes = 3072;  // 32 warps x a stage fit Hopper's 227 KiB
+inline constexpr size_t kBulkStageBytes = 2 * kBulkHalfBytes + 128;
+
 // A lane's share of a work split (arch.cuh: lane_range).
 struct LaneRange {
   int64_t begin, end, step;

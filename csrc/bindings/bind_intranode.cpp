@@ -1,3 +1,8 @@
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
 #include "bindings/common.h"
 #include "runtime/ops_intranode.h"
 
@@ -8,23 +13,43 @@ void bind_intranode(py::module_& parent) {
   m.attr("MAX_RANKS") = kIntranodeMaxRanks;
   m.attr("MAX_CHANNELS") = kIntranodeMaxChannels;
 
-  py::class_<IntranodeContext>(m, "Node", "Where a call runs: rank, shapes, windows, epoch.", py::module_local())
-      .def(py::init([](int rank, int num_ranks, int num_channels, int queue_tokens, int64_t row_bytes, int num_scales,
-                       int num_topk, int experts_per_rank, uintptr_t windows, uint64_t epoch, uintptr_t nvl_bytes) {
+  m.attr("MAX_BLOCK_WARPS") = kMaxBlockWarps;
+  m.attr("GPU_BLOCK_WARPS") = kGpuBlockWarps;
+  m.attr("MAX_SUB_CHANNELS") = kMaxSubChannels;
+  m.attr("MAX_VIRTUAL_CHANNELS") = kMaxVirtualChannels;
+  m.def("default_sub_channels", &WarpMap::default_sub_channels, py::arg("num_ranks"), py::arg("block_warps"),
+        py::arg("num_channels"), py::arg("queue_tokens"),
+        "Sub-channels a fresh dispatch uses (WarpMap in runtime/ops_intranode.h).");
+
+  py::class_<IntranodeContext>(m, "Node", "Where a call runs: rank, shapes, windows.", py::module_local())
+      .def(py::init([](int rank, int num_ranks, int num_channels, int block_warps, int sub_channels, int queue_tokens,
+                       int64_t row_bytes, int num_scales, int num_topk, int experts_per_rank,
+                       const std::vector<uintptr_t>& windows, uintptr_t nvl_bytes) {
+             if (windows.size() != static_cast<size_t>(num_ranks) || num_ranks > kIntranodeMaxRanks) {
+               throw Error(ErrorKind::kInvalidArgument, "intranode Node: expected " + std::to_string(num_ranks) +
+                                                            " window addresses (at most " +
+                                                            std::to_string(kIntranodeMaxRanks) + "), got " +
+                                                            std::to_string(windows.size()));
+             }
              IntranodeContext node;
              node.rank = rank;
-             node.shape = IntranodeShape{num_ranks, num_channels, queue_tokens, row_bytes, num_scales, num_topk,
-                                         experts_per_rank};
-             node.windows = ptr<void* const>(windows);
-             node.epoch = epoch;
+             node.shape = IntranodeShape{num_ranks, num_channels, block_warps, sub_channels, queue_tokens, row_bytes,
+                                         num_scales, num_topk, experts_per_rank};
+             for (size_t i = 0; i < windows.size(); ++i) node.windows.base[i] = ptr<void>(windows[i]);
              node.nvl_bytes = ptr<uint64_t>(nvl_bytes);
              return node;
            }),
-           py::kw_only(), py::arg("rank"), py::arg("num_ranks"), py::arg("num_channels"), py::arg("queue_tokens"),
-           py::arg("row_bytes"), py::arg("num_scales"), py::arg("num_topk"), py::arg("experts_per_rank"),
-           py::arg("windows"), py::arg("epoch"), py::arg("nvl_bytes") = 0)
+           py::kw_only(), py::arg("rank"), py::arg("num_ranks"), py::arg("num_channels"), py::arg("block_warps"),
+           py::arg("sub_channels"), py::arg("queue_tokens"), py::arg("row_bytes"), py::arg("num_scales"),
+           py::arg("num_topk"), py::arg("experts_per_rank"), py::arg("windows"), py::arg("nvl_bytes") = 0)
       .def_property_readonly("window_bytes_needed",
-                             [](const IntranodeContext& node) { return IntranodeLayout::of(node.shape).total_bytes; });
+                             [](const IntranodeContext& node) { return IntranodeLayout::of(node.shape).total_bytes; })
+      .def_property_readonly("virtual_channels", [](const IntranodeContext& node) { return node.shape.virtual_channels(); })
+      .def_property_readonly("map_valid", [](const IntranodeContext& node) {
+        return node.shape.map().valid(node.shape.num_ranks);
+      })
+      .def_property_readonly("round_tokens", [](const IntranodeContext& node) { return node.shape.map().round_tokens; })
+      .def_property_readonly("queue_capacity", [](const IntranodeContext& node) { return node.shape.map().capacity; });
 
   m.def(
       "notify",
@@ -55,14 +80,14 @@ void bind_intranode(py::module_& parent) {
         args.barrier_first = barrier_first;
         args.num_tokens = num_tokens;
         args.x = ptr<const void>(x);
-        args.x_scales = ptr<const float>(x_scales);
+        args.x_scales = ptr<const uint32_t>(x_scales);
         args.topk_idx = ptr<const int64_t>(topk_idx);
         args.topk_weights = ptr<const float>(topk_weights);
         args.is_token_in_rank = ptr<const bool>(is_token_in_rank);
         args.recv_channel_start = ptr<const int32_t>(recv_channel_start);
         args.send_head = ptr<int32_t>(send_head);
         args.recv_x = ptr<void>(recv_x);
-        args.recv_x_scales = ptr<float>(recv_x_scales);
+        args.recv_x_scales = ptr<uint32_t>(recv_x_scales);
         args.recv_topk_idx = ptr<int64_t>(recv_topk_idx);
         args.recv_topk_weights = ptr<float>(recv_topk_weights);
         args.recv_src_idx = ptr<int32_t>(recv_src_idx);

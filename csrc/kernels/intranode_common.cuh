@@ -1,5 +1,6 @@
-// Pieces every intranode kernel shares: window addressing, queues, channels, the node barrier.
-// The layout they address is documented in runtime/ops_intranode.h.
+// Pieces every intranode kernel shares: window addressing, the warp map, queues, the node
+// barrier and the epoch kept in device memory. The layout they address is documented in
+// runtime/ops_intranode.h.
 #pragma once
 
 #include "arch/arch.cuh"
@@ -9,31 +10,56 @@ namespace moelink::kernels::intranode {
 
 using namespace arch;
 
-// Threads per block: one warp per rank of the node.
-MOELINK_HOST_DEVICE int block_threads(int num_ranks) { return 32 * num_ranks; }
+// The GPU build's block size; every intranode kernel declares it in __launch_bounds__, so ptxas
+// budgets registers for it (<= 128 per thread) and a launch never over-subscribes an SM.
+constexpr int kGpuBlockThreads = kGpuBlockWarps * kWarpSize;
 
 // `offset` bytes into the window of `owner`.
 template <typename T>
 MOELINK_DEVICE T* window_at(const IntranodeContext& node, int owner, int64_t offset) {
-  return reinterpret_cast<T*>(static_cast<char*>(node.windows[owner]) + offset);
+  return reinterpret_cast<T*>(static_cast<char*>(node.windows.base[owner]) + offset);
 }
 
-// The queue that `sender` fills for channel `channel` in the window of `owner` (the receiver).
+// One counter per cache line: `index` of an array of them at `offset` in `owner`'s window.
+MOELINK_DEVICE uint64_t* counter_at(const IntranodeContext& node, int owner, int64_t offset, int64_t index) {
+  return window_at<uint64_t>(node, owner, offset + index * kIntranodeCounterStride);
+}
+
+// What one warp does (WarpMap in ops_intranode.h): sub-channel `sub` (-1: nothing) and the peers
+// first_peer, first_peer + peer_stride, ... below num_ranks.
+struct WarpRole {
+  int sub, first_peer, peer_stride;
+  MOELINK_DEVICE bool idle() const { return sub < 0; }
+};
+
+MOELINK_DEVICE WarpRole warp_role(const WarpMap& map, int ranks, int warp) {
+  if (map.peers_per_warp > 1) return {0, warp, map.block_warps};
+  if (warp >= map.sub_channels * ranks) return {-1, 0, 0};
+  return {warp / ranks, warp % ranks, ranks};
+}
+
+// The warp (of the same sub-channel's block on every rank) that serves `peer`: the index of its
+// doorbell.
+MOELINK_DEVICE int warp_of_peer(const WarpMap& map, int ranks, int sub, int peer) {
+  return map.peers_per_warp > 1 ? peer % map.block_warps : sub * ranks + peer;
+}
+
+// The queue that `sender` fills for virtual channel `v` in the window of `owner` (the receiver).
 struct Queue {
   uint64_t* tail;  // written by the sender
   uint64_t* head;  // written by the owner
   char* base;      // slot arrays (layout.row, .scales, ...)
   int capacity;
 
-  MOELINK_DEVICE static Queue of(const IntranodeContext& node, const IntranodeLayout& layout, int owner, int channel,
+  MOELINK_DEVICE static Queue of(const IntranodeContext& node, const IntranodeLayout& layout, int owner, int v,
                                  int sender) {
     const int ranks = node.shape.num_ranks;
+    const int64_t index = static_cast<int64_t>(v) * ranks + sender;
     Queue q;
-    const int64_t counter = (static_cast<int64_t>(channel) * ranks + sender) * kIntranodeCounterStride;
-    q.tail = window_at<uint64_t>(node, owner, layout.tail + counter);
-    q.head = window_at<uint64_t>(node, owner, layout.head + counter);
-    q.base = window_at<char>(node, owner, layout.slots + (static_cast<int64_t>(channel) * ranks + sender) * layout.queue_bytes);
-    q.capacity = node.shape.queue_tokens;
+    q.tail = counter_at(node, owner, layout.tail, index);
+    q.head = counter_at(node, owner, layout.head, index);
+    q.base = window_at<char>(node, owner, layout.slots + index * layout.queue_bytes);
+    q.capacity = node.shape.map().capacity;
     return q;
   }
   MOELINK_DEVICE int slot(uint64_t position) const { return static_cast<int>(position % static_cast<uint64_t>(capacity)); }
@@ -42,37 +68,49 @@ struct Queue {
 // One sender warp's end of a queue (every lane calls every member, lane 0 does the signalling).
 // Tokens are written into reserve()d slots and made visible by commit(), which releases the tail
 // every `send_chunk` tokens; reserve() publishes what is queued before it waits for room, so the
-// receiver can always make progress.
+// receiver can always make progress. With a doorbell, every publication also bumps it (the
+// receiver warp serves several queues and waits on the doorbell instead of one tail).
 struct QueueSender {
   Queue queue;
   uint64_t start, tail, published, head_seen;
   int send_chunk;
   int64_t slot_bytes;         // bytes a slot carries over the link, for the byte counter
   uint64_t* byte_counter;     // null when the queue is this rank's own (no link crossed)
+  uint64_t* doorbell;         // the receiver warp's data doorbell, or null
   WaitSite room;
 
-  MOELINK_DEVICE static QueueSender open(const IntranodeContext& node, const Queue& queue, int dst, int channel,
-                                         int send_chunk, int64_t slot_bytes, const char* room_what) {
+  MOELINK_DEVICE static QueueSender open(const IntranodeContext& node, const Queue& queue, int dst, int v,
+                                         int send_chunk, int64_t slot_bytes, uint64_t* doorbell,
+                                         const char* room_what) {
     QueueSender s;
     s.queue = queue;
     // The tail was last written by this rank (earlier calls drained the queue): it is the start.
     s.start = shfl(kFullMask, lane_id() == 0 ? ld_acquire(queue.tail) : uint64_t{0}, 0);
     s.tail = s.published = s.head_seen = s.start;
-    s.send_chunk = send_chunk;
+    s.send_chunk = send_chunk < queue.capacity ? send_chunk : queue.capacity;
     s.slot_bytes = slot_bytes;
     s.byte_counter = dst != node.rank ? node.nvl_bytes : nullptr;
-    s.room = WaitSite{room_what, node.rank, dst, channel};
+    s.doorbell = doorbell;
+    s.room = WaitSite{room_what, node.rank, dst, v};
     return s;
   }
 
+  MOELINK_DEVICE bool full() const { return tail - head_seen >= static_cast<uint64_t>(queue.capacity); }
+
   // The slot for the next token, once the receiver has freed it.
   MOELINK_DEVICE int reserve() {
-    if (tail - head_seen >= static_cast<uint64_t>(queue.capacity)) {
+    if (full()) {
       publish();
       const uint64_t needed = tail - static_cast<uint64_t>(queue.capacity) + 1;
       head_seen = shfl(kFullMask, lane_id() == 0 ? wait_until(queue.head, Cmp::kGe, needed, room) : uint64_t{0}, 0);
     }
     return queue.slot(tail);
+  }
+
+  // Whether a slot is free now, without waiting (for warps that serve several queues).
+  MOELINK_DEVICE bool has_room() {
+    if (full()) head_seen = shfl(kFullMask, lane_id() == 0 ? ld_acquire(queue.head) : uint64_t{0}, 0);
+    return !full();
   }
 
   MOELINK_DEVICE void commit() {
@@ -84,6 +122,7 @@ struct QueueSender {
     syncwarp();  // every lane's slot writes precede lane 0's release
     if (lane_id() == 0 && tail != published) {
       st_release(queue.tail, tail);
+      if (doorbell != nullptr) red_add_release(doorbell, uint64_t{1});
       if (byte_counter != nullptr) atomic_add(byte_counter, (tail - published) * static_cast<uint64_t>(slot_bytes));
     }
     published = tail;
@@ -94,27 +133,45 @@ struct TokenRange {
   int64_t begin, end;
 };
 
-// Channel `channel`'s contiguous share of `num_tokens`.
-MOELINK_DEVICE TokenRange channel_tokens(int64_t num_tokens, int num_channels, int channel) {
+// Virtual channel `v`'s contiguous share of `num_tokens` (V = C * S virtual channels).
+MOELINK_DEVICE TokenRange channel_tokens(int64_t num_tokens, int num_channels, int v) {
   const int64_t per_channel = (num_tokens + num_channels - 1) / num_channels;
-  const int64_t begin = per_channel * channel < num_tokens ? per_channel * channel : num_tokens;
+  const int64_t begin = per_channel * v < num_tokens ? per_channel * v : num_tokens;
   const int64_t end = begin + per_channel < num_tokens ? begin + per_channel : num_tokens;
   return {begin, end};
 }
 
-// Every block of the calling kernel returns once every rank of the node has entered the operation
-// with epoch `node.epoch`, i.e. has finished every earlier operation on these windows.
-MOELINK_DEVICE void node_barrier(const IntranodeContext& node, const IntranodeLayout& layout, const char* what) {
-  const int peer = static_cast<int>(thread_rank());
+// The epoch of the operation this kernel belongs to: one past what this rank's window says it
+// completed (the op's last kernel advances it, see end_operation).
+MOELINK_DEVICE uint64_t operation_epoch(const IntranodeContext& node, const IntranodeLayout& layout) {
+  return ld_relaxed(window_at<uint64_t>(node, node.rank, layout.control)) + 1;
+}
+
+// Every block of the calling kernel returns once every rank of the node has entered operation
+// `epoch`, i.e. has finished every earlier operation on these windows.
+MOELINK_DEVICE void node_barrier(const IntranodeContext& node, const IntranodeLayout& layout, uint64_t epoch,
+                                 const char* what) {
   const int ranks = node.shape.num_ranks;
-  if (block_rank() == 0 && peer < ranks) {
-    st_release(window_at<uint64_t>(node, peer, layout.barrier) + node.rank, node.epoch);
-  }
-  if (peer < ranks) {
-    wait_until(window_at<uint64_t>(node, node.rank, layout.barrier) + peer, Cmp::kGe, node.epoch,
+  for (int peer = static_cast<int>(thread_rank()); peer < ranks; peer += static_cast<int>(num_threads())) {
+    if (block_rank() == 0) st_release(window_at<uint64_t>(node, peer, layout.barrier) + node.rank, epoch);
+    wait_until(window_at<uint64_t>(node, node.rank, layout.barrier) + peer, Cmp::kGe, epoch,
                WaitSite{what, node.rank, peer});
   }
   sync_block();
+}
+
+// Called by every thread of every block at the end of an operation's last kernel: the last block
+// to get here stores `epoch` as completed, so the next operation's kernels see it.
+MOELINK_DEVICE void end_operation(const IntranodeContext& node, const IntranodeLayout& layout, uint64_t epoch) {
+  sync_block();
+  if (thread_rank() == 0) {
+    uint32_t* blocks_done = window_at<uint32_t>(node, node.rank, layout.control + IntranodeLayout::kBlocksDoneOffset);
+    fence<Scope::kGpu>();  // this block's work before its count
+    if (atomic_add<Scope::kGpu>(blocks_done, 1u) == num_blocks() - 1) {
+      st_relaxed<Scope::kGpu>(blocks_done, 0u);
+      st_release<Scope::kGpu>(window_at<uint64_t>(node, node.rank, layout.control), epoch);
+    }
+  }
 }
 
 }  // namespace moelink::kernels::intranode

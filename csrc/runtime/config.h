@@ -54,8 +54,10 @@ struct Config {
   // for `ranks_per_node` ranks (all of `num_ranks` on one node when <= 0): IntranodeLayout (the
   // layout the kernels use, runtime/ops_intranode.h) evaluated for rows of `hidden_bytes` bytes
   // (DeepEP's convention: hidden * max(element size, 2)), ceil(hidden_bytes / 128) FP8 scales,
-  // `num_topk` top-k slots and kNvlHintMaxExpertsPerRank local experts. The layout grows with every
-  // field, so every call with smaller rows (bf16, FP8, combine), fewer scales, slots and experts fits.
+  // `num_topk` top-k slots and kNvlHintMaxExpertsPerRank local experts, for the sub-channel split
+  // that needs the most (any block size may pick any split up to kMaxSubChannels). The layout grows
+  // with every field, so every call with smaller rows (bf16, FP8, combine), fewer scales, slots and
+  // experts fits.
   int64_t nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks, int ranks_per_node = 0,
                                int num_topk = kNvlHintMaxTopk) const {
     IntranodeShape shape;
@@ -66,7 +68,13 @@ struct Config {
     shape.num_scales = static_cast<int>((hidden_bytes + 127) / 128);
     shape.num_topk = num_topk;
     shape.experts_per_rank = kNvlHintMaxExpertsPerRank;
-    return IntranodeLayout::of(shape).total_bytes;
+    int64_t most = 0;
+    for (int s = 1; s <= kMaxSubChannels && s <= num_max_nvl_chunked_recv_tokens; ++s) {
+      shape.sub_channels = s;
+      const int64_t bytes = IntranodeLayout::of(shape).total_bytes;
+      most = bytes > most ? bytes : most;
+    }
+    return most;
   }
 
  private:

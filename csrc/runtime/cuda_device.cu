@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -33,8 +34,11 @@ void check(cudaError_t err, const char* what) {
 // Registered deadline symbols and the devices on which they hold the configured value.
 struct Registry {
   std::mutex mutex;
-  std::vector<const void*> symbols;
-  std::vector<bool> ready;  // indexed by device
+  std::vector<const void*> symbols;        // g_wait_timeout_ns of every TU
+  std::vector<const void*> abort_symbols;  // g_abort_record of every TU
+  std::vector<bool> ready;                 // indexed by device
+  AbortRecord* abort_host = nullptr;       // mapped pinned memory, one per process
+  AbortRecord* abort_device = nullptr;     // the same memory as the device addresses it
 };
 
 Registry& registry() {
@@ -76,20 +80,35 @@ class RelaxedCaptureMode {
 // Writes the deadline into every registered symbol on the current device. A private
 // non-blocking stream keeps the copies out of the legacy stream, which would synchronise with
 // (and break) a capture in progress on another stream.
-void install_wait_timeout(const std::vector<const void*>& symbols) {
+void install_wait_symbols(Registry& r) {
   const uint64_t timeout_ns = static_cast<uint64_t>(wait_timeout_seconds() * 1e9);
   RelaxedCaptureMode relaxed;
+  if (r.abort_host == nullptr) {
+    // Portable: every device of the process maps it; the record is process-wide.
+    void* host = nullptr;
+    check(cudaHostAlloc(&host, sizeof(AbortRecord), cudaHostAllocMapped | cudaHostAllocPortable),
+          "cudaHostAlloc (abort record)");
+    std::memset(host, 0, sizeof(AbortRecord));
+    void* device = nullptr;
+    check(cudaHostGetDevicePointer(&device, host, 0), "cudaHostGetDevicePointer (abort record)");
+    r.abort_host = static_cast<AbortRecord*>(host);
+    r.abort_device = static_cast<AbortRecord*>(device);
+  }
   cudaStream_t stream = nullptr;
   check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
   cudaError_t err = cudaSuccess;
-  for (const void* symbol : symbols) {
+  for (const void* symbol : r.symbols) {
     err = cudaMemcpyToSymbolAsync(symbol, &timeout_ns, sizeof(timeout_ns), 0,
                                   cudaMemcpyHostToDevice, stream);
     if (err != cudaSuccess) break;
   }
+  for (size_t i = 0; err == cudaSuccess && i < r.abort_symbols.size(); ++i) {
+    err = cudaMemcpyToSymbolAsync(r.abort_symbols[i], &r.abort_device, sizeof(r.abort_device), 0,
+                                  cudaMemcpyHostToDevice, stream);
+  }
   if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
   cudaStreamDestroy(stream);
-  check(err, "installing the wait deadline (cudaMemcpyToSymbolAsync)");
+  check(err, "installing the wait deadline and abort record (cudaMemcpyToSymbolAsync)");
 }
 
 }  // namespace
@@ -112,7 +131,7 @@ int ensure_device_ready() {
   std::lock_guard<std::mutex> lock(r.mutex);
   const size_t index = static_cast<size_t>(device);
   if (index < r.ready.size() && r.ready[index]) return device;
-  install_wait_timeout(r.symbols);
+  install_wait_symbols(r);
   if (r.ready.size() <= index) r.ready.resize(index + 1, false);
   r.ready[index] = true;
   return device;
@@ -123,6 +142,23 @@ void register_wait_timeout_symbol(const void* device_symbol) {
   std::lock_guard<std::mutex> lock(r.mutex);
   r.symbols.push_back(device_symbol);
   r.ready.assign(r.ready.size(), false);  // a late registrant must be written on every device
+}
+
+void register_abort_record_symbol(const void* device_symbol) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  r.abort_symbols.push_back(device_symbol);
+  r.ready.assign(r.ready.size(), false);
+}
+
+const AbortRecord* abort_record() noexcept { return registry().abort_host; }
+
+void clear_abort_record() noexcept {
+  AbortRecord* record = registry().abort_host;
+  if (record == nullptr) return;
+  __atomic_store_n(&record->published, 0u, __ATOMIC_RELAXED);
+  std::memset(record->what, 0, sizeof record->what);
+  __atomic_store_n(&record->state, 0u, __ATOMIC_RELEASE);
 }
 
 double wait_timeout_seconds() {

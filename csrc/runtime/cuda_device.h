@@ -4,6 +4,8 @@
 // defined in cuda_device.cu. Part of moelink._cuda only.
 #pragma once
 
+#include "runtime/abort_record.h"
+
 namespace moelink::cuda {
 
 // Number of CUDA devices; 0 when there is no driver or no device. Never throws: this is what
@@ -20,6 +22,16 @@ int ensure_device_ready();
 // reads (no -rdc, so a device variable cannot be shared between TUs); arch_cuda.cuh registers
 // the host shadow of that copy here during static initialisation.
 void register_wait_timeout_symbol(const void* device_symbol);
+
+// Same for the device pointer to the process's AbortRecord (runtime/abort_record.h), which
+// ensure_device_ready allocates once per process (mapped, pinned host memory) and installs.
+void register_abort_record_symbol(const void* device_symbol);
+
+// The process's AbortRecord as the host sees it, or nullptr before the first launch. The host
+// reads it without synchronising: `published` (acquire) says the other fields are complete.
+const AbortRecord* abort_record() noexcept;
+// Forgets a recorded abort (after the host raised it), so later kernels run normally again.
+void clear_abort_record() noexcept;
 
 // The wait deadline in seconds: MOELINK_TIMEOUT_S when it is a positive number, else 100.
 double wait_timeout_seconds();

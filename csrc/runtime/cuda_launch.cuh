@@ -28,7 +28,7 @@ inline void check_launch(cudaError_t err, const char* kernel_name, const char* c
 
 // Dynamic shared memory beyond 48 KiB must be opted into per kernel (CUDA programming guide,
 // "Shared Memory"); the attribute is per device, so it is set on every such launch (a cheap call).
-template <typename... Params, typename... Args>
+template <bool kCooperative = false, typename... Params, typename... Args>
 inline void launch(const LaunchContext& ctx, const char* name, void (*kernel)(Params...),
                    unsigned grid_blocks, unsigned block_threads, size_t dynamic_smem_bytes,
                    Args&&... args) {
@@ -45,6 +45,13 @@ inline void launch(const LaunchContext& ctx, const char* name, void (*kernel)(Pa
   config.blockDim = dim3(block_threads);
   config.dynamicSmemBytes = dynamic_smem_bytes;
   config.stream = reinterpret_cast<cudaStream_t>(ctx.stream);
+  cudaLaunchAttribute attribute = {};
+  if constexpr (kCooperative) {
+    attribute.id = cudaLaunchAttributeCooperative;
+    attribute.val.cooperative = 1;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+  }
   cudaError_t err;
   if constexpr (sizeof...(Params) == 0) {
     err = cudaLaunchKernelExC(&config, reinterpret_cast<const void*>(kernel), nullptr);
@@ -52,11 +59,19 @@ inline void launch(const LaunchContext& ctx, const char* name, void (*kernel)(Pa
     err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);  // converts to Params
   }
   const cudaError_t pending = cudaGetLastError();
-  detail::check_launch(err != cudaSuccess ? err : pending, name, "launch");
+  const cudaError_t failed = err != cudaSuccess ? err : pending;
+  if (kCooperative && failed == cudaErrorCooperativeLaunchTooLarge) {
+    throw Error(ErrorKind::kInvalidArgument,
+                std::string(name) + ": a grid of " + std::to_string(grid_blocks) + " blocks of " +
+                    std::to_string(block_threads) + " threads cannot be resident on this GPU at once, and its "
+                    "blocks wait on each other: lower num_sms (Buffer.set_num_sms / Config.num_sms)");
+  }
+  detail::check_launch(failed, name, "launch");
 }
 
 }  // namespace moelink::arch
 
 // The kernel may be a template-id with commas (`k<A, B>`): taking it inside the variadic tail
 // keeps those commas out of macro argument splitting.
-#define MOELINK_LAUNCH(ctx, name, ...) ::moelink::arch::launch((ctx), (name), __VA_ARGS__)
+#define MOELINK_LAUNCH(ctx, name, ...) ::moelink::arch::launch<false>((ctx), (name), __VA_ARGS__)
+#define MOELINK_LAUNCH_COOPERATIVE(ctx, name, ...) ::moelink::arch::launch<true>((ctx), (name), __VA_ARGS__)

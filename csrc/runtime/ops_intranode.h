@@ -2,40 +2,65 @@
 // window with loads and stores). Target-neutral declarations; ops_intranode.cu is compiled by g++
 // into moelink._host and by nvcc into moelink._cuda. docs/buffer-layout.md draws the layout.
 //
-// Channels. A call with an SM budget of `num_sms` runs `num_channels = num_sms / 2` channels;
-// channel c owns the contiguous token range [c * T, min((c + 1) * T, num_tokens)) with
-// T = ceil(num_tokens / num_channels). Each channel is one sender block and one receiver block
-// (even and odd blocks of a grid of exactly num_sms blocks), and each block has one warp per rank
-// of the node, so a warp talks to exactly one peer (which is what makes the queues deadlock-free:
-// no warp ever waits on one peer while another peer waits on it).
+// Blocks and warps. A call with an SM budget of `num_sms` runs a grid of exactly num_sms blocks:
+// `num_channels = num_sms / 2` channels, each a sender block (even) and a receiver block (odd).
+// Every block has the same fixed number of warps W (the GPU build: kGpuBlockWarps, declared in
+// the kernels' __launch_bounds__; the host target may use fewer, see IntranodeShape::block_warps)
+// whatever the rank count R. WarpMap says how a block's warps share the work:
+//   - W >= R: each block is split into S sub-channels of R warps (S = W / R, capped so that a
+//     queue keeps at least R slots); channel c's tokens are split into S contiguous *virtual
+//     channels* v = c * S + sub, and warp (sub, p) serves peer p in virtual channel v. So a peer
+//     gets S warps per channel ("several warps per peer"), each driving its own queue, and no two
+//     warps ever share a queue.
+//   - W < R (more ranks than warps, e.g. NVL72-class nodes): S = 1 and warp w serves the P =
+//     ceil(R / W) peers w, w + W, w + 2W, ... one after the other.
+// Receive order is by sender rank, then virtual channel (i.e. token index), so neither S nor P
+// changes any result.
 //
-// Queues. For each (channel c, sender s) the receiver's window holds a ring of `queue_tokens`
-// slots. tail[c][s] (advanced by the sender, release) and head[c][s] (advanced by the receiver,
-// release) are 64-bit counters that only grow: every call drains every queue it uses, so a call
-// starts with head == tail and continues from there. Dispatch and combine share the counters and
-// the slot area (combine's queues run the other way: the expert-side rank sends, the token's
-// source rank receives).
+// Queues. For each (virtual channel v, sender s) the receiver's window holds a ring of
+// `capacity = queue_tokens / S` slots. tail[v][s] (advanced by the sender, release) and
+// head[v][s] (advanced by the receiver, release) are 64-bit counters that only grow: every call
+// drains every queue it uses, so a call starts with head == tail and continues from there.
+// Dispatch and combine share the counters and the slot area (combine's queues run the other
+// way: the expert-side rank sends, the token's source rank receives).
 //
-// Epochs. Every operation begins with a node barrier: rank r stores the operation's epoch (a
-// per-Buffer call counter, equal on all ranks) into barrier[r] of every peer's window and waits
-// until all of its own barrier slots reached it. After the barrier no rank is still inside an
-// earlier operation, so everything past the counters may be re-carved for this call's shapes.
+// Why nothing deadlocks. A receiver only consumes, so a sender waiting for room always gets it
+// once its receiver runs. A dispatch receiver warp that serves several queues (P > 1) never waits
+// on one of them: it waits on its data doorbell (every sender of those queues bumps it after
+// publishing a tail) and then drains whichever queues have data. Symmetrically a combine sender
+// warp that serves several peers never waits for room in one of them: it waits on its room
+// doorbell, which each of those peers' receivers bumps after releasing a head. The combine
+// receiver reduces its tokens in rounds; a round reads at most `round_tokens` rows of a queue,
+// and capacity >= round_tokens, so every row a round needs can be in flight at once.
+//
+// Epochs, kept in device memory (CUDA-graph safe: no per-call value comes from the host). Each
+// rank's window holds its own operation counter `control.epoch` (E: operations completed on
+// this window). An operation's first kernel starts with a node barrier at epoch E + 1: rank r
+// stores E + 1 into barrier[r] of every peer and waits until all of its own slots reached it,
+// after which no rank is still inside an earlier operation and everything past the fixed
+// counters may be re-carved for this call's shapes. The operation's last kernel advances E: each
+// block counts itself out in control.blocks_done and the last one stores E + 1 (release).
 //
 // Window layout (byte offsets, identical on every rank; all regions 128-byte aligned):
-//   barrier      u64 [num_ranks]                      epoch each peer last entered
-//   notify_epoch u64 [num_ranks]                      epoch of the counts each peer last sent
-//   tail         u64 [max_channels][num_ranks], 64 B apart   queue (c, s) tail, written by s
-//   head         u64 [max_channels][num_ranks], 64 B apart   queue (c, s) head, written by the owner
+//   control      u64 epoch, then (64 B later) u32 blocks_done    this rank's own bookkeeping
+//   barrier      u64 [R]                      epoch each peer last entered
+//   notify_epoch u64 [R]                      epoch of the counts each peer last sent
+//   tail         u64 [kMaxVirtualChannels][R], 64 B apart   queue (v, s) tail, written by s
+//   head         u64 [kMaxVirtualChannels][R], 64 B apart   queue (v, s) head, written by the owner
+//   data_bell    u64 [kIntranodeMaxChannels][kMaxBlockWarps], 64 B apart
+//                                             dispatch: bumped by senders of receiver warp w (P > 1)
+//   room_bell    u64 [kIntranodeMaxChannels][kMaxBlockWarps], 64 B apart
+//                                             combine: bumped by receivers of sender warp w (P > 1)
 //                (one counter per cache line: different processes or GPUs write neighbours)
 //   --- per call, after the barrier ---
-//   channel_count i32 [num_ranks][num_channels]       tokens sender s puts in queue (c, s)
-//   expert_count  i32 [num_ranks][experts_per_rank]   (token, slot) pairs s routes to my experts
-//   slots: for each (c, s) a ring of queue_tokens slots, stored as arrays (each 16-byte aligned):
-//     row     [queue_tokens][row_bytes]               the token's payload row
-//     scales  [queue_tokens][num_scales] f32          FP8 scales (dispatch), absent if 0
-//     topk    [queue_tokens][num_topk] i32            local expert ids, -1 if not mine (dispatch)
-//     weights [queue_tokens][num_topk] f32            top-k weights (0 where topk is -1)
-//     src     [queue_tokens] i32                      token index on the sender (dispatch)
+//   channel_count i32 [R][V]                  tokens sender s puts in queue (v, s)
+//   expert_count  i32 [R][experts_per_rank]   (token, slot) pairs s routes to my experts
+//   slots: for each (v, s) a ring of `capacity` slots, stored as arrays (each 16-byte aligned):
+//     row     [capacity][row_bytes]           the token's payload row
+//     scales  [capacity][num_scales] 4 B      FP8 scales (dispatch; f32 or packed UE8M0), absent if 0
+//     topk    [capacity][num_topk] i32        local expert ids, -1 if not mine (dispatch)
+//     weights [capacity][num_topk] f32        top-k weights (0 where topk is -1)
+//     src     [capacity] i32                  token index on the sender (dispatch)
 #pragma once
 
 #include <cstddef>
@@ -46,41 +71,107 @@
 
 namespace moelink {
 
-constexpr int kIntranodeMaxRanks = 32;      // one warp per peer in a 1024-thread block
-constexpr int kIntranodeMaxChannels = 64;   // 128 SMs; counters are sized for it
+constexpr int kIntranodeMaxRanks = 128;          // the window table travels by value in the kernel arguments
+constexpr int kIntranodeMaxChannels = 64;        // 128 SMs
+constexpr int kMaxBlockWarps = 32;               // 1024 threads
+constexpr int kGpuBlockWarps = 16;               // the GPU build's fixed block: 512 threads, <= 128 registers
+constexpr int kMaxSubChannels = 8;               // named barriers 1..8 (one per sub-channel)
+constexpr int kMaxVirtualChannels = 256;         // channels * sub-channels; the counters are sized for it
+constexpr int kMaxPeersPerWarp = 8;              // R <= 8 W (128 ranks with the GPU block)
+constexpr int kMaxRoundTokensPerWarp = 4;        // combine: tokens a warp reduces per round
 constexpr int64_t kIntranodeCounterStride = 64;  // bytes between queue counters
+
+// How the warps of a block share the work (see the header comment). Computed the same way on
+// every rank and on the host, which sizes the window with it.
+struct WarpMap {
+  int block_warps = 0;        // W
+  int sub_channels = 0;       // S
+  int peers_per_warp = 0;     // P
+  int capacity = 0;           // slots per (virtual channel, peer) queue = queue_tokens / S
+  int group_warps = 0;        // combine receiver warps per sub-channel: min(R, W)
+  int tokens_per_warp = 0;    // combine receiver: tokens per warp per round
+  int round_tokens = 0;       // group_warps * tokens_per_warp (<= capacity)
+
+  // The map a fresh dispatch uses: as many sub-channels as the block and the queues allow.
+  MOELINK_HOST_DEVICE static int default_sub_channels(int ranks, int block_warps, int channels, int queue_tokens) {
+    if (block_warps < ranks || ranks < 1) return 1;
+    int s = block_warps / ranks;
+    if (s > kMaxSubChannels) s = kMaxSubChannels;
+    if (s > queue_tokens / ranks) s = queue_tokens / ranks;
+    if (channels > 0 && s > kMaxVirtualChannels / channels) s = kMaxVirtualChannels / channels;
+    return s < 1 ? 1 : s;
+  }
+
+  // The map for `sub_channels` (fixed by the dispatch whose handle a combine or cached dispatch
+  // reuses); valid() says whether it can run.
+  MOELINK_HOST_DEVICE static WarpMap of(int ranks, int block_warps, int sub_channels, int queue_tokens) {
+    WarpMap m;
+    m.block_warps = block_warps;
+    m.sub_channels = sub_channels;
+    m.peers_per_warp = block_warps >= ranks ? 1 : (ranks + block_warps - 1) / block_warps;
+    m.capacity = sub_channels > 0 ? queue_tokens / sub_channels : 0;
+    m.group_warps = ranks < block_warps ? ranks : block_warps;
+    int k = m.group_warps > 0 ? m.capacity / m.group_warps : 0;
+    m.tokens_per_warp = k > kMaxRoundTokensPerWarp ? kMaxRoundTokensPerWarp : k;
+    m.round_tokens = m.group_warps * m.tokens_per_warp;
+    return m;
+  }
+
+  MOELINK_HOST_DEVICE bool valid(int ranks) const {
+    return block_warps >= 1 && block_warps <= kMaxBlockWarps && sub_channels >= 1 &&
+           sub_channels <= kMaxSubChannels && sub_channels * ranks <= (block_warps >= ranks ? block_warps : ranks) &&
+           peers_per_warp <= kMaxPeersPerWarp && tokens_per_warp >= 1;
+  }
+};
+
+// The window base of every rank of the node, by local rank, passed by value in the kernel
+// arguments (so no table lives in host memory the GPU would have to read).
+struct WindowTable {
+  void* base[kIntranodeMaxRanks];
+};
 
 struct IntranodeShape {
   int num_ranks = 0;
-  int num_channels = 0;
-  int queue_tokens = 0;     // ring capacity per (channel, sender), in tokens
+  int num_channels = 0;     // C = num_sms / 2
+  int block_warps = 0;      // W: GPU kGpuBlockWarps; host: any value in [1, kMaxBlockWarps]
+  int sub_channels = 0;     // S (WarpMap)
+  int queue_tokens = 0;     // slots per (channel, peer) before the sub-channel split
   int64_t row_bytes = 0;    // payload bytes per token row, a multiple of 16
-  int num_scales = 0;       // f32 scales per row (FP8 dispatch), else 0
+  int num_scales = 0;       // 4-byte scales per row (FP8 dispatch), else 0
   int num_topk = 0;
   int experts_per_rank = 0;
+
+  MOELINK_HOST_DEVICE WarpMap map() const { return WarpMap::of(num_ranks, block_warps, sub_channels, queue_tokens); }
+  MOELINK_HOST_DEVICE int virtual_channels() const { return num_channels * sub_channels; }
 };
 
 // Byte offsets of every region of a window for one call (see the layout above).
 struct IntranodeLayout {
-  int64_t barrier, notify_epoch, tail, head;  // fixed
-  int64_t channel_count, expert_count;        // per call
-  int64_t slots;                              // first queue's slot arrays
-  int64_t queue_bytes;                        // bytes per (channel, sender) queue
-  int64_t row, scales, topk, weights, src;    // offsets inside a queue
-  int64_t total_bytes;                        // window bytes this call needs
+  int64_t control, barrier, notify_epoch, tail, head, data_bell, room_bell;  // fixed
+  int64_t channel_count, expert_count;                                      // per call
+  int64_t slots;                                                            // first queue's slot arrays
+  int64_t queue_bytes;                                                      // bytes per (v, s) queue
+  int64_t row, scales, topk, weights, src;                                  // offsets inside a queue
+  int64_t total_bytes;                                                      // window bytes this call needs
 
   MOELINK_HOST_DEVICE static int64_t align(int64_t bytes) { return (bytes + 127) / 128 * 128; }
   MOELINK_HOST_DEVICE static int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
+  static constexpr int64_t kControlBytes = 128;
+  static constexpr int64_t kBlocksDoneOffset = 64;  // inside control
 
   MOELINK_HOST_DEVICE static IntranodeLayout of(const IntranodeShape& s) {
     IntranodeLayout l{};
-    const int64_t ranks = s.num_ranks, q = s.queue_tokens;
-    l.barrier = 0;
+    const int64_t ranks = s.num_ranks, q = s.sub_channels > 0 ? s.queue_tokens / s.sub_channels : 0;
+    const int64_t bells = kIntranodeCounterStride * kIntranodeMaxChannels * kMaxBlockWarps;
+    l.control = 0;
+    l.barrier = kControlBytes;
     l.notify_epoch = align(l.barrier + 8 * ranks);
     l.tail = align(l.notify_epoch + 8 * ranks);
-    l.head = align(l.tail + kIntranodeCounterStride * kIntranodeMaxChannels * ranks);
-    l.channel_count = align(l.head + kIntranodeCounterStride * kIntranodeMaxChannels * ranks);
-    l.expert_count = align(l.channel_count + 4 * ranks * s.num_channels);
+    l.head = align(l.tail + kIntranodeCounterStride * kMaxVirtualChannels * ranks);
+    l.data_bell = align(l.head + kIntranodeCounterStride * kMaxVirtualChannels * ranks);
+    l.room_bell = l.data_bell + bells;
+    l.channel_count = align(l.room_bell + bells);
+    l.expert_count = align(l.channel_count + 4 * ranks * s.virtual_channels());
     l.slots = align(l.expert_count + 4 * ranks * s.experts_per_rank);
     l.row = 0;
     l.scales = align16(l.row + q * s.row_bytes);
@@ -88,7 +179,7 @@ struct IntranodeLayout {
     l.weights = align16(l.topk + q * 4 * s.num_topk);
     l.src = align16(l.weights + q * 4 * s.num_topk);
     l.queue_bytes = align(l.src + q * 4);
-    l.total_bytes = l.slots + l.queue_bytes * s.num_channels * ranks;
+    l.total_bytes = l.slots + l.queue_bytes * s.virtual_channels() * ranks;
     return l;
   }
 };
@@ -97,13 +188,12 @@ struct IntranodeLayout {
 struct IntranodeContext {
   int rank = 0;                      // this rank, in [0, num_ranks)
   IntranodeShape shape;
-  void* const* windows = nullptr;    // [num_ranks] base of each rank's window, mapped here
-  uint64_t epoch = 0;                // this operation's epoch (> 0)
+  WindowTable windows{};             // [num_ranks] base of each rank's window, as this rank maps it
   uint64_t* nvl_bytes = nullptr;     // counter of payload bytes sent to other ranks, or null
 };
 
-// Notify: barrier, then each rank sends every peer the number of tokens per channel it will
-// send and its per-expert counts, and computes what it will receive.
+// Notify: barrier, then each rank sends every peer the number of tokens per virtual channel it
+// will send and its per-expert counts, and computes what it will receive.
 struct NotifyArgs {
   IntranodeContext node;
   int64_t num_tokens = 0;
@@ -111,8 +201,8 @@ struct NotifyArgs {
   const int32_t* num_tokens_per_expert = nullptr;  // [num_ranks * experts_per_rank]
   int expert_alignment = 1;
   // Outputs.
-  int32_t* recv_channel_start = nullptr;        // [num_ranks * num_channels + 1]: first receive
-                                                // row of (sender s, channel c) at s * C + c
+  int32_t* recv_channel_start = nullptr;        // [num_ranks * V + 1]: first receive row of
+                                                // (sender s, virtual channel v) at s * V + v
   int32_t* recv_counts = nullptr;               // [1 + experts_per_rank]: total received rows,
                                                 // then rows per local expert, aligned up
 };
@@ -122,17 +212,17 @@ struct DispatchArgs {
   bool barrier_first = false;                   // cached mode: no notify ran before
   int64_t num_tokens = 0;
   const void* x = nullptr;                      // [num_tokens][row_bytes]
-  const float* x_scales = nullptr;              // [num_tokens][num_scales] or null
+  const uint32_t* x_scales = nullptr;           // [num_tokens][num_scales] 4-byte words, or null
   const int64_t* topk_idx = nullptr;            // [num_tokens][num_topk] global expert ids or -1
   const float* topk_weights = nullptr;          // [num_tokens][num_topk] or null
   const bool* is_token_in_rank = nullptr;       // [num_tokens][num_ranks]
   const int32_t* recv_channel_start = nullptr;  // from notify (or the handle)
   // Outputs, sender side.
-  int32_t* send_head = nullptr;                 // [num_tokens][num_ranks]: slot of the token in
-                                                // queue (its channel, me) of that rank, -1 if not sent
+  int32_t* send_head = nullptr;                 // [num_tokens][num_ranks]: position of the token in
+                                                // queue (its virtual channel, me) of that rank, -1 if not sent
   // Outputs, receiver side (rows in receive order).
   void* recv_x = nullptr;                       // [num_recv][row_bytes]
-  float* recv_x_scales = nullptr;               // [num_recv][num_scales] or null
+  uint32_t* recv_x_scales = nullptr;            // [num_recv][num_scales] or null
   int64_t* recv_topk_idx = nullptr;             // [num_recv][num_topk] local expert ids or -1
   float* recv_topk_weights = nullptr;           // [num_recv][num_topk] or null
   int32_t* recv_src_idx = nullptr;              // [num_recv] token index on its source rank
@@ -155,10 +245,15 @@ struct CombineArgs {
 };
 
 // `send_chunk` (num_max_nvl_chunked_send_tokens): tokens a sender queues between publications of
-// its tail, in [1, queue_tokens]. Every call blocks until its kernel finished (host target) or
-// is enqueued on ctx.stream (GPU target).
+// its tail, >= 1 (capped at the queue capacity). Every call blocks until its kernel finished
+// (host target) or is enqueued on ctx.stream (GPU target). Throws moelink::Error(kInvalidArgument)
+// for a shape the kernels cannot run (the message names the field and the limit).
 void intranode_notify(const NotifyArgs& args, const LaunchContext& ctx);
 void intranode_dispatch(const DispatchArgs& args, const LaunchContext& ctx, int send_chunk);
 void intranode_combine(const CombineArgs& args, const LaunchContext& ctx, int send_chunk);
+
+// Dynamic shared memory a launch of each kernel takes for `shape` (the same on both targets).
+size_t intranode_dispatch_smem_bytes(const IntranodeShape& shape);
+size_t intranode_combine_smem_bytes(const IntranodeShape& shape);
 
 }  // namespace moelink

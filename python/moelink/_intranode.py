@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import _host, _validate
+from . import _host, _validate, runtime
 from .config import Config
 from .errors import InvalidArgument, InvalidShape, InvalidType, argument_error
 
@@ -25,11 +25,12 @@ class DispatchHandle:
 
     num_channels: int
     num_experts: int
-    recv_channel_start: torch.Tensor  # [ranks * channels + 1] int32: first row of (sender, channel)
+    recv_channel_start: torch.Tensor  # [ranks * virtual channels + 1] int32: first row of (sender, virtual channel)
     recv_src_idx: torch.Tensor  # [num_recv_tokens] int32: token index on the source rank
     is_token_in_rank: torch.Tensor  # [num_tokens, ranks] bool
     send_head: torch.Tensor  # [num_tokens, ranks] int32: queue position of each sent token
     num_recv_tokens_per_expert_list: List[int]
+    sub_channels: int = 1  # the dispatch's warp map (runtime/ops_intranode.h: WarpMap)
 
     @property
     def num_recv_tokens(self) -> int:
@@ -40,26 +41,35 @@ class DispatchHandle:
 class Node:
     rank: int
     num_ranks: int
-    window_table: torch.Tensor
+    window_ptrs: List[int]
     window_bytes: int
-    epoch: int
+    epoch: int  # the Buffer's operation count, for messages (the kernels keep their own in the window)
     nvl_counter: int
 
     def shape(self, op: str, config: Config, row_bytes: int, num_scales: int, num_topk: int,
-              experts_per_rank: int):
+              experts_per_rank: int, sub_channels: Optional[int] = None):
+        channels, queue = config.num_sms // 2, config.num_max_nvl_chunked_recv_tokens
+        warps = runtime.block_warps()
+        if sub_channels is None:
+            sub_channels = _host.intranode.default_sub_channels(self.num_ranks, warps, channels, queue)
         native = _host.intranode.Node(
-            rank=self.rank, num_ranks=self.num_ranks, num_channels=config.num_sms // 2,
-            queue_tokens=config.num_max_nvl_chunked_recv_tokens, row_bytes=row_bytes, num_scales=num_scales,
-            num_topk=num_topk, experts_per_rank=experts_per_rank, windows=self.window_table.data_ptr(),
-            epoch=self.epoch, nvl_bytes=self.nvl_counter)
+            rank=self.rank, num_ranks=self.num_ranks, num_channels=channels, block_warps=warps,
+            sub_channels=sub_channels, queue_tokens=queue, row_bytes=row_bytes, num_scales=num_scales,
+            num_topk=num_topk, experts_per_rank=experts_per_rank, windows=self.window_ptrs,
+            nvl_bytes=self.nvl_counter)
+        if not native.map_valid:
+            raise argument_error(
+                InvalidArgument, "config.num_max_nvl_chunked_recv_tokens",
+                f"at least {min(self.num_ranks, warps) * sub_channels} slots for this {op} ({self.num_ranks} ranks, "
+                f"{warps} warps per block, {sub_channels} sub-channels fixed by the dispatch)", queue)
         if native.window_bytes_needed > self.window_bytes:
             raise argument_error(
                 InvalidArgument, "num_nvl_bytes",
-                f"at least {native.window_bytes_needed} bytes for this {op} ({config.num_sms // 2} channels of "
-                f"{config.num_max_nvl_chunked_recv_tokens} tokens of {row_bytes} bytes per rank pair; "
+                f"at least {native.window_bytes_needed} bytes for this {op} ({channels} channels of "
+                f"{queue} tokens of {row_bytes} bytes per rank pair; "
                 "Config.get_nvl_buffer_size_hint gives a size for every call of a shape)",
                 self.window_bytes)
-        return native
+        return native, sub_channels
 
 
 def _tensor(name: str, value, dtypes, shape: Tuple[int, ...], layout: str) -> torch.Tensor:
@@ -158,11 +168,12 @@ def dispatch(node: Node, call: DispatchCall):
     experts_per_rank = call.num_experts // ranks
     num_scales = 0 if call.x_scales is None else call.x_scales.shape[1]
     row_bytes = x.shape[1] * x.element_size()
-    native = node.shape("dispatch", call.config, row_bytes, num_scales, num_topk, experts_per_rank)
-    channels = call.config.num_sms // 2
     handle = call.handle
+    native, sub_channels = node.shape("dispatch", call.config, row_bytes, num_scales, num_topk, experts_per_rank,
+                                      None if handle is None else handle.sub_channels)
+    channels = call.config.num_sms // 2
     if handle is None:
-        recv_channel_start = torch.empty(ranks * channels + 1, dtype=torch.int32)
+        recv_channel_start = torch.empty(ranks * native.virtual_channels + 1, dtype=torch.int32)
         recv_counts = torch.empty(1 + experts_per_rank, dtype=torch.int32)
         _host.intranode.notify(native, num_tokens, _ptr(call.is_token_in_rank), _ptr(call.num_tokens_per_expert),
                                call.expert_alignment, recv_channel_start.data_ptr(), recv_counts.data_ptr(),
@@ -193,7 +204,7 @@ def dispatch(node: Node, call: DispatchCall):
         _ptr(recv_topk_weights), _ptr(recv_src_idx), rank=node.rank)
     if handle is None:
         handle = DispatchHandle(channels, call.num_experts, recv_channel_start, recv_src_idx, is_token_in_rank,
-                                send_head, per_expert)
+                                send_head, per_expert, sub_channels)
     payload = recv_x if recv_scales is None else (recv_x, recv_scales)
     return payload, recv_topk_idx, recv_topk_weights, handle
 
@@ -239,7 +250,7 @@ def combine(node: Node, call: CombineCall):
     handle, x = call.handle, call.x
     num_topk = 0 if call.topk_weights is None else call.topk_weights.shape[1]
     hidden = x.shape[1]
-    native = node.shape("combine", call.config, hidden * 2, 0, num_topk, 0)
+    native, _ = node.shape("combine", call.config, hidden * 2, 0, num_topk, 0, handle.sub_channels)
     num_tokens = handle.is_token_in_rank.shape[0]
     combined_x = torch.empty((num_tokens, hidden), dtype=torch.bfloat16)
     combined_weights = torch.empty((num_tokens, num_topk), dtype=torch.float32) if num_topk else None

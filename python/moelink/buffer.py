@@ -60,7 +60,7 @@ class Buffer:
             raise GPUUnavailable(f"group: moelink's GPU transport (NCCL windows) is not built yet; the host target "
                                  f"needs a gloo group, got backend '{dist.get_backend(group)}'")
         self._windows = bootstrap_host_windows(group, self.num_nvl_bytes, ranks_per_node=self.ranks_per_node)
-        self._window_table = torch.tensor(self._windows.node_window_ptrs(), dtype=torch.int64)
+        self._window_ptrs = self._windows.node_window_ptrs()
         self._nvl_counter = self._windows.counter_ptr("nvl")
         self._epoch = 0
         self._unusable: Optional[str] = None
@@ -88,7 +88,7 @@ class Buffer:
         if self._unusable is not None:
             raise BufferUnusable(f"{op}: this Buffer cannot be used: {self._unusable}")
         self._epoch += 1
-        return _intranode.Node(rank=self.rank, num_ranks=self.group_size, window_table=self._window_table,
+        return _intranode.Node(rank=self.rank, num_ranks=self.group_size, window_ptrs=self._window_ptrs,
                                window_bytes=self.num_nvl_bytes, epoch=self._epoch, nvl_counter=self._nvl_counter)
 
     def _poison(self, op: str, exc: BaseException) -> None:

@@ -31,6 +31,10 @@ __all__ = [
 DEFAULT_NUM_SMS = 20
 INTRANODE_MAX_CHANNELS = 64  # kIntranodeMaxChannels: the queue counters are sized for it
 INTRANODE_COUNTER_STRIDE = 64  # kIntranodeCounterStride: one queue counter per cache line
+MAX_VIRTUAL_CHANNELS = 256  # kMaxVirtualChannels: channels * sub-channels the counters are sized for
+MAX_SUB_CHANNELS = 8  # kMaxSubChannels
+MAX_BLOCK_WARPS = 32  # kMaxBlockWarps: doorbells per channel
+CONTROL_BYTES = 128  # IntranodeLayout::kControlBytes: epoch and blocks_done
 NVL_HINT_MAX_TOPK = 32  # the size hint covers calls with up to this many top-k slots
 NVL_HINT_MAX_EXPERTS_PER_RANK = 1024  # ... and up to this many local experts per rank
 _INT32_MAX = 2**31 - 1
@@ -92,7 +96,7 @@ class Config:
         (default: all ``num_ranks``), ``num_sms // 2`` channels, queues of
         ``num_max_nvl_chunked_recv_tokens`` slots, rows of ``hidden_bytes``, ``ceil(hidden_bytes /
         128)`` FP8 scales, ``num_topk`` top-k slots and ``NVL_HINT_MAX_EXPERTS_PER_RANK`` local
-        experts. The layout grows with every one of them, so every call with smaller rows (bf16
+        experts, for the sub-channel split that needs the most. The layout grows with every one of them, so every call with smaller rows (bf16
         rows are ``hidden_bytes``, FP8 rows half that plus scales, combine rows ``hidden_bytes``),
         fewer top-k slots or experts fits.
         """
@@ -100,11 +104,11 @@ class Config:
         _check_int("num_ranks", num_ranks, 1)
         ranks = num_ranks if ranks_per_node is None else _check_int("ranks_per_node", ranks_per_node, 1)
         _check_int("num_topk", num_topk, 0)
-        return intranode_window_bytes(
+        return max(intranode_window_bytes(
             num_ranks=ranks, num_channels=self.num_channels, queue_tokens=self.num_max_nvl_chunked_recv_tokens,
             row_bytes=_align(hidden_bytes, 16), num_scales=(hidden_bytes + 127) // 128, num_topk=num_topk,
-            experts_per_rank=NVL_HINT_MAX_EXPERTS_PER_RANK,
-        )
+            experts_per_rank=NVL_HINT_MAX_EXPERTS_PER_RANK, sub_channels=s)
+            for s in range(1, min(MAX_SUB_CHANNELS, self.num_max_nvl_chunked_recv_tokens) + 1))
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int, *,
                                   ranks_per_node: Optional[int] = None) -> int:
@@ -122,31 +126,36 @@ class Config:
 
 
 def intranode_window_bytes(*, num_ranks: int, num_channels: int, queue_tokens: int, row_bytes: int, num_scales: int,
-                           num_topk: int, experts_per_rank: int) -> int:
+                           num_topk: int, experts_per_rank: int, sub_channels: int = 1) -> int:
     """Window bytes one intranode call needs: ``IntranodeLayout::of(shape).total_bytes`` of
     csrc/runtime/ops_intranode.h, term by term (docs/buffer-layout.md)::
 
-        fixed    = a(8R) + a(8R) + a(64 * 64 * R) + a(64 * 64 * R)   barrier, notify_epoch, tail, head
-        counts   = a(4 * R * C) + a(4 * R * E)                       channel_count, expert_count
-        queue    = a(a16(a16(a16(a16(S*B) + 4*S*P) + 4*S*K) + 4*S*K) + 4*S)
-        total    = fixed + counts + C * R * queue
+        fixed    = 128 + a(8R) + a(8R) + a(64 * 256 * R) + a(64 * 256 * R) + 2 * 64 * 64 * 32
+                   control, barrier, notify_epoch, tail, head, data and room doorbells
+        counts   = a(4 * R * V) + a(4 * R * E)                       channel_count, expert_count
+        queue    = a(a16(a16(a16(a16(Q*B) + 4*Q*P) + 4*Q*K) + 4*Q*K) + 4*Q)
+        total    = fixed + counts + V * R * queue
 
-    with a = align to 128, a16 = align to 16, R ranks, C channels, S queue slots, B row bytes,
-    P scales, K top-k slots, E experts per rank.
+    with a = align to 128, a16 = align to 16, R ranks, V = C * S virtual channels (C channels,
+    S sub-channels), Q = queue_tokens // S slots per queue, B row bytes, P scales, K top-k
+    slots, E experts per rank.
     """
-    r, c, q = num_ranks, num_channels, queue_tokens
-    notify_epoch = _align(8 * r, 128)
+    r, v, q = num_ranks, num_channels * sub_channels, queue_tokens // sub_channels
+    barrier = CONTROL_BYTES
+    notify_epoch = _align(barrier + 8 * r, 128)
     tail = _align(notify_epoch + 8 * r, 128)
-    head = _align(tail + INTRANODE_COUNTER_STRIDE * INTRANODE_MAX_CHANNELS * r, 128)
-    channel_count = _align(head + INTRANODE_COUNTER_STRIDE * INTRANODE_MAX_CHANNELS * r, 128)
-    expert_count = _align(channel_count + 4 * r * c, 128)
+    head = _align(tail + INTRANODE_COUNTER_STRIDE * MAX_VIRTUAL_CHANNELS * r, 128)
+    data_bell = _align(head + INTRANODE_COUNTER_STRIDE * MAX_VIRTUAL_CHANNELS * r, 128)
+    bells = INTRANODE_COUNTER_STRIDE * INTRANODE_MAX_CHANNELS * MAX_BLOCK_WARPS
+    channel_count = _align(data_bell + 2 * bells, 128)
+    expert_count = _align(channel_count + 4 * r * v, 128)
     slots = _align(expert_count + 4 * r * experts_per_rank, 128)
     scales = _align(q * row_bytes, 16)
     topk = _align(scales + q * 4 * num_scales, 16)
     weights = _align(topk + q * 4 * num_topk, 16)
     src = _align(weights + q * 4 * num_topk, 16)
     queue_bytes = _align(src + q * 4, 128)
-    return slots + queue_bytes * c * r
+    return slots + queue_bytes * v * r
 
 
 def _default_config(num_ranks: int, num_sms: int, nvl_send_budget: int, rdma_send: int) -> Config:

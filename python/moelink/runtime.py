@@ -9,9 +9,16 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from . import _host
+import os
 
-__all__ = ["set_wait_timeout", "wait_timeout", "set_schedule", "schedule", "scheduled", "stats"]
+from . import _host
+from .errors import InvalidArgument, argument_error
+
+_BLOCK_WARPS_ENV = "MOELINK_HOST_BLOCK_WARPS"
+_block_warps: int | None = None
+
+__all__ = ["set_wait_timeout", "wait_timeout", "set_schedule", "schedule", "scheduled", "stats",
+           "set_block_warps", "block_warps"]
 
 
 def set_wait_timeout(seconds: float) -> None:
@@ -49,3 +56,35 @@ def stats() -> dict:
     """Cumulative counters of this process: launches, fibers, switches, parked waits, polls of
     parked waits and back-off sleeps."""
     return dict(_host.simt.stats())
+
+
+def _check_block_warps(name: str, value: object) -> int:
+    limit = _host.intranode.MAX_BLOCK_WARPS
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise argument_error(InvalidArgument, name, f"an int in [1, {limit}]", repr(value))
+    return value
+
+
+def block_warps() -> int:
+    """Warps per block of the host target's normal-mode kernels (the GPU build always runs
+    ``moelink._host.intranode.GPU_BLOCK_WARPS``). Initially ``MOELINK_HOST_BLOCK_WARPS`` or that
+    GPU value, so the host runs the same warp map as a GPU; fewer warps than ranks exercise the
+    several-peers-per-warp paths of large nodes. Every rank of a group must use the same value."""
+    global _block_warps
+    if _block_warps is None:
+        text = os.environ.get(_BLOCK_WARPS_ENV)
+        if text is None or text == "":
+            _block_warps = _host.intranode.GPU_BLOCK_WARPS
+        else:
+            try:
+                value = int(text)
+            except ValueError:
+                raise argument_error(InvalidArgument, _BLOCK_WARPS_ENV, "an int", repr(text)) from None
+            _block_warps = _check_block_warps(_BLOCK_WARPS_ENV, value)
+    return _block_warps
+
+
+def set_block_warps(warps: int) -> None:
+    """Sets :func:`block_warps` for this process (host target only)."""
+    global _block_warps
+    _block_warps = _check_block_warps("warps", warps)
