@@ -223,7 +223,7 @@ def _invalid_calls(ctx):
         (dict(x=x.to(torch.int32)), errors.InvalidDType, "x: expected dtype"),
         (dict(x=x[None]), errors.InvalidShape, "x: expected a 2-D tensor"),
         (dict(x=x.t().contiguous().t()), errors.InvalidShape, "contiguous"),
-        (dict(topk_idx=topk.int()), errors.InvalidDType, "topk_idx: expected dtype torch.int64"),
+        (dict(topk_idx=topk.to(torch.int16)), errors.InvalidDType, "topk_idx: expected dtype torch.int64 or torch.int32"),
         (dict(topk_idx=topk + 2 * ctx.world_size), errors.InvalidArgument, "topk_idx: expected expert ids"),
         (dict(topk_idx=None), errors.InvalidArgument, "topk_idx: expected a tensor"),
         (dict(is_token_in_rank=in_rank[:2]), errors.InvalidShape, "is_token_in_rank: expected shape"),
@@ -231,7 +231,7 @@ def _invalid_calls(ctx):
         (dict(topk_weights=torch.zeros(4, 3)), errors.InvalidShape, "topk_weights: expected shape (4, 2)"),
         (dict(expert_alignment=0), errors.InvalidArgument, "expert_alignment: expected an int >= 1"),
         (dict(config="fast"), errors.InvalidType, "config: expected a moelink.Config"),
-        (dict(x=(x, torch.zeros(4, 7))), errors.InvalidShape, "scales"),
+        (dict(x=(x.to(torch.float8_e4m3fn), torch.zeros(3, 7))), errors.InvalidShape, "scales"),
         (dict(handle=object()), errors.InvalidType, "handle: expected a handle returned by Buffer.dispatch"),
     ]
     for overrides, error, text in checks:
@@ -325,7 +325,7 @@ def _invalid_construction_and_combine(ctx):
     with pytest.raises(errors.InvalidType, match="group: expected a torch.distributed ProcessGroup, got str"):
         moelink.Buffer("world", 1 << 20)
     for kwargs, text in [
-        (dict(num_nvl_bytes=0), "num_nvl_bytes: expected an int >= 1, got 0"),
+        (dict(num_nvl_bytes=-1), "num_nvl_bytes: expected an int >= 0, got -1"),
         (dict(num_nvl_bytes=1 << 20, num_rdma_bytes=1 << 20), "only the intranode normal mode"),
         (dict(num_nvl_bytes=1 << 20, low_latency_mode=True), "only the intranode normal mode"),
         (dict(num_nvl_bytes=1 << 20, ranks_per_node=1), "only the intranode normal mode"),
