@@ -40,8 +40,9 @@ def _problem(seed, world, case):
     return xs, idx, weights, experts, out_grads
 
 
-def _reference(xs, idx, weights, experts, out_grads):
-    """The layer in one process, float64: y[t] = sum_k w[t, k] * x[t] @ W[idx[t, k]]."""
+def _reference(xs, idx, weights, experts, out_grads, slot_term: bool = True):
+    """The layer in one process, float64: y[t] = sum_k w[t, k] * x[t] @ W[idx[t, k]] (plus
+    0.5 * sum_k w[t, k] * x[t] with ``slot_term``, see _expert_parallel_layer)."""
     xs = [x.double().requires_grad_() for x in xs]
     ws = [w.double().requires_grad_() for w in weights]
     W = experts.double().requires_grad_()
@@ -50,7 +51,8 @@ def _reference(xs, idx, weights, experts, out_grads):
         valid = i >= 0
         rows = torch.einsum("th,tkhj->tkj", x, W[i.clamp(min=0)])
         y = (rows * (w * valid)[..., None]).sum(1)
-        y = y + 0.5 * (w * valid).sum(1, keepdim=True) * x  # see _expert_parallel_layer
+        if slot_term:
+            y = y + 0.5 * (w * valid).sum(1, keepdim=True) * x
         loss = loss + (y * g.double()).sum()
     loss.backward()
     return [x.grad for x in xs], [w.grad for w in ws], W.grad

@@ -43,3 +43,5 @@ __all__ = [
     "runtime",
     "topk_idx_t",
 ]
+
+from . import compat  # noqa: E402  (after topk_idx_t, which the deep_ep alias exports)
