@@ -44,4 +44,4 @@ __all__ = [
     "topk_idx_t",
 ]
 
-from . import compat  # noqa: E402  (after topk_idx_t, which the deep_ep alias exports)
+from . import compat, nn  # noqa: E402  (after topk_idx_t, which the deep_ep alias exports)
