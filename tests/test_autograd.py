@@ -7,7 +7,6 @@ single-process reference itself."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

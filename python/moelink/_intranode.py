@@ -21,7 +21,7 @@ import torch
 
 from . import _host, _validate
 from .config import Config
-from .errors import InvalidArgument, InvalidDType, InvalidShape, InvalidType, argument_error
+from .errors import InvalidArgument, InvalidShape, InvalidType, argument_error
 
 __all__ = ["DispatchHandle", "Node", "DispatchCall", "CombineCall", "plan_dispatch", "run_dispatch", "plan_combine",
            "run_combine", "TOPK_IDX_DTYPES"]
