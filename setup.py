@@ -53,8 +53,30 @@ NVCCFLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas", "-v", "
 HIDE_STATIC_LIBS = ["-Wl,--exclude-libs,ALL"]
 
 
+def _terminal():
+    """The user's terminal when stderr is not one. pip runs this build in a subprocess and keeps
+    its output to itself unless -v is given (it shows a spinner for minutes), so progress also
+    goes straight to /dev/tty when there is one; without a terminal (CI), stderr alone."""
+    if sys.stderr.isatty() or os.environ.get("MOELINK_BUILD_QUIET"):
+        return None
+    try:
+        return open("/dev/tty", "w")
+    except OSError:
+        return None
+
+
+_TERMINAL = _terminal()
+
+
 def log(message: str) -> None:
-    print(f"moelink build: {message}", file=sys.stderr, flush=True)
+    line = f"moelink build: {message}"
+    print(line, file=sys.stderr, flush=True)
+    if _TERMINAL is not None:
+        try:
+            _TERMINAL.write(f"\r\033[K{line}\n")  # start of line: pip's spinner may be on it
+            _TERMINAL.flush()
+        except OSError:
+            pass
 
 
 def glob(patterns: list[str]) -> list[str]:
@@ -182,6 +204,12 @@ class BuildExt(build_ext):
         headers = [ROOT / h for h in ext.depends]
         newest_header = max((h.stat().st_mtime for h in headers), default=0.0)
 
+        compiler = "nvcc for the GPU (sm_" + ",sm_".join(cuda.archs) + ")" if cuda else "g++ for the CPU host target"
+        log(f"building {ext.name}: {len(ext.sources)} C++/CUDA sources with {compiler}, {jobs} at a time "
+            "(objects are cached in build/)" +
+            ("; MOELINK_CUDA=0 skips this GPU build" if cuda else ""))
+        done = iter(range(1, len(ext.sources) + 1))
+
         def compile_one(src: str) -> str:
             obj = out_dir / (src + ".o")
             cmd = self.command(ext, cuda, ROOT / src, obj)
@@ -195,7 +223,7 @@ class BuildExt(build_ext):
             stamp.unlink(missing_ok=True)
             start = time.monotonic()
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            log(f"compiled {src} [{ext.name}] in {time.monotonic() - start:.1f}s")
+            log(f"[{next(done)}/{len(ext.sources)}] compiled {src} [{ext.name}] in {time.monotonic() - start:.1f}s")
             output = proc.stdout + proc.stderr
             if proc.returncode != 0:
                 raise SystemExit(f"moelink: compiling {src} failed:\n{' '.join(cmd)}\n{output}")

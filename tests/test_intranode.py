@@ -6,6 +6,7 @@ reference itself and check its own outputs."""
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -223,7 +224,7 @@ def _invalid_calls(ctx):
         (dict(x=x.to(torch.int32)), errors.InvalidDType, "x: expected dtype"),
         (dict(x=x[None]), errors.InvalidShape, "x: expected a 2-D tensor"),
         (dict(x=x.t().contiguous().t()), errors.InvalidShape, "contiguous"),
-        (dict(topk_idx=topk.int()), errors.InvalidDType, "topk_idx: expected dtype torch.int64"),
+        (dict(topk_idx=topk.to(torch.int16)), errors.InvalidDType, "topk_idx: expected dtype torch.int64 or torch.int32"),
         (dict(topk_idx=topk + 2 * ctx.world_size), errors.InvalidArgument, "topk_idx: expected expert ids"),
         (dict(topk_idx=None), errors.InvalidArgument, "topk_idx: expected a tensor"),
         (dict(is_token_in_rank=in_rank[:2]), errors.InvalidShape, "is_token_in_rank: expected shape"),
@@ -231,7 +232,7 @@ def _invalid_calls(ctx):
         (dict(topk_weights=torch.zeros(4, 3)), errors.InvalidShape, "topk_weights: expected shape (4, 2)"),
         (dict(expert_alignment=0), errors.InvalidArgument, "expert_alignment: expected an int >= 1"),
         (dict(config="fast"), errors.InvalidType, "config: expected a moelink.Config"),
-        (dict(x=(x, torch.zeros(4, 7))), errors.InvalidShape, "scales"),
+        (dict(x=(x.to(torch.float8_e4m3fn), torch.zeros(3, 7))), errors.InvalidShape, "scales"),
         (dict(handle=object()), errors.InvalidType, "handle: expected a handle returned by Buffer.dispatch"),
     ]
     for overrides, error, text in checks:
@@ -325,7 +326,7 @@ def _invalid_construction_and_combine(ctx):
     with pytest.raises(errors.InvalidType, match="group: expected a torch.distributed ProcessGroup, got str"):
         moelink.Buffer("world", 1 << 20)
     for kwargs, text in [
-        (dict(num_nvl_bytes=0), "num_nvl_bytes: expected an int >= 1, got 0"),
+        (dict(num_nvl_bytes=-1), "num_nvl_bytes: expected an int >= 0, got -1"),
         (dict(num_nvl_bytes=1 << 20, num_rdma_bytes=1 << 20), "only the intranode normal mode"),
         (dict(num_nvl_bytes=1 << 20, low_latency_mode=True), "only the intranode normal mode"),
         (dict(num_nvl_bytes=1 << 20, ranks_per_node=1), "only the intranode normal mode"),
@@ -366,3 +367,247 @@ def _invalid_construction_and_combine(ctx):
 
 def test_invalid_construction_and_combine_arguments(group):
     assert group.run(_invalid_construction_and_combine) == [True] * group.world_size
+
+
+# ---- DeepEP semantics frameworks rely on (issue 10 item 4) -----------------------------------
+
+def _fp8_scales_and_int32_ids(ctx, seed, num_scales, layout, scale_dtype, idx_dtype):
+    """FP8 pairs with any scale count and strides, float32 or int32 scales forwarded bit for bit
+    (NaN patterns included), int32 or int64 ids; checked against the reference."""
+    world, rank = ctx.world_size, ctx.rank
+    gen = torch.Generator().manual_seed(seed)
+    hidden, num_topk, num_experts = 128, 3, 2 * world
+    xs, idx, ws = [], [], []
+    for _ in range(world):
+        n = int(torch.randint(0, 50, (1,), generator=gen))
+        codes = torch.randint(0, 256, (n, hidden), generator=gen, dtype=torch.uint8).view(torch.float8_e4m3fn)
+        if scale_dtype == torch.int32:  # any 32-bit pattern, NaN-like floats included
+            scales = torch.randint(-2**31, 2**31 - 1, (n, num_scales), generator=gen, dtype=torch.int32)
+        else:
+            scales = torch.rand(n, num_scales, generator=gen) + 0.25
+        xs.append((codes, scales))
+        idx.append(torch.randint(-1, num_experts, (n, num_topk), generator=gen).to(idx_dtype))
+        ws.append(torch.rand(n, num_topk, generator=gen))
+    codes, scales = xs[rank]
+    if layout == "column-major":  # DeepGEMM / SGLang: columns contiguous, tokens padded to 4
+        storage = torch.zeros(num_scales, -(-max(scales.shape[0], 1) // 4) * 4, dtype=scale_dtype)
+        strided = storage.t()[:scales.shape[0]]
+        strided.copy_(scales)
+        scales = strided
+    buffer = _buffer(ctx)
+    _, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx[rank], num_experts)
+    (recv_codes, recv_scales), recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
+        (codes, scales), is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx[rank],
+        topk_weights=ws[rank])
+    want = reference.intranode_dispatch([(c, s) for c, s in xs], [i.long() for i in idx], num_experts, ws)[rank]
+    assert torch.equal(recv_codes.view(torch.uint8), want.recv_x[0].view(torch.uint8))
+    assert recv_scales.dtype == scale_dtype and recv_scales.is_contiguous()
+    assert torch.equal(recv_scales.view(torch.int32), want.recv_x[1].view(torch.int32)), "scales bit for bit"
+    assert recv_idx.dtype == idx_dtype and torch.equal(recv_idx.long(), want.recv_topk_idx)
+    assert counts == want.num_recv_tokens_per_expert_list
+    again = buffer.dispatch((codes, scales), handle=handle, topk_idx=idx[rank])
+    assert torch.equal(again[0][1].view(torch.int32), recv_scales.view(torch.int32)) and again[1].dtype == idx_dtype
+    return True
+
+
+@pytest.mark.parametrize("num_scales,layout,scale_dtype,idx_dtype", [
+    (1, "row-major", torch.float32, torch.int64),        # vLLM per-token scales
+    (1, "row-major", torch.float32, torch.int32),
+    (3, "column-major", torch.float32, torch.int32),      # hidden/128 groups, DeepGEMM layout
+    (1, "column-major", torch.int32, torch.int64),        # UE8M0 packed: hidden/512 words
+    (5, "row-major", torch.int32, torch.int32),           # any count
+])
+def test_fp8_scales_of_any_count_stride_and_type(group, seed, num_scales, layout, scale_dtype, idx_dtype):
+    assert group.run(_fp8_scales_and_int32_ids, seed, num_scales, layout, scale_dtype, idx_dtype) == [True] * group.world_size
+
+
+def _handle_as_deep_ep_tuple(ctx, seed):
+    world, rank = ctx.world_size, ctx.rank
+    case = dict(hidden=64, num_topk=4, experts_per_rank=2, max_tokens=90)
+    xs, idx, weights, num_experts = _inputs(seed, world, case)
+    buffer = _buffer(ctx)
+    config = moelink.Config(6, 4, 32)
+    _, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx[rank], num_experts)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(xs[rank], is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                                                 topk_idx=idx[rank], config=config)
+    assert len(handle) == 6 and len(list(handle)) == 6
+    rank_prefix, channel_prefix, recv_channel_prefix, src_idx, is_token_in_rank, send_head = handle
+    # expected counts: tokens of each source that reach this rank
+    epr = num_experts // world
+    sent_here = [int(((i >= rank * epr) & (i < (rank + 1) * epr)).any(1).sum()) for i in idx]
+    assert rank_prefix.shape == (world, world) and rank_prefix.dtype == torch.int32
+    assert rank_prefix[:, rank].tolist() == list(itertools.accumulate(sent_here))
+    assert int(handle[0][-1][rank]) == recv_x.shape[0]
+    assert bool((torch.cat([rank_prefix[:, :rank], rank_prefix[:, rank + 1:]], 1) == -1).all())
+    channels, n = 3, xs[rank].shape[0]
+    per_channel = -(-n // channels) if n else 0
+    for c in range(channels):
+        end = min((c + 1) * per_channel, n)
+        assert channel_prefix[:, c].tolist() == in_rank[:end].sum(0).tolist()
+    starts = [0] + list(itertools.accumulate(sent_here))
+    assert recv_channel_prefix.shape == (world, channels)
+    assert recv_channel_prefix[:, 0].tolist() == starts[:world]
+    assert torch.equal(src_idx, handle.recv_src_idx) and torch.equal(is_token_in_rank, in_rank)
+    assert torch.equal(send_head, handle.send_head) and handle[3] is handle.deep_ep_tuple()[3]
+    assert bool(((send_head >= 0) == in_rank).all())
+    assert "received" in repr(handle)
+    return True
+
+
+def test_handle_reads_as_deep_ep_tuple(group, seed):
+    assert group.run(_handle_as_deep_ep_tuple, seed) == [True] * group.world_size
+
+
+def _combine_padded_rows(ctx, seed):
+    world, rank = ctx.world_size, ctx.rank
+    xs, idx, weights, num_experts = _inputs(seed, world, dict(hidden=64, num_topk=3, experts_per_rank=2, tokens=[20] * world))
+    buffer = _buffer(ctx)
+    _, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx[rank], num_experts)
+    worst = 20 * world
+    recv_x, _, recv_w, _, handle, _ = buffer.dispatch(xs[rank], is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                                                      topk_idx=idx[rank], topk_weights=weights[rank], num_worst_tokens=worst)
+    m = handle.num_recv_tokens
+    padded = recv_x.clone()
+    padded[m:] = 7.0  # never read
+    full, full_w, _ = buffer.combine(padded, handle, topk_weights=recv_w)
+    trimmed, trimmed_w, _ = buffer.combine(recv_x[:m].contiguous(), handle, topk_weights=recv_w[:m].contiguous())
+    assert torch.equal(full, trimmed) and torch.equal(full_w, trimmed_w)
+    for rows in {m + 1, worst + 1} - {worst}:
+        with pytest.raises(errors.InvalidShape, match="rows"):
+            buffer.combine(torch.zeros(rows, 64, dtype=torch.bfloat16), handle)
+    with pytest.raises(errors.InvalidShape, match="topk_weights"):
+        buffer.combine(padded, handle, topk_weights=recv_w[:m].contiguous() if m != worst else recv_w[:1].contiguous())
+    if m > 1:  # a cached dispatch cannot pad to fewer rows than the handle received (checked before it starts)
+        with pytest.raises(errors.InvalidArgument, match="num_worst_tokens: expected 0 or at least"):
+            buffer.dispatch(xs[rank], handle=handle, num_worst_tokens=m - 1)
+    assert not buffer._unusable
+    return True
+
+
+def test_combine_accepts_padded_num_worst_tokens_output(group, seed):
+    assert group.run(_combine_padded_rows, seed) == [True] * group.world_size
+
+
+def _buffer_without_window(ctx):
+    with moelink.Buffer(ctx.group, 0) as buffer:
+        assert buffer.num_nvl_bytes == 0 and buffer.bytes_moved() == {"nvl": 0, "rdma": 0}
+        assert buffer.get_local_buffer_tensor(torch.float32).numel() == 0
+        topk = torch.zeros(4, 2, dtype=torch.int64)
+        _, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk, 2 * ctx.world_size)
+        with pytest.raises(errors.InvalidArgument) as info:
+            buffer.dispatch(torch.zeros(4, 16, dtype=torch.bfloat16), topk_idx=topk, is_token_in_rank=in_rank,
+                            num_tokens_per_expert=per_expert)
+        message = str(info.value)
+        assert "num_nvl_bytes: expected at least" in message and "num_nvl_bytes=0" in message and message.endswith("got 0")
+        assert buffer._unusable is None  # found before anything ran
+    # ranks that disagree (0 here, a size there) all raise instead of waiting for each other
+    with pytest.raises(errors.InvalidArgument, match="data_bytes|num_nvl_bytes"):
+        moelink.Buffer(ctx.group, 0 if ctx.rank == 0 else 1 << 20)
+    return True
+
+
+def test_buffer_with_zero_nvl_bytes(group):
+    assert group.run(_buffer_without_window) == [True] * group.world_size
+    assert group.leftover_segments() == []
+
+
+def _local_buffer_tensor_and_accessors(ctx):
+    size = 1 << 20
+    with moelink.Buffer(ctx.group, size) as buffer:
+        whole = buffer.get_local_buffer_tensor(torch.uint8)
+        assert whole.numel() == size and whole.data_ptr() == buffer._windows.peer_ptr(ctx.rank)
+        assert buffer.get_local_buffer_tensor(torch.float32, offset=64).numel() == (size - 64) // 4
+        view = buffer.get_local_buffer_tensor(torch.int64, torch.Size([2, 3]), offset=8)
+        assert view.shape == (2, 3) and view.data_ptr() == whole.data_ptr() + 8
+        topk = torch.zeros(4, 2, dtype=torch.int64)
+        _, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk, 2 * ctx.world_size)
+        for _ in range(3):
+            buffer.dispatch(torch.zeros(4, 16, dtype=torch.bfloat16), topk_idx=topk, is_token_in_rank=in_rank,
+                            num_tokens_per_expert=per_expert, config=moelink.Config(2, 2, 16))
+        # it aliases the live window: the control word holds the operations completed, and the
+        # barrier slots (after the 128-byte control area) the epoch peers last entered
+        window = buffer.get_local_buffer_tensor(torch.int64)
+        assert int(window[0]) == 3 and window[16:16 + ctx.world_size].tolist() == [3] * ctx.world_size
+        checks = [
+            (dict(dtype="float32"), errors.InvalidType, "dtype: expected a torch.dtype"),
+            (dict(dtype=torch.float32, offset=2), errors.InvalidArgument, "offset: expected a multiple of 4"),
+            (dict(dtype=torch.uint8, offset=size + 1), errors.InvalidArgument, "offset: expected a multiple of 1"),
+            (dict(dtype=torch.uint8, offset=-1), errors.InvalidArgument, "offset: expected an int >= 0"),
+            (dict(dtype=torch.float32, size=torch.Size([size])), errors.InvalidArgument, "size: expected at most"),
+            (dict(dtype=torch.float32, use_rdma_buffer=True), errors.InvalidArgument, "use_rdma_buffer: expected False"),
+        ]
+        for kwargs, error, text in checks:
+            with pytest.raises(error) as info:
+                buffer.get_local_buffer_tensor(**kwargs)
+            assert text in str(info.value), (text, str(info.value))
+        assert buffer.get_comm_stream() is None
+    with pytest.raises(errors.BufferUnusable, match="destroyed"):
+        buffer.get_local_buffer_tensor(torch.uint8)
+    return True
+
+
+def test_local_buffer_tensor_and_stream_accessors(group):
+    assert group.run(_local_buffer_tensor_and_accessors) == [True] * group.world_size
+
+
+def test_is_sm90_compiled_reports_the_build(monkeypatch):
+    from moelink import _backend
+
+    class Stub:
+        def __init__(self, archs):
+            self.archs = archs
+
+        def build_info(self):
+            return {"archs": self.archs}
+
+    for module, expected in ((Stub(["90"]), True), (Stub(["90a", "100a"]), True), (Stub(["100a"]), False), (None, False)):
+        monkeypatch.setattr(_backend, "_load_cuda", lambda module=module: module)
+        assert moelink.Buffer.is_sm90_compiled() is expected
+
+
+def _poisoning_phases(ctx):
+    """Errors before an operation starts leave the Buffer usable; anything after it starts poisons."""
+    # exactly what dispatches of 16 bf16 channels need, so wider rows do not fit
+    hint = max(moelink.config.intranode_window_bytes(num_ranks=ctx.world_size, num_channels=1, queue_tokens=16,
+                                                     row_bytes=32, num_scales=0, num_topk=2, experts_per_rank=2,
+                                                     sub_channels=sub) for sub in range(1, 9))
+    topk = torch.zeros(30, 2, dtype=torch.int64)
+    with moelink.Buffer(ctx.group, hint) as buffer:
+        _, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk, 2 * ctx.world_size)
+        layout = dict(topk_idx=topk, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                      config=moelink.Config(2, 2, 16))
+        with pytest.raises(errors.InvalidArgument, match="num_nvl_bytes: expected at least"):
+            buffer.dispatch(torch.zeros(30, 256, dtype=torch.bfloat16), **layout)  # too wide for this window
+        with pytest.raises(errors.InvalidDType):
+            buffer.dispatch(torch.zeros(30, 16, dtype=torch.int32), **layout)
+        recv, _, _, _, handle, _ = buffer.dispatch(torch.ones(30, 16, dtype=torch.bfloat16), **layout)  # still usable
+        assert recv.shape[0] == (30 * ctx.world_size if ctx.rank == 0 else 0)
+        # after the notify step: rank 0 receives more rows than num_worst_tokens allows
+        runtime.set_wait_timeout(2.0)  # rank 0 stops after notify; its peers wait for it in vain
+        try:
+            with pytest.raises((errors.InvalidArgument, errors.CommTimeout)):
+                buffer.dispatch(torch.ones(30, 16, dtype=torch.bfloat16), num_worst_tokens=30 * ctx.world_size - 1
+                                if ctx.rank == 0 else 30 * ctx.world_size, **layout)
+        finally:
+            runtime.set_wait_timeout(100.0)
+        with pytest.raises(errors.BufferUnusable, match="create a new Buffer"):
+            buffer.dispatch(torch.ones(30, 16, dtype=torch.bfloat16), **layout)
+    # a non-moelink exception inside the kernels' phase poisons as well
+    with moelink.Buffer(ctx.group, hint) as buffer:
+        original = moelink._intranode._host.intranode.dispatch
+
+        def failing(*args, **kwargs):
+            raise RuntimeError("injected after the notify step")
+
+        moelink._intranode._host.intranode.dispatch = failing
+        try:
+            with pytest.raises(RuntimeError, match="injected"):
+                buffer.dispatch(torch.ones(30, 16, dtype=torch.bfloat16), **layout)
+        finally:
+            moelink._intranode._host.intranode.dispatch = original
+        assert "RuntimeError" in buffer._unusable
+    return True
+
+
+def test_errors_before_start_never_poison_and_after_start_always_do(group):
+    assert group.run(_poisoning_phases, timeout=120) == [True] * group.world_size

@@ -1,9 +1,20 @@
 """Mechanics of the intranode dispatch and combine: input validation, output allocation and the
-kernel calls (csrc/runtime/ops_intranode.h). ``moelink.Buffer`` is the public face."""
+kernel calls (csrc/runtime/ops_intranode.h). ``moelink.Buffer`` is the public face.
+
+Every call has two phases, so that an error found before any rank can observe the call never
+poisons the Buffer (docs/semantics.md, "Failures"):
+
+- ``DispatchCall.validate`` / ``CombineCall.validate`` check the arguments, and ``plan_dispatch`` /
+  ``plan_combine`` size the window for the call (the error names the size needed). Nothing has
+  touched a window yet.
+- ``run_dispatch`` / ``run_combine`` launch the kernels: from the first one on, peers take part,
+  and any exception leaves the Buffer poisoned (the Buffer's ``_operation`` does that).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -12,42 +23,123 @@ from . import _host, _validate, runtime
 from .config import Config
 from .errors import InvalidArgument, InvalidShape, InvalidType, argument_error
 
-__all__ = ["DispatchHandle", "Node", "DispatchCall", "CombineCall", "dispatch", "combine"]
+__all__ = ["DispatchHandle", "Node", "DispatchCall", "CombineCall", "plan_dispatch", "run_dispatch", "plan_combine",
+           "run_combine", "TOPK_IDX_DTYPES"]
 
 _FP8 = tuple(d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d)
 _DISPATCH_DTYPES = (torch.bfloat16, torch.float16, torch.float32, *_FP8)
-_SCALE_GROUP = 128  # channels per FP8 scale
+# Payload of an (x, scales) pair: any 1-byte type (FP8 codes, or their raw bits as uint8/int8).
+_PAIR_DTYPES = (*_FP8, torch.uint8, torch.int8)
+# Scales travel as num_scales 4-byte words per row: float32, or int32 (four UE8M0 exponents each).
+_SCALE_DTYPES = (torch.float32, torch.int32)
+TOPK_IDX_DTYPES = (torch.int64, torch.int32)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class DispatchHandle:
-    """What a dispatch leaves for its combine and for cached dispatches. Treat as opaque."""
+    """What a dispatch leaves for its combine and for cached dispatches.
+
+    Pass it back unchanged. It also reads as DeepEP's intranode handle, the 6-tuple
+    ``(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
+    is_token_in_rank, send_head)``, for frameworks that index or unpack it (:meth:`deep_ep_tuple`
+    documents each element). ``R`` ranks, ``C`` channels, ``N`` tokens dispatched, ``M`` received.
+    """
 
     num_channels: int
     num_experts: int
-    recv_channel_start: torch.Tensor  # [ranks * virtual channels + 1] int32: first row of (sender, virtual channel)
+    recv_channel_start: torch.Tensor  # [R * V + 1] int32: first receive row of (sender s, virtual channel v) at s * V + v
     recv_src_idx: torch.Tensor  # [num_recv_tokens] int32: token index on the source rank
     is_token_in_rank: torch.Tensor  # [num_tokens, ranks] bool
     send_head: torch.Tensor  # [num_tokens, ranks] int32: queue position of each sent token
     num_recv_tokens_per_expert_list: List[int]
     sub_channels: int = 1  # the dispatch's warp map (runtime/ops_intranode.h: WarpMap)
+    rank: int = 0
+    num_ranks: int = 1
+    num_rows: int = -1  # rows of the dispatch's outputs: M, or num_worst_tokens when padded
 
     @property
     def num_recv_tokens(self) -> int:
         return int(self.recv_channel_start[-1])
 
+    @property
+    def num_output_rows(self) -> int:
+        return self.num_recv_tokens if self.num_rows < 0 else self.num_rows
+
+    # ---- DeepEP's tuple view --------------------------------------------------------------------
+
+    @functools.cached_property
+    def _deep_ep_tuple(self) -> Tuple[torch.Tensor, ...]:
+        ranks, channels, rank = self.num_ranks, self.num_channels, self.rank
+        virtual = channels * self.sub_channels  # channel c is virtual channels c*S .. c*S + S - 1
+        starts = self.recv_channel_start
+        # rank_prefix_matrix[s][j]: tokens ranks 0..s send to rank j. Only this rank's column is
+        # known here (its receive offsets); moelink never gathers the others: -1.
+        rank_prefix = torch.full((ranks, ranks), -1, dtype=torch.int32)
+        rank_prefix[:, rank] = starts[virtual::virtual][:ranks]
+        # channel_prefix_matrix[d][c]: this rank's tokens sent to rank d in channels 0..c (inclusive),
+        # with DeepEP's channels (ceil(N / C) tokens each; moelink's own split is finer).
+        num_tokens = self.is_token_in_rank.shape[0]
+        per_channel = -(-num_tokens // channels) if num_tokens else 0
+        padded = torch.zeros((channels * per_channel, ranks), dtype=torch.int32)
+        padded[:num_tokens] = self.is_token_in_rank.to(torch.int32)
+        counts = padded.view(channels, per_channel, ranks).sum(1, dtype=torch.int32)  # [C, R]
+        channel_prefix = counts.t().cumsum(1, dtype=torch.int32).contiguous()
+        # recv_channel_prefix_matrix[s][c]: first receive row of (source s, channel c): of its first
+        # virtual channel c * S in moelink's split.
+        recv_channel_prefix = starts[:ranks * virtual].view(ranks, channels, self.sub_channels)[:, :, 0].contiguous()
+        return (rank_prefix, channel_prefix, recv_channel_prefix, self.recv_src_idx, self.is_token_in_rank,
+                self.send_head)
+
+    def deep_ep_tuple(self) -> Tuple[torch.Tensor, ...]:
+        """DeepEP's intranode handle, element by element (all int32 unless noted):
+
+        0. ``rank_prefix_matrix`` ``[R, R]``: entry ``[s][j]`` is the number of tokens ranks
+           ``0..s`` send to rank ``j``, so ``[-1][rank]`` is this rank's received count and
+           ``[s - 1][rank]`` the first row from source ``s``. Only column ``rank`` is filled; the
+           other columns (other ranks' receive counts, which moelink never exchanges) are -1.
+        1. ``channel_prefix_matrix`` ``[R, C]``: this rank's tokens sent to rank ``d`` in channels
+           ``0..c``, inclusive prefix sum (sender side).
+        2. ``recv_channel_prefix_matrix`` ``[R, C]``: first receive row of the tokens from source
+           ``s``, channel ``c`` (receiver side).
+        3. ``recv_src_idx`` ``[M]``: index of each received row's token on its source rank
+           (DeepEP pads this to ``num_worst_tokens`` rows; moelink keeps the ``M`` real ones).
+        4. ``is_token_in_rank`` ``[N, R]`` bool: the layout the dispatch used.
+        5. ``send_head`` ``[N, R]``: position of token ``t`` in rank ``d``'s queue, -1 if not sent.
+
+        The tensors are computed once and shared; modifying them does not change the handle.
+        """
+        return self._deep_ep_tuple
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, index):
+        return self._deep_ep_tuple[index]
+
+    def __iter__(self):
+        return iter(self._deep_ep_tuple)
+
+    def __repr__(self) -> str:
+        return (f"DispatchHandle(rank {self.rank}/{self.num_ranks}, {self.is_token_in_rank.shape[0]} tokens sent, "
+                f"{self.num_recv_tokens} received, {self.num_channels} channels, {self.num_experts} experts)")
+
 
 @dataclasses.dataclass
 class Node:
+    """Where a call runs. ``window_ptrs`` is None for a Buffer without an NVL window
+    (``num_nvl_bytes=0``); ``epoch`` is the epoch the call will run as."""
+
     rank: int
     num_ranks: int
-    window_ptrs: List[int]
+    window_ptrs: Optional[List[int]]
     window_bytes: int
     epoch: int  # the Buffer's operation count, for messages (the kernels keep their own in the window)
     nvl_counter: int
 
     def shape(self, op: str, config: Config, row_bytes: int, num_scales: int, num_topk: int,
               experts_per_rank: int, sub_channels: Optional[int] = None):
+        """The native node for one call and its sub-channels (the handle's, or a fresh dispatch's
+        default); raises before anything runs if the warp map or the window does not fit."""
         channels, queue = config.num_sms // 2, config.num_max_nvl_chunked_recv_tokens
         warps = runtime.block_warps()
         if sub_channels is None:
@@ -55,7 +147,7 @@ class Node:
         native = _host.intranode.Node(
             rank=self.rank, num_ranks=self.num_ranks, num_channels=channels, block_warps=warps,
             sub_channels=sub_channels, queue_tokens=queue, row_bytes=row_bytes, num_scales=num_scales,
-            num_topk=num_topk, experts_per_rank=experts_per_rank, windows=self.window_ptrs,
+            num_topk=num_topk, experts_per_rank=experts_per_rank, windows=self.window_ptrs or [0] * self.num_ranks,
             nvl_bytes=self.nvl_counter)
         if not native.map_valid:
             raise argument_error(
@@ -63,11 +155,13 @@ class Node:
                 f"at least {min(self.num_ranks, warps) * sub_channels} slots for this {op} ({self.num_ranks} ranks, "
                 f"{warps} warps per block, {sub_channels} sub-channels fixed by the dispatch)", queue)
         if native.window_bytes_needed > self.window_bytes:
+            created = (" (this Buffer was created with num_nvl_bytes=0, DeepEP's default, which holds no "
+                       "intranode window)" if self.window_bytes == 0 else "")
             raise argument_error(
                 InvalidArgument, "num_nvl_bytes",
                 f"at least {native.window_bytes_needed} bytes for this {op} ({channels} channels of "
                 f"{queue} tokens of {row_bytes} bytes per rank pair; "
-                "Config.get_nvl_buffer_size_hint gives a size for every call of a shape)",
+                f"Config.get_nvl_buffer_size_hint gives a size for every call of a shape){created}",
                 self.window_bytes)
         return native, sub_channels
 
@@ -78,9 +172,22 @@ def _tensor(name: str, value, dtypes, shape: Tuple[int, ...], layout: str) -> to
     if tuple(value.shape) != shape:
         raise argument_error(InvalidShape, name, f"shape {shape} {layout}", f"shape {tuple(value.shape)}")
     _validate.contiguous(name, value)
-    if value.device.type != "cpu":
-        raise argument_error(InvalidArgument, name, "a CPU tensor (host target)", f"device '{value.device}'")
+    _validate.host_device(name, value)
     return value
+
+
+def _scales(x_scales, num_tokens: int) -> torch.Tensor:
+    """FP8 scales ``[num_tokens, num_scales]``, float32 or int32 (UE8M0 packed), any strides; made
+    contiguous here (a small copy) since the kernels copy num_scales 4-byte words per row."""
+    name = "x[1] (scales)"
+    _validate.tensor(name, x_scales)
+    _validate.dtype(name, x_scales, _SCALE_DTYPES)
+    _validate.ndim(name, x_scales, 2, "[num_tokens, num_scales]")
+    if x_scales.shape[0] != num_tokens or x_scales.shape[1] < 1:
+        raise argument_error(InvalidShape, name, f"shape ({num_tokens}, num_scales >= 1) [num_tokens, num_scales]",
+                             f"shape {tuple(x_scales.shape)}")
+    _validate.host_device(name, x_scales)
+    return x_scales.contiguous()
 
 
 @dataclasses.dataclass
@@ -90,12 +197,13 @@ class DispatchCall:
     handle: Optional[DispatchHandle]
     is_token_in_rank: Optional[torch.Tensor]
     num_tokens_per_expert: Optional[torch.Tensor]
-    topk_idx: Optional[torch.Tensor]
+    topk_idx: Optional[torch.Tensor]  # int64, what the kernels read
     topk_weights: Optional[torch.Tensor]
     num_experts: int
     expert_alignment: int
     num_worst_tokens: int
     config: Config
+    topk_idx_dtype: torch.dtype = torch.int64  # the caller's; recv_topk_idx comes back in it
 
     @staticmethod
     def validate(x, handle, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
@@ -108,12 +216,13 @@ class DispatchCall:
         _validate.tensor("x", x)
         _validate.ndim("x", x, 2, "[num_tokens, hidden]")
         num_tokens, hidden = x.shape
-        _tensor("x", x, _DISPATCH_DTYPES, (num_tokens, hidden), "[num_tokens, hidden]")
+        if x_scales is not None:
+            _tensor("x[0]", x, _PAIR_DTYPES, (num_tokens, hidden), "[num_tokens, hidden] (1-byte FP8 codes)")
+            x_scales = _scales(x_scales, num_tokens)
+        else:
+            _tensor("x", x, _DISPATCH_DTYPES, (num_tokens, hidden), "[num_tokens, hidden]")
         if (hidden * x.element_size()) % 16 != 0 or hidden == 0:
             raise argument_error(InvalidShape, "x", "rows of a positive multiple of 16 bytes", f"{hidden} x {x.dtype}")
-        if x_scales is not None:
-            groups = -(-hidden // _SCALE_GROUP)
-            _tensor("x[1] (scales)", x_scales, (torch.float32,), (num_tokens, groups), "[num_tokens, ceil(hidden / 128)]")
         if not isinstance(config, Config):
             raise argument_error(InvalidType, "config", "a moelink.Config", type(config).__name__)
         _validate.integer("expert_alignment", expert_alignment, minimum=1)
@@ -128,6 +237,10 @@ class DispatchCall:
             if handle.num_channels != config.num_sms // 2:
                 raise argument_error(InvalidArgument, "config", f"num_sms = {2 * handle.num_channels}, as in the "
                                      "handle's dispatch", f"num_sms = {config.num_sms}")
+            if num_worst_tokens and num_worst_tokens < handle.num_recv_tokens:
+                raise argument_error(InvalidArgument, "num_worst_tokens",
+                                     f"0 or at least {handle.num_recv_tokens} (the rows the handle's dispatch received)",
+                                     num_worst_tokens)
             num_experts = handle.num_experts
         else:
             for name, value in (("topk_idx", topk_idx), ("is_token_in_rank", is_token_in_rank),
@@ -136,17 +249,19 @@ class DispatchCall:
                     raise argument_error(InvalidArgument, name, "a tensor (required without a handle; "
                                          "Buffer.get_dispatch_layout computes it)", None)
             _validate.tensor("num_tokens_per_expert", num_tokens_per_expert)
-            num_experts = int(num_tokens_per_expert.shape[0])
+            num_experts = int(num_tokens_per_expert.shape[0]) if num_tokens_per_expert.dim() == 1 else -1
+        topk_idx_dtype = torch.int64
         if topk_idx is not None:
             _validate.tensor("topk_idx", topk_idx)
             _validate.ndim("topk_idx", topk_idx, 2, "[num_tokens, num_topk]")
-            _tensor("topk_idx", topk_idx, (torch.int64,), (num_tokens, topk_idx.shape[1]), "[num_tokens, num_topk]")
+            _tensor("topk_idx", topk_idx, TOPK_IDX_DTYPES, (num_tokens, topk_idx.shape[1]), "[num_tokens, num_topk]")
             if topk_weights is not None:
                 _tensor("topk_weights", topk_weights, (torch.float32,), tuple(topk_idx.shape), "like topk_idx")
         elif topk_weights is not None:
             raise argument_error(InvalidArgument, "topk_weights", "None when topk_idx is None", "a tensor")
-        if num_experts is not None and num_experts % num_ranks != 0:
-            raise argument_error(InvalidArgument, "num_experts", f"a multiple of the {num_ranks} ranks", num_experts)
+        if num_experts <= 0 or num_experts % num_ranks != 0:
+            raise argument_error(InvalidArgument, "num_experts", f"a positive multiple of the {num_ranks} ranks "
+                                 "(num_tokens_per_expert.shape[0])", num_experts)
         if handle is None:
             _tensor("is_token_in_rank", is_token_in_rank, (torch.bool,), (num_tokens, num_ranks), "[num_tokens, ranks]")
             _tensor("num_tokens_per_expert", num_tokens_per_expert, (torch.int32,), (num_experts,), "[num_experts]")
@@ -154,24 +269,43 @@ class DispatchCall:
             if topk_idx.numel() and (int(topk_idx.min()) < -1 or int(topk_idx.max()) >= num_experts):
                 raise argument_error(InvalidArgument, "topk_idx", f"expert ids in [-1, {num_experts})",
                                      f"min {int(topk_idx.min())}, max {int(topk_idx.max())}")
+            topk_idx_dtype = topk_idx.dtype
+            topk_idx = topk_idx.to(torch.int64)  # the kernels read int64 ids; int32 is widened (a small copy)
         return DispatchCall(x, x_scales, handle, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
-                            num_experts, expert_alignment, num_worst_tokens, config)
+                            num_experts, expert_alignment, num_worst_tokens, config, topk_idx_dtype)
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None or t.numel() == 0 else t.data_ptr()
 
 
-def dispatch(node: Node, call: DispatchCall):
+@dataclasses.dataclass
+class DispatchPlan:
+    node: Node
+    call: DispatchCall
+    native: object
+    sub_channels: int
+
+
+def plan_dispatch(node: Node, call: DispatchCall) -> DispatchPlan:
+    """Sizes the call against the window; raises before anything runs."""
+    num_topk = 0 if call.topk_idx is None else call.topk_idx.shape[1]
+    num_scales = 0 if call.x_scales is None else call.x_scales.shape[1]
+    row_bytes = call.x.shape[1] * call.x.element_size()
+    native, sub_channels = node.shape("dispatch", call.config, row_bytes, num_scales, num_topk,
+                                      call.num_experts // node.num_ranks,
+                                      None if call.handle is None else call.handle.sub_channels)
+    return DispatchPlan(node, call, native, sub_channels)
+
+
+def run_dispatch(plan: DispatchPlan):
+    node, call, native = plan.node, plan.call, plan.native
     x, num_tokens, ranks = call.x, call.x.shape[0], node.num_ranks
     num_topk = 0 if call.topk_idx is None else call.topk_idx.shape[1]
     experts_per_rank = call.num_experts // ranks
     num_scales = 0 if call.x_scales is None else call.x_scales.shape[1]
-    row_bytes = x.shape[1] * x.element_size()
-    handle = call.handle
-    native, sub_channels = node.shape("dispatch", call.config, row_bytes, num_scales, num_topk, experts_per_rank,
-                                      None if handle is None else handle.sub_channels)
     channels = call.config.num_sms // 2
+    handle = call.handle
     if handle is None:
         recv_channel_start = torch.empty(ranks * native.virtual_channels + 1, dtype=torch.int32)
         recv_counts = torch.empty(1 + experts_per_rank, dtype=torch.int32)
@@ -183,16 +317,21 @@ def dispatch(node: Node, call: DispatchCall):
         recv_channel_start, is_token_in_rank = handle.recv_channel_start, handle.is_token_in_rank
         per_expert = handle.num_recv_tokens_per_expert_list
     num_recv = int(recv_channel_start[-1])
-    rows = num_recv
     if call.num_worst_tokens:
         if num_recv > call.num_worst_tokens:
             raise argument_error(InvalidArgument, "num_worst_tokens",
                                  f"at least {num_recv} (the rows this rank receives)", call.num_worst_tokens)
         rows = call.num_worst_tokens
+    else:
+        # A cached dispatch returns as many rows as the handle's dispatch did (padded or not).
+        rows = handle.num_output_rows if handle is not None else num_recv
     # Every received row is overwritten by the kernel; only num_worst_tokens padding is zeroed.
     recv_x = torch.empty((rows, x.shape[1]), dtype=x.dtype)
     recv_x[num_recv:].zero_()
-    recv_scales = torch.zeros((rows, num_scales), dtype=torch.float32) if num_scales else None
+    recv_scales = None
+    if num_scales:
+        recv_scales = torch.empty((rows, num_scales), dtype=call.x_scales.dtype)
+        recv_scales[num_recv:].zero_()
     recv_topk_idx = torch.full((rows, num_topk), -1, dtype=torch.int64) if num_topk else None
     recv_topk_weights = torch.zeros((rows, num_topk), dtype=torch.float32) if call.topk_weights is not None else None
     recv_src_idx = torch.empty(num_recv, dtype=torch.int32)
@@ -204,7 +343,10 @@ def dispatch(node: Node, call: DispatchCall):
         _ptr(recv_topk_weights), _ptr(recv_src_idx), rank=node.rank)
     if handle is None:
         handle = DispatchHandle(channels, call.num_experts, recv_channel_start, recv_src_idx, is_token_in_rank,
-                                send_head, per_expert, sub_channels)
+                                send_head, per_expert, plan.sub_channels, rank=node.rank, num_ranks=ranks,
+                                num_rows=rows)
+    if recv_topk_idx is not None and call.topk_idx_dtype != torch.int64:
+        recv_topk_idx = recv_topk_idx.to(call.topk_idx_dtype)
     payload = recv_x if recv_scales is None else (recv_x, recv_scales)
     return payload, recv_topk_idx, recv_topk_weights, handle
 
@@ -223,14 +365,20 @@ class CombineCall:
             raise argument_error(InvalidType, "handle", "a handle returned by Buffer.dispatch", type(handle).__name__)
         _validate.tensor("x", x)
         _validate.ndim("x", x, 2, "[num_recv_tokens, hidden]")
-        num_recv, hidden = x.shape
-        _tensor("x", x, (torch.bfloat16,), (handle.num_recv_tokens, hidden), "[num_recv_tokens, hidden] (the dispatch's rows)")
+        num_rows, hidden = x.shape
+        received, padded = handle.num_recv_tokens, handle.num_output_rows
+        if num_rows not in (received, padded):
+            rows = f"{received}" if received == padded else f"{received} or {padded} (num_worst_tokens)"
+            raise argument_error(InvalidShape, "x", f"{rows} rows (the dispatch's rows) of [num_recv_tokens, hidden]",
+                                 f"shape {tuple(x.shape)}")
+        _tensor("x", x, (torch.bfloat16,), (num_rows, hidden), "[num_recv_tokens, hidden] (the dispatch's rows)")
         if hidden % 8 != 0 or hidden == 0:
             raise argument_error(InvalidShape, "x", "a hidden size that is a positive multiple of 8", hidden)
         if topk_weights is not None:
             _validate.tensor("topk_weights", topk_weights)
             _validate.ndim("topk_weights", topk_weights, 2, "[num_recv_tokens, num_topk]")
-            _tensor("topk_weights", topk_weights, (torch.float32,), (num_recv, topk_weights.shape[1]), "[num_recv_tokens, num_topk]")
+            _tensor("topk_weights", topk_weights, (torch.float32,), (num_rows, topk_weights.shape[1]),
+                    "[num_recv_tokens, num_topk] (rows like x)")
         biases = bias if isinstance(bias, tuple) else (bias, None)
         if len(biases) != 2:
             raise argument_error(InvalidType, "bias", "None, a tensor or a pair of tensors", f"a {len(biases)}-tuple")
@@ -246,16 +394,32 @@ class CombineCall:
         return CombineCall(x, handle, topk_weights, biases, config)
 
 
-def combine(node: Node, call: CombineCall):
+@dataclasses.dataclass
+class CombinePlan:
+    node: Node
+    call: CombineCall
+    native: object
+
+
+def plan_combine(node: Node, call: CombineCall) -> CombinePlan:
+    num_topk = 0 if call.topk_weights is None else call.topk_weights.shape[1]
+    native, _ = node.shape("combine", call.config, call.x.shape[1] * 2, 0, num_topk, 0, call.handle.sub_channels)
+    return CombinePlan(node, call, native)
+
+
+def run_combine(plan: CombinePlan):
+    node, call, native = plan.node, plan.call, plan.native
     handle, x = call.handle, call.x
     num_topk = 0 if call.topk_weights is None else call.topk_weights.shape[1]
     hidden = x.shape[1]
-    native, _ = node.shape("combine", call.config, hidden * 2, 0, num_topk, 0, handle.sub_channels)
     num_tokens = handle.is_token_in_rank.shape[0]
     combined_x = torch.empty((num_tokens, hidden), dtype=torch.bfloat16)
     combined_weights = torch.empty((num_tokens, num_topk), dtype=torch.float32) if num_topk else None
+    # Rows past the received ones (num_worst_tokens padding) are never read: the kernels address
+    # rows through recv_channel_start.
     _host.intranode.combine(
-        native, call.config.num_max_nvl_chunked_send_tokens, hidden, x.shape[0], _ptr(x), _ptr(call.topk_weights),
-        handle.recv_channel_start.data_ptr(), num_tokens, _ptr(handle.is_token_in_rank), _ptr(handle.send_head),
-        _ptr(call.bias[0]), _ptr(call.bias[1]), _ptr(combined_x), _ptr(combined_weights), rank=node.rank)
+        native, call.config.num_max_nvl_chunked_send_tokens, hidden, handle.num_recv_tokens, _ptr(x),
+        _ptr(call.topk_weights), handle.recv_channel_start.data_ptr(), num_tokens, _ptr(handle.is_token_in_rank),
+        _ptr(handle.send_head), _ptr(call.bias[0]), _ptr(call.bias[1]), _ptr(combined_x), _ptr(combined_weights),
+        rank=node.rank)
     return combined_x, combined_weights

@@ -7,7 +7,7 @@ from typing import Iterable
 
 import torch
 
-from .errors import InvalidArgument, InvalidDType, InvalidShape, InvalidType, argument_error
+from .errors import InvalidArgument, InvalidDevice, InvalidDType, InvalidShape, InvalidType, argument_error
 
 
 def tensor(name: str, value: object) -> torch.Tensor:
@@ -46,3 +46,10 @@ def divides(divisor_name: str, divisor: int, dividend_name: str, dividend: int) 
         raise argument_error(
             InvalidArgument, dividend_name, f"a multiple of {divisor_name} = {divisor}", f"{dividend}"
         )
+
+
+def host_device(name: str, value: torch.Tensor) -> None:
+    """The intranode Buffer runs on the host target only, so far: CPU tensors."""
+    if value.device.type != "cpu":
+        raise argument_error(InvalidDevice, name, "a CPU tensor (host target; the GPU transport is not built yet)",
+                             f"device '{value.device}'")

@@ -10,15 +10,17 @@ is not built yet: asking for it raises :class:`moelink.errors.GPUUnavailable`.
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional, Tuple, Union
+import contextlib
+from typing import ClassVar, Iterator, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
-from . import _intranode, _validate
+from . import _backend, _intranode, _validate
 from ._host_windows import bootstrap_host_windows
+from ._interop import accepts_arrays
 from .config import DEFAULT_NUM_SMS, Config, get_combine_config, get_dispatch_config
-from .errors import BufferUnusable, GPUUnavailable, InvalidArgument, InvalidType, MoelinkError, argument_error
+from .errors import BufferUnusable, GPUUnavailable, InvalidArgument, InvalidType, argument_error
 from .event import EventOverlap
 from .layout import get_dispatch_layout as _get_dispatch_layout
 from ._intranode import DispatchHandle
@@ -31,10 +33,15 @@ Payload = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 class Buffer:
     """Communication buffers of one rank, shared with the ranks of its node.
 
-    ``num_nvl_bytes``: bytes of this rank's window for intranode traffic. ``ranks_per_node``
-    (moelink): ranks per node; default the group size, the only value the intranode path accepts
-    today. ``num_rdma_bytes > 0`` and ``low_latency_mode`` (internode and low-latency paths) are
-    not implemented yet and raise. Use as a context manager, or call :meth:`destroy`.
+    ``num_nvl_bytes``: bytes of this rank's window for intranode traffic; 0 (DeepEP's default)
+    creates no window, and an intranode call then raises naming the size it needs.
+    ``ranks_per_node`` (moelink): ranks per node; default the group size, the only value the
+    intranode path accepts today. ``num_rdma_bytes > 0`` and ``low_latency_mode`` (internode and
+    low-latency paths) are not implemented yet and raise. Use as a context manager, or call
+    :meth:`destroy`.
+
+    Arrays: every method taking tensors also takes any ``__dlpack__`` array (NumPy on the host) and
+    then returns arrays of that library (``moelink._interop``).
     """
 
     num_sms: ClassVar[int] = DEFAULT_NUM_SMS
@@ -46,8 +53,10 @@ class Buffer:
         if not isinstance(group, dist.ProcessGroup):
             raise argument_error(InvalidType, "group", "a torch.distributed ProcessGroup", type(group).__name__)
         self.group = group
+        self._windows = None
+        self._unusable: Optional[str] = None
         self.rank, self.group_size = group.rank(), group.size()
-        self.num_nvl_bytes = _validate.integer("num_nvl_bytes", num_nvl_bytes, minimum=1)
+        self.num_nvl_bytes = _validate.integer("num_nvl_bytes", num_nvl_bytes, minimum=0)
         self.num_rdma_bytes = _validate.integer("num_rdma_bytes", num_rdma_bytes, minimum=0)
         self.low_latency_mode = bool(low_latency_mode)
         self.explicitly_destroy = bool(explicitly_destroy)
@@ -59,18 +68,21 @@ class Buffer:
         if dist.get_backend(group) != "gloo":
             raise GPUUnavailable(f"group: moelink's GPU transport (NCCL windows) is not built yet; the host target "
                                  f"needs a gloo group, got backend '{dist.get_backend(group)}'")
-        self._windows = bootstrap_host_windows(group, self.num_nvl_bytes, ranks_per_node=self.ranks_per_node)
-        self._window_ptrs = self._windows.node_window_ptrs()
-        self._nvl_counter = self._windows.counter_ptr("nvl")
+        if self.num_nvl_bytes == 0:
+            _agree_on_no_window(group, self.ranks_per_node)
+            self._window_ptrs, self._nvl_counter = None, 0
+        else:
+            self._windows = bootstrap_host_windows(group, self.num_nvl_bytes, ranks_per_node=self.ranks_per_node)
+            self._window_ptrs = self._windows.node_window_ptrs()
+            self._nvl_counter = self._windows.counter_ptr("nvl")
         self._epoch = 0
-        self._unusable: Optional[str] = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
     def destroy(self) -> None:
         """Releases the windows. The Buffer is unusable afterwards. Idempotent."""
-        if self._unusable is None or not self._windows.closed:
-            self._unusable = self._unusable or "the Buffer was destroyed"
+        self._unusable = self._unusable or "the Buffer was destroyed"
+        if self._windows is not None and not self._windows.closed:
             self._windows.close()
 
     def __enter__(self) -> "Buffer":
@@ -84,16 +96,77 @@ class Buffer:
         if windows is not None and not windows.closed:
             windows.close()
 
-    def _begin(self, op: str) -> _intranode.Node:
+    # Two phases per operation (see _intranode): `_node` describes the call's node without
+    # touching anything, so a validation or sizing error leaves the Buffer usable; `_operation`
+    # marks the start (the epoch every rank advances together) and poisons the Buffer on any
+    # exception from there on, since peers may be mid-operation on the shared windows.
+
+    def _node(self, op: str) -> _intranode.Node:
         if self._unusable is not None:
             raise BufferUnusable(f"{op}: this Buffer cannot be used: {self._unusable}")
-        self._epoch += 1
         return _intranode.Node(rank=self.rank, num_ranks=self.group_size, window_ptrs=self._window_ptrs,
-                               window_bytes=self.num_nvl_bytes, epoch=self._epoch, nvl_counter=self._nvl_counter)
+                               window_bytes=self.num_nvl_bytes, epoch=self._epoch + 1, nvl_counter=self._nvl_counter)
+
+    @contextlib.contextmanager
+    def _operation(self, op: str) -> Iterator[None]:
+        self._epoch += 1
+        try:
+            yield
+        except BaseException as exc:
+            self._poison(op, exc)
+            raise
 
     def _poison(self, op: str, exc: BaseException) -> None:
         self._unusable = (f"{op} (operation {self._epoch}) failed with {type(exc).__name__}, and peers may be "
                           f"mid-operation on the shared windows; create a new Buffer. Cause: {exc}")
+
+    # ---- DeepEP's accessors ----------------------------------------------------------------------
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """True when moelink's CUDA extension was built with an sm_90 target (whether or not a GPU
+        is present: this reports the build, as DeepEP's does)."""
+        module = _backend._load_cuda()
+        return module is not None and any(arch.startswith("90") for arch in module.build_info()["archs"])
+
+    def get_comm_stream(self):
+        """DeepEP returns the CUDA stream its kernels run on. The host target has no streams (every
+        operation runs on the calling thread and has finished when it returns): None."""
+        return None
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size: Optional[torch.Size] = None, offset: int = 0,
+                                use_rdma_buffer: bool = False) -> torch.Tensor:
+        """This rank's NVL window as a 1-D CPU tensor of ``dtype`` from byte ``offset`` (a multiple
+        of the element size) to the end, or its first ``size.numel()`` elements viewed as ``size``.
+
+        The tensor aliases the shared window: peers write into it during every operation, and it
+        also holds moelink's queue counters, so treat it as read-only scratch between operations;
+        it must not be used after :meth:`destroy`. There is no RDMA buffer yet
+        (``use_rdma_buffer=True`` raises)."""
+        if not isinstance(dtype, torch.dtype):
+            raise argument_error(InvalidType, "dtype", "a torch.dtype", type(dtype).__name__)
+        if use_rdma_buffer:
+            raise argument_error(InvalidArgument, "use_rdma_buffer", "False (this Buffer has no RDMA buffer: "
+                                 "num_rdma_bytes=0; the internode path is not built yet)", use_rdma_buffer)
+        if self._unusable is not None and self._windows is not None and self._windows.closed:
+            raise BufferUnusable(f"get_local_buffer_tensor: this Buffer cannot be used: {self._unusable}")
+        element = torch.empty(0, dtype=dtype).element_size()
+        _validate.integer("offset", offset, minimum=0)
+        if offset > self.num_nvl_bytes or offset % element:
+            raise argument_error(InvalidArgument, "offset", f"a multiple of {element} (the size of {dtype}) in "
+                                 f"[0, num_nvl_bytes = {self.num_nvl_bytes}]", offset)
+        count = (self.num_nvl_bytes - offset) // element
+        if self._windows is None or count == 0:
+            tensor = torch.empty(0, dtype=dtype)
+        else:
+            tensor = self._windows.view(self.rank, offset, count * element, dtype)
+        if size is None:
+            return tensor
+        shape = torch.Size(size)
+        if shape.numel() > tensor.numel():
+            raise argument_error(InvalidArgument, "size", f"at most {tensor.numel()} elements of {dtype} from byte "
+                                 f"{offset} of the {self.num_nvl_bytes}-byte window", f"{tuple(shape)} ({shape.numel()})")
+        return tensor[:shape.numel()].view(shape)
 
     # ---- configuration ---------------------------------------------------------------------------
 
@@ -123,6 +196,7 @@ class Buffer:
 
     # ---- layout ----------------------------------------------------------------------------------
 
+    @accepts_arrays
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event: Optional[EventOverlap] = None,
                             async_finish: bool = False, allocate_on_comm_stream: bool = False):
         """``(num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank,
@@ -133,6 +207,7 @@ class Buffer:
 
     # ---- dispatch / combine ----------------------------------------------------------------------
 
+    @accepts_arrays(bits={"x": torch.bfloat16})
     def dispatch(self, x: Payload, handle: Optional[DispatchHandle] = None,
                  num_tokens_per_rank: Optional[torch.Tensor] = None,
                  num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
@@ -146,49 +221,64 @@ class Buffer:
 
         Returns ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
         handle, event)``. ``recv_x`` is a tensor, or ``(recv_x, recv_scales)`` when ``x`` was an
-        FP8 pair. Rows arrive by source rank, then token index. ``recv_topk_idx`` holds local
-        expert ids, -1 (weight 0) for experts elsewhere. With ``handle`` (cached mode) the layout of
-        an earlier dispatch is reused and the result is bit for bit that of a fresh dispatch.
+        FP8 pair ``(codes, scales)``: 1-byte codes and ``[num_tokens, num_scales]`` float32 or int32
+        (UE8M0-packed) scales of any strides; the received scales are contiguous, of the input's
+        dtype. Rows arrive by source rank, then token index. ``recv_topk_idx`` holds local expert
+        ids, -1 (weight 0) for experts elsewhere, in ``topk_idx``'s dtype (int64 or int32). With
+        ``handle`` (cached mode) the layout of an earlier dispatch is reused and the result is bit
+        for bit that of a fresh dispatch. The handle also reads as DeepEP's 6-tuple
+        (:meth:`DispatchHandle.deep_ep_tuple`).
         """
         config = config or self.get_dispatch_config(self.group_size)
         call = _intranode.DispatchCall.validate(
             x, handle, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
             num_worst_tokens, config, self.group_size)
-        node = self._begin("dispatch")
-        try:
-            recv_x, recv_topk_idx, recv_topk_weights, handle = _intranode.dispatch(node, call)
-        except MoelinkError as exc:
-            self._poison("dispatch", exc)
-            raise
+        plan = _intranode.plan_dispatch(self._node("dispatch"), call)
+        with self._operation("dispatch"):
+            recv_x, recv_topk_idx, recv_topk_weights, handle = _intranode.run_dispatch(plan)
         # With num_worst_tokens the GPU path never brings the counts to the host (that is the point
         # of the mode), so, as in DeepEP, the list is empty on every target.
         per_expert = [] if num_worst_tokens else handle.num_recv_tokens_per_expert_list
         return recv_x, recv_topk_idx, recv_topk_weights, per_expert, handle, EventOverlap()
 
+    @accepts_arrays(bits={"x": torch.bfloat16, "bias": torch.bfloat16})
     def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None,
                 bias: Union[None, torch.Tensor, Tuple[torch.Tensor, torch.Tensor]] = None,
                 config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
                 async_finish: bool = False, allocate_on_comm_stream: bool = False):
         """Returns every token to its source rank summed over the ranks it went to (fp32
         accumulation, rank order), plus ``bias`` (a tensor or a pair). ``x``: bf16
-        ``[num_recv_tokens, hidden]`` in the dispatch's receive order. Returns ``(combined_x,
+        ``[num_recv_tokens, hidden]`` in the dispatch's receive order, or the dispatch's padded
+        ``[num_worst_tokens, hidden]`` rows (those past the received ones are ignored). Returns ``(combined_x,
         combined_topk_weights, event)``; ``combined_topk_weights`` sums ``topk_weights`` the same way
         (None without them)."""
         config = config or self.get_combine_config(self.group_size)
         call = _intranode.CombineCall.validate(x, handle, topk_weights, bias, config, self.group_size)
-        node = self._begin("combine")
-        try:
-            combined_x, combined_topk_weights = _intranode.combine(node, call)
-        except MoelinkError as exc:
-            self._poison("combine", exc)
-            raise
+        plan = _intranode.plan_combine(self._node("combine"), call)
+        with self._operation("combine"):
+            combined_x, combined_topk_weights = _intranode.run_combine(plan)
         return combined_x, combined_topk_weights, EventOverlap()
 
     # ---- diagnostics -----------------------------------------------------------------------------
 
     def bytes_moved(self) -> dict:
         """Payload bytes this rank wrote into other ranks' windows, per link class."""
-        return self._windows.counters()
+        return self._windows.counters() if self._windows is not None else {"nvl": 0, "rdma": 0}
 
     def reset_bytes_moved(self) -> None:
-        self._windows.reset_counters()
+        if self._windows is not None:
+            self._windows.reset_counters()
+
+
+def _agree_on_no_window(group: dist.ProcessGroup, ranks_per_node: int) -> None:
+    """A Buffer without an NVL window makes no segment, but its ranks still meet once, so a rank
+    that asked for a window does not wait alone. The item has the shape of the first collective of
+    bootstrap_host_windows, (data_bytes, ranks_per_node, nic_maps_remote, error), so that a rank
+    inside that bootstrap sees data_bytes differ and raises too, instead of hanging."""
+    mine = (0, ranks_per_node, False, None)
+    items = [None] * group.size()
+    dist.all_gather_object(items, mine, group=group)
+    if any(item != mine for item in items):
+        listing = ", ".join(f"rank {r}: {item[:2] if isinstance(item, tuple) else item}" for r, item in enumerate(items))
+        raise argument_error(InvalidArgument, "num_nvl_bytes", "the same value on every rank",
+                             f"(num_nvl_bytes, ranks_per_node) {listing}")

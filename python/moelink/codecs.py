@@ -183,3 +183,12 @@ def logfmt_decode(packed: torch.Tensor, hidden: int, bits: int = 8, out_dtype: t
         stream=_backend.stream_handle(packed.device), rank=rank,
     )
     return out
+
+
+# Any __dlpack__ array in (NumPy on the host), arrays of the caller's library out; NumPy lacks
+# bfloat16 and float8, whose raw bits (uint16 / uint8) stand for them (moelink/_interop.py).
+from ._interop import wrap_module_functions  # noqa: E402
+
+wrap_module_functions(globals(), ("fp8_quantize", "fp8_dequantize", "logfmt_encode", "logfmt_decode"),
+                      fp8_quantize=dict(bits={"x": torch.bfloat16}), logfmt_encode=dict(bits={"x": torch.bfloat16}),
+                      fp8_dequantize=dict(bits={"q": torch.float8_e4m3fn}))

@@ -21,6 +21,7 @@ __all__ = [
     "GPUUnavailable",
     "CudaError",
     "BufferUnusable",
+    "AliasConflict",
     "argument_error",
 ]
 
@@ -81,3 +82,7 @@ class BufferUnusable(MoelinkError, RuntimeError):
 def argument_error(cls: type[MoelinkError], name: str, expected: str, received: object) -> MoelinkError:
     """Builds ``cls`` with the one message format every input error uses."""
     return cls(f"{name}: expected {expected}, got {received}")
+
+
+class AliasConflict(MoelinkError, ImportError):
+    """``moelink.compat.install_deep_ep_alias`` found a real ``deep_ep`` already imported."""

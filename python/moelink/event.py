@@ -25,8 +25,15 @@ class EventOverlap:
         self.extra_tensors = extra_tensors
 
     def current_stream_wait(self) -> None:
-        """Makes torch's current stream wait for the event (no-op on the host target)."""
-        if self.event is not None:
+        """Makes torch's current stream wait for the event (no-op on the host target). An event
+        with its own ``current_stream_wait`` (DeepEP's ``EventHandle``, which frameworks wrap
+        themselves: ``EventOverlap(EventHandle())``) is asked to wait."""
+        if self.event is None:
+            return
+        wait = getattr(self.event, "current_stream_wait", None)
+        if wait is not None:
+            wait()
+        else:
             torch.cuda.current_stream().wait_event(self.event)
 
     def __enter__(self) -> "EventOverlap":

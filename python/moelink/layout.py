@@ -9,6 +9,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _backend, _validate
+from ._interop import accepts_arrays
 from .errors import InvalidArgument, argument_error
 
 __all__ = ["DispatchLayout", "get_dispatch_layout"]
@@ -36,6 +37,7 @@ def _check_expert_ids(topk_idx: torch.Tensor, num_experts: int) -> None:
         )
 
 
+@accepts_arrays
 def get_dispatch_layout(
     topk_idx: torch.Tensor,
     num_experts: int,
