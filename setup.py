@@ -43,7 +43,8 @@ REPORT_NAME = "_ptxas_report.txt"  # the packaged copy, beside moelink/_cuda*.so
 BOTH = ["csrc/runtime/ops_*.cu", "csrc/bindings/bind_*.cpp"]
 HOST_ONLY = ["csrc/simt/*.cpp", "csrc/simt/*.S", "csrc/transport/host/*.cpp",
              "csrc/bindings/host_*.cpp", "csrc/runtime/*_host.cpp"]
-CUDA_ONLY = ["csrc/runtime/*_cuda.cu", "csrc/runtime/cuda_*.cu", "csrc/bindings/cuda_*.cpp"]
+CUDA_ONLY = ["csrc/runtime/*_cuda.cu", "csrc/runtime/cuda_*.cu", "csrc/bindings/cuda_*.cpp",
+             "csrc/transport/nccl/*.cpp", "csrc/transport/nccl/*.cu"]
 HEADERS = ["csrc/**/*.h", "csrc/**/*.cuh", "csrc/**/*.hpp", "csrc/**/*.inc"]
 
 CXXFLAGS = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fPIC", "-pthread", "-DNDEBUG", "-Wall"]
