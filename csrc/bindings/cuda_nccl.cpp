@@ -90,6 +90,18 @@ void bind_nccl(py::module_& parent) {
         nccl::throw_result(nullptr, nullptr, static_cast<ncclResult_t>(code), what);
       },
       py::arg("code"), py::arg("what"), "Test hook: raises the typed error moelink maps an ncclResult_t onto.");
+  m.def(
+      "_memcpy",
+      [](uintptr_t dst, uintptr_t src, std::size_t nbytes) {
+        const cudaError_t err = cudaMemcpy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), nbytes,
+                                           cudaMemcpyDefault);
+        if (err != cudaSuccess) {
+          cudaGetLastError();
+          throw Error(ErrorKind::kCudaError, std::string("cudaMemcpy failed: ") + cudaGetErrorName(err));
+        }
+      },
+      py::arg("dst"), py::arg("src"), py::arg("nbytes"), release_gil(),
+      "Test hook: a synchronous cudaMemcpy (cudaMemcpyDefault) between host and window addresses.");
 
   py::class_<LibraryHandle>(m, "Library", py::module_local(), "A loaded and checked libnccl (never unloaded).")
       .def_property_readonly("path", [](const LibraryHandle& h) { return h.lib->path; })
