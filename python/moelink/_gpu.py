@@ -75,8 +75,8 @@ class CommStream:
         if self.device.type != "cuda":
             return None
         if self._stream is None:
-            high, _ = torch.cuda.Stream.priority_range()  # (greatest, least): lower is higher
-            self._stream = torch.cuda.Stream(device=self.device, priority=high)
+            # Lower is higher; torch clamps a value beyond the range to the highest priority.
+            self._stream = torch.cuda.Stream(device=self.device, priority=-(1 << 20))
         return self._stream
 
     @property
