@@ -6,7 +6,9 @@
 Sources are found by naming convention (the globs below), so a new file needs no edit here.
 Objects are cached in build/ and rebuilt when their command, their source or any csrc/ header
 changes. The ptxas report (-Xptxas -v) of every nvcc TU goes to build/ptxas-report.txt and ships
-as moelink/_ptxas_report.txt; tools/check_ptxas.py reads it.
+as moelink/_ptxas_report.txt; tools/check_ptxas.py reads it. Each TU's block in the report ends
+with the launch bounds of its kernels (.maxntid/.reqntid/.minnctapersm/.maxnreg), read from the
+PTX that nvcc keeps (-keep) for the length of the compile: ptxas -v does not print them.
 
 Environment:
   MOELINK_CUDA=0|1        force the CUDA extension off/on (default: on iff nvcc is found;
@@ -43,7 +45,8 @@ REPORT_NAME = "_ptxas_report.txt"  # the packaged copy, beside moelink/_cuda*.so
 BOTH = ["csrc/runtime/ops_*.cu", "csrc/bindings/bind_*.cpp"]
 HOST_ONLY = ["csrc/simt/*.cpp", "csrc/simt/*.S", "csrc/transport/host/*.cpp",
              "csrc/bindings/host_*.cpp", "csrc/runtime/*_host.cpp"]
-CUDA_ONLY = ["csrc/runtime/*_cuda.cu", "csrc/runtime/cuda_*.cu", "csrc/bindings/cuda_*.cpp"]
+CUDA_ONLY = ["csrc/runtime/*_cuda.cu", "csrc/runtime/cuda_*.cu", "csrc/bindings/cuda_*.cpp",
+             "csrc/transport/nccl/*.cpp", "csrc/transport/nccl/*.cu"]
 HEADERS = ["csrc/**/*.h", "csrc/**/*.cuh", "csrc/**/*.hpp", "csrc/**/*.inc"]
 
 CXXFLAGS = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fPIC", "-pthread", "-DNDEBUG", "-Wall"]
@@ -168,6 +171,33 @@ def find_nccl() -> Path | None:
     return next((c.resolve() for c in candidates if (c / "include" / "nccl.h").is_file()), None)
 
 
+# --- launch bounds -----------------------------------------------------------------------------
+
+PTX_ENTRY = re.compile(r"^\s*(?:\.visible\s+|\.weak\s+|\.extern\s+)*\.entry\s+([\w$.]+)\s*\(", re.M)
+PTX_TARGET = re.compile(r"^\s*\.target\s+(\w+)", re.M)
+PTX_BOUNDS = ("maxntid", "reqntid", "minnctapersm", "maxnreg")
+
+
+def launch_bounds_lines(keep_dir: Path) -> str:
+    """One `moelink launch-bounds:` line per kernel and arch, from the PTX nvcc kept in keep_dir:
+    the performance-tuning directives between a kernel's parameter list and its body."""
+    ptx_files = sorted(keep_dir.glob("*.ptx"))
+    lines = [f"moelink launch-bounds scanned: {len(ptx_files)} ptx"]
+    for ptx in ptx_files:
+        text = ptx.read_text()
+        target = PTX_TARGET.search(text)
+        arch = target.group(1) if target else "?"
+        for entry in PTX_ENTRY.finditer(text):
+            body = text.find("{", entry.end())
+            head = text[entry.end():body if body >= 0 else len(text)]
+            fields = []
+            for name in PTX_BOUNDS:
+                m = re.search(rf"\.{name}\s+([\d,\s]+?)\s*$", head, re.M)
+                fields.append(f"{name}={re.sub(r'[^0-9,]', '', m.group(1)) if m else '-'}")
+            lines.append(f"moelink launch-bounds: arch={arch} entry={entry.group(1)} {' '.join(fields)}")
+    return "\n".join(lines) + "\n"
+
+
 # --- build_ext -------------------------------------------------------------------------------
 
 class BuildExt(build_ext):
@@ -221,6 +251,10 @@ class BuildExt(build_ext):
                 return str(obj)
             obj.parent.mkdir(parents=True, exist_ok=True)
             stamp.unlink(missing_ok=True)
+            keep = self.keep_dir(obj)
+            if cuda and src.endswith(".cu"):
+                shutil.rmtree(keep, ignore_errors=True)
+                keep.mkdir(parents=True)
             start = time.monotonic()
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             log(f"[{next(done)}/{len(ext.sources)}] compiled {src} [{ext.name}] in {time.monotonic() - start:.1f}s")
@@ -228,7 +262,8 @@ class BuildExt(build_ext):
             if proc.returncode != 0:
                 raise SystemExit(f"moelink: compiling {src} failed:\n{' '.join(cmd)}\n{output}")
             if cuda and src.endswith(".cu"):
-                obj.with_name(obj.name + ".ptxas").write_text(output)
+                obj.with_name(obj.name + ".ptxas").write_text(output + launch_bounds_lines(keep))
+                shutil.rmtree(keep, ignore_errors=True)  # megabytes of intermediates per TU
                 output = "\n".join(l for l in output.splitlines()  # warnings only, not the report
                                    if not l.startswith(("ptxas info", "    ")))
             if output.strip():
@@ -249,7 +284,12 @@ class BuildExt(build_ext):
             target_lang="c++")
 
     @staticmethod
-    def command(ext, cuda: Cuda | None, src: Path, obj: Path) -> list[str]:
+    def keep_dir(obj: Path) -> Path:
+        """Where nvcc keeps a TU's intermediates (its PTX gives the launch bounds)."""
+        return obj.with_name(obj.name + ".keep")
+
+    @classmethod
+    def command(cls, ext, cuda: Cuda | None, src: Path, obj: Path) -> list[str]:
         includes = [f"-I{d}" for d in ext.include_dirs]
         defines = [f"-D{name}={value}" for name, value in ext.define_macros]
         out = ["-c", str(src), "-o", str(obj)]
@@ -258,7 +298,8 @@ class BuildExt(build_ext):
         if src.suffix == ".cu" and cuda:
             ccbin = ["-ccbin", os.environ["CXX"]] if os.environ.get("CXX") else []
             gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in cuda.archs]
-            return [cuda.nvcc, *ccbin, *NVCCFLAGS, *gencode, *includes, *defines, *out]
+            keep = ["-keep", "-keep-dir", str(cls.keep_dir(obj))]
+            return [cuda.nvcc, *ccbin, *NVCCFLAGS, *keep, *gencode, *includes, *defines, *out]
         language = ["-x", "c++"] if src.suffix == ".cu" else []  # host build of a kernel TU
         return [os.environ.get("CXX", "g++"), *CXXFLAGS, *includes, *defines, *language, *out]
 

@@ -15,6 +15,7 @@ def pytest_configure(config) -> None:
     config.addinivalue_line(
         "markers", "slow: long or large (e.g. 8-rank) tests; CI runs 2-4 ranks, deselect with -m 'not slow'"
     )
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one); run them with -m gpu")
 
 
 from seeding import seed  # noqa: E402,F401  (the `seed` fixture, for every test module)

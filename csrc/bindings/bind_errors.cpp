@@ -14,6 +14,8 @@ const char* python_name(ErrorKind kind) {
     case ErrorKind::kDeadlock: return "Deadlock";
     case ErrorKind::kGpuUnavailable: return "GPUUnavailable";
     case ErrorKind::kCudaError: return "CudaError";
+    case ErrorKind::kNcclUnavailable: return "NcclUnavailable";
+    case ErrorKind::kNcclError: return "NcclError";
   }
   return "MoelinkError";
 }

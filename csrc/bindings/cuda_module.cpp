@@ -28,6 +28,7 @@ namespace moelink::bindings {
 void bind_codecs(py::module_& m);
 void bind_intranode(py::module_& m);
 void bind_layout(py::module_& m);
+void bind_nccl(py::module_& m);  // cuda_nccl.cpp: GPU only, not a bind_*.cpp
 void bind_selftest(py::module_& m);
 
 namespace {
@@ -80,4 +81,5 @@ PYBIND11_MODULE(_cuda, m) {
   bind_selftest(m);
   bind_intranode(m);
   bind_codecs(m);
+  bind_nccl(m);
 }

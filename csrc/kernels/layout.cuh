@@ -59,7 +59,7 @@ MOELINK_DEVICE BlockPlan plan_block(const DispatchLayoutArgs& args, int block) {
 }
 
 template <typename Index>
-MOELINK_KERNEL void dispatch_layout_kernel(DispatchLayoutArgs args) {
+MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kThreads) dispatch_layout_kernel(DispatchLayoutArgs args) {
   using namespace arch;
   MOELINK_DYNAMIC_SMEM(int32_t, partial_counts);  // [kGroupsPerBlock][threads]
   const BlockPlan plan = plan_block(args, static_cast<int>(block_rank()));

@@ -16,7 +16,7 @@ struct WarpOpsArgs {
   float* out_float;
 };
 
-MOELINK_KERNEL void warp_ops_kernel(WarpOpsArgs args) {
+MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(1024) warp_ops_kernel(WarpOpsArgs args) {
   const unsigned global = block_rank() * num_threads() + thread_rank();
   const int lane = static_cast<int>(lane_id());
   const uint32_t mask = activemask();
@@ -44,7 +44,7 @@ struct NamedBarrierArgs {
 };
 
 // 128 threads: warps 0-1 are group A (barrier 1), warps 2-3 group B (barrier 2).
-MOELINK_KERNEL void named_barriers_kernel(NamedBarrierArgs args) {
+MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(1024) named_barriers_kernel(NamedBarrierArgs args) {
   MOELINK_SHARED(int32_t, slots, [2][64]);
   MOELINK_SHARED(int32_t, produced, [32]);
   const int tid = static_cast<int>(thread_rank());
@@ -69,7 +69,7 @@ MOELINK_KERNEL void named_barriers_kernel(NamedBarrierArgs args) {
   }
 }
 
-MOELINK_KERNEL void intrawarp_spin_kernel(int32_t* out) {
+MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(1024) intrawarp_spin_kernel(int32_t* out) {
   MOELINK_SHARED(int32_t, flags, [32]);
   MOELINK_SHARED(int32_t, finished, [1]);
   const int lane = static_cast<int>(lane_id());
@@ -90,7 +90,7 @@ struct WaitForeverArgs {
   int rank, peer, channel;
 };
 
-MOELINK_KERNEL void wait_forever_kernel(WaitForeverArgs args) {
+MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(1024) wait_forever_kernel(WaitForeverArgs args) {
   if (thread_rank() == 0) {
     wait_until(args.flag, Cmp::kGe, uint64_t{1}, WaitSite{"selftest: a flag nobody sets", args.rank, args.peer, args.channel});
   }
@@ -101,7 +101,7 @@ struct AtomicsArgs {
   int32_t* counters32;
 };
 
-MOELINK_KERNEL void atomics_kernel(AtomicsArgs args) {
+MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(1024) atomics_kernel(AtomicsArgs args) {
   MOELINK_SHARED(int64_t, block_sum, [1]);
   const int64_t id = block_rank() * num_threads() + thread_rank();
   int64_t* c = args.counters64;
@@ -130,14 +130,14 @@ struct DeviceCheckArgs {
   int count;
 };
 
-MOELINK_KERNEL void device_check_kernel(DeviceCheckArgs args) {
+MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(1024) device_check_kernel(DeviceCheckArgs args) {
   const int t = static_cast<int>(block_rank() * num_threads() + thread_rank());
   if (t < args.count) {
     MOELINK_DEVICE_CHECK(args.values[t] != 13, "value %d at index %d is forbidden", args.values[t], t);
   }
 }
 
-MOELINK_KERNEL void broken_sync_kernel(int kind) {
+MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(1024) broken_sync_kernel(int kind) {
   const unsigned lane = lane_id();
   if (kind == 0) {
     if (warp_id() == 0) bar_sync(1, 64);  // warp 1 never arrives
@@ -165,7 +165,7 @@ struct PingPongArgs {
 MOELINK_DEVICE int32_t initiator_word(int iteration, int word) { return iteration * 1000003 + word; }
 MOELINK_DEVICE int32_t responder_word(int iteration, int word) { return iteration * 7 + word; }
 
-MOELINK_KERNEL void pingpong_kernel(PingPongArgs a) {
+MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(1024) pingpong_kernel(PingPongArgs a) {
   const int lane = static_cast<int>(lane_id());
   const int peer = 1 - a.role;
   int errors = 0;
@@ -197,7 +197,7 @@ MOELINK_KERNEL void pingpong_kernel(PingPongArgs a) {
   if (lane == 0) *a.errors = errors;
 }
 
-MOELINK_KERNEL void cost_probe_kernel(int kind, int iterations) {
+MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(1024) cost_probe_kernel(int kind, int iterations) {
   if (kind == 0) {
     for (int i = 0; i < iterations; ++i) syncwarp();
   }

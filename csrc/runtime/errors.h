@@ -14,6 +14,8 @@ enum class ErrorKind {
   kDeadlock,         // -> moelink.errors.Deadlock (host launch can never finish)
   kGpuUnavailable,   // -> moelink.errors.GPUUnavailable (no driver, no device)
   kCudaError,        // -> moelink.errors.CudaError (a CUDA API call failed; the CUDA error text)
+  kNcclUnavailable,  // -> moelink.errors.NcclUnavailable (libnccl missing, unloadable, too old)
+  kNcclError,        // -> moelink.errors.NcclError (an NCCL call failed; NCCL's result and text)
 };
 
 class Error : public std::runtime_error {

@@ -7,6 +7,7 @@ machine without one raises :class:`moelink.errors.GPUUnavailable` saying why.
 from __future__ import annotations
 
 import importlib
+import re
 from types import ModuleType
 
 import torch
@@ -14,7 +15,7 @@ import torch
 from . import _host
 from .errors import GPUUnavailable, InvalidDevice, argument_error
 
-__all__ = ["host", "cuda", "cuda_available", "for_device", "stream_handle"]
+__all__ = ["host", "cuda", "cuda_available", "for_device", "is_sm90_compiled", "stream_handle"]
 
 _cuda_module: ModuleType | None = None
 _cuda_import_error: str | None = None
@@ -38,6 +39,18 @@ def cuda_available() -> bool:
     """True when the CUDA extension was built and sees at least one device."""
     module = _load_cuda()
     return module is not None and module.device_count() > 0
+
+
+def is_sm90_compiled() -> bool:
+    """True when the CUDA extension was built for at least one arch with Hopper's features
+    (compute capability >= 9.0: sm_90, sm_90a, sm_100a, ...), which is what DeepEP's
+    ``Buffer.is_sm90_compiled()`` reports (its SM90 features were not disabled). False without
+    the CUDA extension. Reads the build info only; needs no GPU."""
+    module = _load_cuda()
+    if module is None:
+        return False
+    versions = [re.match(r"\d+", arch.removeprefix("sm_")) for arch in module.build_info()["archs"]]
+    return any(v is not None and int(v.group()) >= 90 for v in versions)
 
 
 def cuda() -> ModuleType:

@@ -20,6 +20,8 @@ __all__ = [
     "Deadlock",
     "GPUUnavailable",
     "CudaError",
+    "NcclUnavailable",
+    "NcclError",
     "BufferUnusable",
     "AliasConflict",
     "argument_error",
@@ -73,6 +75,17 @@ class GPUUnavailable(MoelinkError, RuntimeError):
 
 class CudaError(MoelinkError, RuntimeError):
     """A CUDA runtime call failed; the message carries CUDA's error name and text."""
+
+
+class NcclUnavailable(GPUUnavailable):
+    """NCCL cannot be used: ``libnccl.so.2`` was not found or does not load, lacks a symbol moelink
+    needs, or has a version moelink does not support (older than 2.28 or than the headers it was
+    built with). The message names the library path and what is wrong."""
+
+
+class NcclError(MoelinkError, RuntimeError):
+    """An NCCL call failed; the message names the step, the call, NCCL's result and its last error
+    text. (A failed CUDA call inside NCCL raises CudaError, an NCCL timeout CommTimeout.)"""
 
 
 class BufferUnusable(MoelinkError, RuntimeError):
