@@ -10,6 +10,9 @@
 // Qualifiers
 //   MOELINK_DEVICE            a device function (`__device__ __forceinline__` / `inline`).
 //   MOELINK_HOST_DEVICE       callable from host code too (types.h).
+//   MOELINK_DEVICE_NOINLINE   a device function kept out of line: a kernel's roles each get their
+//                             own register allocation instead of one for their sum (GPU), plain
+//                             code on the host.
 //   MOELINK_KERNEL            a kernel entry point (`__global__` / plain function).
 //   MOELINK_LAUNCH_BOUNDS(n)  between `void` and the kernel's name: the most threads per block it is
 //                             launched with (`__launch_bounds__(n, 1)` on the GPU, so ptxas budgets
@@ -62,6 +65,10 @@
 //                             same CommTimeout from the record. Both name the kernel or wait, rank,
 //                             peer, channel, block, thread, `site` and the last value seen. Kernels
 //                             therefore use waited-for values only within bounds they check.
+//   aborted() -> bool         true once a wait of this process timed out on the GPU (the AbortRecord
+//                             is claimed); always false on the host, where a timeout ends the launch.
+//                             A loop that waits on a doorbell rather than on the data it consumes
+//                             must leave when it holds (its data will never come).
 //   WaitSite{what, rank, peer, channel}
 //                             describes a wait for that message: `what` is a static string such
 //                             as "dispatch: receiver queue tail"; -1 means "not applicable".

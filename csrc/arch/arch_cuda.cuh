@@ -24,6 +24,7 @@
 // Qualifiers and shared memory
 
 #define MOELINK_DEVICE __device__ __forceinline__
+#define MOELINK_DEVICE_NOINLINE __device__ __noinline__
 #define MOELINK_KERNEL __global__
 #define MOELINK_LAUNCH_BOUNDS(threads) __launch_bounds__(threads, 1)
 
@@ -334,6 +335,8 @@ __device__ __noinline__ T wait_slow(const T* p, Cmp cmp, T value, WaitSite site)
 }
 
 }  // namespace detail
+
+MOELINK_DEVICE bool aborted() { return detail::aborted(); }
 
 template <Scope S = Scope::kSys, typename T>
 MOELINK_DEVICE T wait_until(const T* p, Cmp cmp, std::type_identity_t<T> value, WaitSite site) {

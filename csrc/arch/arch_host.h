@@ -18,6 +18,7 @@
 #include "simt/runtime.h"
 
 #define MOELINK_DEVICE inline
+#define MOELINK_DEVICE_NOINLINE inline
 #define MOELINK_KERNEL
 #define MOELINK_LAUNCH_BOUNDS(threads)
 
@@ -229,6 +230,8 @@ MOELINK_DEVICE T wait_until(const T* p, Cmp cmp, std::type_identity_t<T> value, 
   return static_cast<T>(simt::park_until(p, &detail::check_wait<T>, cmp, static_cast<uint64_t>(value),
                                          sizeof(T), std::is_signed_v<T>, site));
 }
+
+MOELINK_DEVICE bool aborted() { return false; }  // a timeout ends the whole launch on the host
 
 // ---- warp collectives --------------------------------------------------------------------------
 MOELINK_DEVICE void syncwarp(uint32_t mask = kFullMask) {

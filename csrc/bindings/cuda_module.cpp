@@ -27,6 +27,7 @@ namespace moelink::bindings {
 // bind_*.cpp must be py::module_local() (else the second import fails: "already registered").
 void bind_codecs(py::module_& m);
 void bind_intranode(py::module_& m);
+void bind_internode(py::module_& m);
 void bind_layout(py::module_& m);
 void bind_nccl(py::module_& m);  // cuda_nccl.cpp: GPU only, not a bind_*.cpp
 void bind_selftest(py::module_& m);
@@ -80,6 +81,7 @@ PYBIND11_MODULE(_cuda, m) {
   bind_layout(m);
   bind_selftest(m);
   bind_intranode(m);
+  bind_internode(m);
   bind_codecs(m);
   bind_nccl(m);
 }

@@ -5,9 +5,11 @@ namespace moelink::bindings {
 void bind_codecs(py::module_& m);
 void bind_layout(py::module_& m);
 void bind_intranode(py::module_& m);
+void bind_internode(py::module_& m);
 void bind_selftest(py::module_& m);
 void bind_simt(py::module_& m);
 void bind_transport(py::module_& m);
+void bind_nic(py::module_& m);
 }  // namespace moelink::bindings
 
 PYBIND11_MODULE(_host, m) {
@@ -19,6 +21,8 @@ PYBIND11_MODULE(_host, m) {
   bind_layout(m);
   bind_selftest(m);
   bind_intranode(m);
+  bind_internode(m);
   bind_codecs(m);
   bind_transport(m);
+  bind_nic(m);
 }

@@ -88,7 +88,7 @@ MOELINK_DEVICE void combine_send(const CombineArgs& args, const IntranodeLayout&
       senders[p].publish();
       all_done = all_done && next[p] >= end;
     }
-    if (all_done) return;
+    if (all_done || aborted()) return;  // aborted: a doorbell that never rings again
     if (!progress && lane == 0) {
       wait_until(bell, Cmp::kGt, rung, WaitSite{"intranode combine: room in any of this warp's source ranks' queues",
                                                 node.rank, role.first_peer, v});

@@ -82,6 +82,13 @@ struct QueueSender {
   MOELINK_DEVICE static QueueSender open(const IntranodeContext& node, const Queue& queue, int dst, int v,
                                          int send_chunk, int64_t slot_bytes, uint64_t* doorbell,
                                          const char* room_what) {
+    return open(node.rank, dst != node.rank ? node.nvl_bytes : nullptr, queue, dst, v, send_chunk, slot_bytes,
+                doorbell, room_what);
+  }
+  // The same for any queue in a node's windows: `byte_counter` null when no link is crossed.
+  MOELINK_DEVICE static QueueSender open(int rank, uint64_t* byte_counter, const Queue& queue, int dst, int v,
+                                         int send_chunk, int64_t slot_bytes, uint64_t* doorbell,
+                                         const char* room_what) {
     QueueSender s;
     s.queue = queue;
     // The tail was last written by this rank (earlier calls drained the queue): it is the start.
@@ -89,9 +96,9 @@ struct QueueSender {
     s.tail = s.published = s.head_seen = s.start;
     s.send_chunk = send_chunk < queue.capacity ? send_chunk : queue.capacity;
     s.slot_bytes = slot_bytes;
-    s.byte_counter = dst != node.rank ? node.nvl_bytes : nullptr;
+    s.byte_counter = byte_counter;
     s.doorbell = doorbell;
-    s.room = WaitSite{room_what, node.rank, dst, v};
+    s.room = WaitSite{room_what, rank, dst, v};
     return s;
   }
 

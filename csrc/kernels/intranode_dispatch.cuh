@@ -172,7 +172,7 @@ MOELINK_DEVICE void dispatch_receive(const DispatchArgs& args, const IntranodeLa
       received[p] = r.received;
       all_done = all_done && r.done();
     }
-    if (all_done) return;
+    if (all_done || aborted()) return;  // aborted: a doorbell that never rings again
     if (!progress && lane == 0) {
       wait_until(bell, Cmp::kGt, rung, WaitSite{"intranode dispatch: tokens from any of this warp's senders",
                                                 node.rank, role.first_peer, v});

@@ -16,8 +16,11 @@ from typing import ClassVar, Iterator, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from . import _backend, _intranode, _validate
+import os
+
+from . import _backend, _internode, _intranode, _validate
 from ._host_windows import bootstrap_host_windows
+from ._scaleout import ScaleOutWindows
 from ._interop import accepts_arrays
 from .config import DEFAULT_NUM_SMS, Config, get_combine_config, get_dispatch_config
 from .errors import BufferUnusable, GPUUnavailable, InvalidArgument, InvalidType, argument_error
@@ -60,14 +63,18 @@ class Buffer:
         self.num_rdma_bytes = _validate.integer("num_rdma_bytes", num_rdma_bytes, minimum=0)
         self.low_latency_mode = bool(low_latency_mode)
         self.explicitly_destroy = bool(explicitly_destroy)
-        self.ranks_per_node = self.group_size if ranks_per_node is None else ranks_per_node
-        _validate.integer("ranks_per_node", self.ranks_per_node, minimum=1)
-        if self.num_rdma_bytes > 0 or self.low_latency_mode or self.ranks_per_node != self.group_size:
-            raise InvalidArgument("Buffer: only the intranode normal mode exists so far (num_rdma_bytes=0, "
-                                  "low_latency_mode=False, one node); internode and low-latency are not implemented")
+        self.ranks_per_node = _ranks_per_node(ranks_per_node, self.group_size)
+        self.num_nodes = self.group_size // self.ranks_per_node
+        if self.low_latency_mode:
+            raise InvalidArgument("low_latency_mode: the low-latency mode is not implemented yet (normal mode only)")
+        if self.num_nodes > 1 and self.num_rdma_bytes == 0:
+            raise argument_error(InvalidArgument, "num_rdma_bytes",
+                                 f"> 0 for {self.num_nodes} nodes of {self.ranks_per_node} ranks (the internode path "
+                                 "needs a scale-out window; Config.get_rdma_buffer_size_hint gives its size)", 0)
         if dist.get_backend(group) != "gloo":
-            raise GPUUnavailable(f"group: moelink's GPU transport (NCCL windows) is not built yet; the host target "
-                                 f"needs a gloo group, got backend '{dist.get_backend(group)}'")
+            raise GPUUnavailable(f"group: moelink's GPU transport (NCCL windows) is not wired into Buffer yet; the "
+                                 f"host target needs a gloo group, got backend '{dist.get_backend(group)}'")
+        self._scaleout = None
         if self.num_nvl_bytes == 0:
             _agree_on_no_window(group, self.ranks_per_node)
             self._window_ptrs, self._nvl_counter = None, 0
@@ -75,13 +82,25 @@ class Buffer:
             self._windows = bootstrap_host_windows(group, self.num_nvl_bytes, ranks_per_node=self.ranks_per_node)
             self._window_ptrs = self._windows.node_window_ptrs()
             self._nvl_counter = self._windows.counter_ptr("nvl")
+        if self.num_nodes > 1:
+            try:
+                self._scaleout = ScaleOutWindows(group, self.num_rdma_bytes, ranks_per_node=self.ranks_per_node,
+                                                 num_signals=_internode.num_signals(self.num_nodes, self.ranks_per_node))
+            except BaseException:
+                self.destroy()
+                raise
+        self._mode = _internode if self.num_nodes > 1 else _intranode
         self._epoch = 0
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
     def destroy(self) -> None:
-        """Releases the windows. The Buffer is unusable afterwards. Idempotent."""
+        """Releases the windows (and joins the NIC thread). The Buffer is unusable afterwards.
+        Idempotent."""
         self._unusable = self._unusable or "the Buffer was destroyed"
+        scaleout = getattr(self, "_scaleout", None)
+        if scaleout is not None and not scaleout.closed:
+            scaleout.close()
         if self._windows is not None and not self._windows.closed:
             self._windows.close()
 
@@ -92,6 +111,9 @@ class Buffer:
         self.destroy()
 
     def __del__(self) -> None:
+        scaleout = getattr(self, "_scaleout", None)
+        if scaleout is not None and not scaleout.closed:
+            scaleout.close()
         windows = getattr(self, "_windows", None)
         if windows is not None and not windows.closed:
             windows.close()
@@ -101,9 +123,14 @@ class Buffer:
     # marks the start (the epoch every rank advances together) and poisons the Buffer on any
     # exception from there on, since peers may be mid-operation on the shared windows.
 
-    def _node(self, op: str) -> _intranode.Node:
+    def _node(self, op: str):
+        """The mode's description of where this call runs (_intranode.Node or _internode.InternodeNode)."""
         if self._unusable is not None:
             raise BufferUnusable(f"{op}: this Buffer cannot be used: {self._unusable}")
+        if self.num_nodes > 1:
+            return _internode.InternodeNode(self.rank, self.num_nodes, self.ranks_per_node,
+                                            self._window_ptrs or [0] * self.ranks_per_node, self.num_nvl_bytes,
+                                            self._nvl_counter, self._scaleout)
         return _intranode.Node(rank=self.rank, num_ranks=self.group_size, window_ptrs=self._window_ptrs,
                                window_bytes=self.num_nvl_bytes, epoch=self._epoch + 1, nvl_counter=self._nvl_counter)
 
@@ -233,9 +260,9 @@ class Buffer:
         call = _intranode.DispatchCall.validate(
             x, handle, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
             num_worst_tokens, config, self.group_size)
-        plan = _intranode.plan_dispatch(self._node("dispatch"), call)
+        plan = self._mode.plan_dispatch(self._node("dispatch"), call)
         with self._operation("dispatch"):
-            recv_x, recv_topk_idx, recv_topk_weights, handle = _intranode.run_dispatch(plan)
+            recv_x, recv_topk_idx, recv_topk_weights, handle = self._mode.run_dispatch(plan)
         # With num_worst_tokens the GPU path never brings the counts to the host (that is the point
         # of the mode), so, as in DeepEP, the list is empty on every target.
         per_expert = [] if num_worst_tokens else handle.num_recv_tokens_per_expert_list
@@ -254,20 +281,26 @@ class Buffer:
         (None without them)."""
         config = config or self.get_combine_config(self.group_size)
         call = _intranode.CombineCall.validate(x, handle, topk_weights, bias, config, self.group_size)
-        plan = _intranode.plan_combine(self._node("combine"), call)
+        plan = self._mode.plan_combine(self._node("combine"), call)
         with self._operation("combine"):
-            combined_x, combined_topk_weights = _intranode.run_combine(plan)
+            combined_x, combined_topk_weights = self._mode.run_combine(plan)
         return combined_x, combined_topk_weights, EventOverlap()
 
     # ---- diagnostics -----------------------------------------------------------------------------
 
     def bytes_moved(self) -> dict:
-        """Payload bytes this rank wrote into other ranks' windows, per link class."""
-        return self._windows.counters() if self._windows is not None else {"nvl": 0, "rdma": 0}
+        """Bytes this rank moved, per link class: "nvl", what its kernels wrote into the NVL
+        windows of other ranks of its node (whole queue slots); "rdma", what its NIC delivered to
+        other nodes (put bytes: wire messages, notify messages; signals not counted)."""
+        nvl = self._windows.counters()["nvl"] if self._windows is not None else 0
+        rdma = self._scaleout.counters()["rdma"] if self._scaleout is not None else 0
+        return {"nvl": nvl, "rdma": rdma}
 
     def reset_bytes_moved(self) -> None:
         if self._windows is not None:
             self._windows.reset_counters()
+        if self._scaleout is not None:
+            self._scaleout.reset_counters()
 
 
 def _agree_on_no_window(group: dist.ProcessGroup, ranks_per_node: int) -> None:
@@ -282,3 +315,25 @@ def _agree_on_no_window(group: dist.ProcessGroup, ranks_per_node: int) -> None:
         listing = ", ".join(f"rank {r}: {item[:2] if isinstance(item, tuple) else item}" for r, item in enumerate(items))
         raise argument_error(InvalidArgument, "num_nvl_bytes", "the same value on every rank",
                              f"(num_nvl_bytes, ranks_per_node) {listing}")
+
+
+RANKS_PER_NODE_ENV = "MOELINK_RANKS_PER_NODE"
+
+
+def _ranks_per_node(value: Optional[int], group_size: int) -> int:
+    """``ranks_per_node``, else MOELINK_RANKS_PER_NODE, else the group size (one node); any divisor
+    of the group size, so one machine can pose as 2 x 2, 4 x 1, 2 x 4 ..."""
+    name = "ranks_per_node"
+    if value is None:
+        text = os.environ.get(RANKS_PER_NODE_ENV, "")
+        if text == "":
+            return group_size
+        name = RANKS_PER_NODE_ENV
+        try:
+            value = int(text)
+        except ValueError:
+            raise argument_error(InvalidArgument, name, "an int", repr(text)) from None
+    _validate.integer(name, value, minimum=1)
+    if group_size % value:
+        raise argument_error(InvalidArgument, name, f"a divisor of the group size {group_size}", value)
+    return value

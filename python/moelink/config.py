@@ -104,25 +104,40 @@ class Config:
         _check_int("num_ranks", num_ranks, 1)
         ranks = num_ranks if ranks_per_node is None else _check_int("ranks_per_node", ranks_per_node, 1)
         _check_int("num_topk", num_topk, 0)
-        return max(intranode_window_bytes(
+        intranode = max(intranode_window_bytes(
             num_ranks=ranks, num_channels=self.num_channels, queue_tokens=self.num_max_nvl_chunked_recv_tokens,
             row_bytes=_align(hidden_bytes, 16), num_scales=(hidden_bytes + 127) // 128, num_topk=num_topk,
             experts_per_rank=NVL_HINT_MAX_EXPERTS_PER_RANK, sub_channels=s)
             for s in range(1, min(MAX_SUB_CHANNELS, self.num_max_nvl_chunked_recv_tokens) + 1))
+        if ranks >= num_ranks:
+            return intranode
+        return max(intranode, self._internode_sizes(hidden_bytes, num_ranks, ranks, num_topk)["nvl_bytes"])
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int, *,
-                                  ranks_per_node: Optional[int] = None) -> int:
-        """0 when every rank is on one node (the intranode path uses no RDMA buffer).
-
-        The scale-out layout is defined with the internode path; until then more than one node
-        raises ``NotImplementedError``.
-        """
+                                  ranks_per_node: Optional[int] = None, num_topk: int = NVL_HINT_MAX_TOPK) -> int:
+        """Bytes of RDMA buffer (scale-out window) any internode dispatch or combine with this config
+        fits in, for ``num_ranks`` ranks in nodes of ``ranks_per_node`` (default: one node, which
+        needs none: 0). ``InternodeLayout`` (csrc/runtime/ops_internode.h, docs/internode.md)
+        evaluated, like the NVL hint, for rows of ``hidden_bytes``, ``ceil(hidden_bytes / 128)`` FP8
+        scales, ``num_topk`` top-k slots and ``NVL_HINT_MAX_EXPERTS_PER_RANK`` local experts."""
         _check_int("hidden_bytes", hidden_bytes, 1)
         _check_int("num_ranks", num_ranks, 1)
         ranks = num_ranks if ranks_per_node is None else _check_int("ranks_per_node", ranks_per_node, 1)
+        _check_int("num_topk", num_topk, 0)
         if ranks >= num_ranks:
             return 0
-        raise NotImplementedError("RDMA buffer size hint: the internode layout is not defined yet")
+        return self._internode_sizes(hidden_bytes, num_ranks, ranks, num_topk)["rdma_bytes"]
+
+    def _internode_sizes(self, hidden_bytes: int, num_ranks: int, ranks_per_node: int, num_topk: int) -> dict:
+        if num_ranks % ranks_per_node:
+            raise argument_error(InvalidArgument, "ranks_per_node", f"a divisor of num_ranks = {num_ranks}",
+                                 ranks_per_node)
+        from . import _host  # the layout is the extension's own (InternodeLayout): no mirror to drift
+        return dict(_host.internode.layout(
+            num_nodes=num_ranks // ranks_per_node, ranks_per_node=ranks_per_node, num_channels=self.num_channels,
+            block_warps=MAX_BLOCK_WARPS, nvl_queue_tokens=self.num_max_nvl_chunked_recv_tokens,
+            rdma_queue_tokens=self.num_max_rdma_chunked_recv_tokens, row_bytes=_align(hidden_bytes, 16),
+            num_scales=(hidden_bytes + 127) // 128, num_topk=num_topk, experts_per_rank=NVL_HINT_MAX_EXPERTS_PER_RANK))
 
 
 def intranode_window_bytes(*, num_ranks: int, num_channels: int, queue_tokens: int, row_bytes: int, num_scales: int,

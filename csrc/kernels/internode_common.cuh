@@ -1,0 +1,186 @@
+// Pieces every internode kernel shares: window addressing, the global barrier, the epoch, and the
+// sending end of a scale-out queue. The layouts are documented in runtime/ops_internode.h.
+#pragma once
+
+#include "kernels/intranode_common.cuh"
+#include "runtime/ops_internode.h"
+#include "transport/scaleout.cuh"
+
+namespace moelink::kernels::internode {
+
+using namespace arch;
+using intranode::kGpuBlockThreads;
+using intranode::Queue;
+using intranode::QueueSender;
+using intranode::TokenRange;
+
+MOELINK_DEVICE TokenRange channel_tokens(int64_t num_tokens, int channels, int c) {
+  return intranode::channel_tokens(num_tokens, channels, c);
+}
+
+// `offset` bytes into the NVL window of local rank `local`.
+template <typename T>
+MOELINK_DEVICE T* nvl_at(const InternodeContext& ctx, int local, int64_t offset) {
+  return reinterpret_cast<T*>(static_cast<char*>(ctx.nvl.base[local]) + offset);
+}
+
+// `offset` bytes into this rank's own scale-out window.
+template <typename T>
+MOELINK_DEVICE T* net_at(const InternodeContext& ctx, int64_t offset) {
+  return reinterpret_cast<T*>(ctx.net.window + offset);
+}
+
+// Own signal word `id` (this rank's kernels may read it, and add to it for a local stream).
+MOELINK_DEVICE uint64_t* own_signal(const InternodeContext& ctx, int64_t id) {
+  return const_cast<uint64_t*>(transport::signal_address(ctx.net, id));
+}
+
+// Adds `add` to signal `id` of `peer`: through the transport for another node, directly for
+// this rank itself (its own forwarder); never for another rank of the node (not a stream here).
+MOELINK_DEVICE void signal_add(const InternodeContext& ctx, int peer, int64_t id, uint64_t add) {
+  if (peer == ctx.rank) {
+    red_add_release(own_signal(ctx, id), add);
+  } else {
+    transport::signal(ctx.net, peer, id, add);
+  }
+}
+
+// Counter arrays of the layouts: [64][N] indexed by (channel, node).
+MOELINK_DEVICE int64_t stream_index(const InternodeContext& ctx, int c, int node) {
+  return static_cast<int64_t>(c) * ctx.shape.num_nodes + node;
+}
+MOELINK_DEVICE uint64_t* position_at(const InternodeContext& ctx, int64_t region, int c, int node) {
+  return net_at<uint64_t>(ctx, region) + stream_index(ctx, c, node);
+}
+
+MOELINK_DEVICE uint64_t operation_epoch(const InternodeContext& ctx) {
+  return ld_relaxed(nvl_at<uint64_t>(ctx, ctx.local(), 0)) + 1;
+}
+
+// Every block returns once every rank of every node has entered operation `epoch`. Ranks of this
+// node meet through their NVL windows (as intranode); ranks of other nodes through signals, each
+// posted after everything this rank sent in earlier operations.
+MOELINK_DEVICE void global_barrier(const InternodeContext& ctx, const InternodeLayout& layout, uint64_t epoch,
+                                   const char* what) {
+  const InternodeShape& s = ctx.shape;
+  const int ranks = s.num_ranks(), lr = s.ranks_per_node, me_node = ctx.node();
+  for (int r = static_cast<int>(thread_rank()); r < ranks; r += static_cast<int>(num_threads())) {
+    const bool local = r / lr == me_node;
+    if (block_rank() == 0) {
+      if (local) {
+        st_release(nvl_at<uint64_t>(ctx, r % lr, layout.nvl_barrier) + ctx.local(), epoch);
+      } else {
+        transport::signal(ctx.net, r, layout.sig_barrier + ctx.rank, 1);
+      }
+    }
+    const WaitSite site{what, ctx.rank, r};
+    if (local) {
+      wait_until(nvl_at<uint64_t>(ctx, ctx.local(), layout.nvl_barrier) + r % lr, Cmp::kGe, epoch, site);
+    } else {
+      transport::wait_signal(ctx.net, layout.sig_barrier + r, Cmp::kGe, epoch, site);
+    }
+  }
+  sync_block();
+}
+
+// Called by every thread of every block at the end of an operation's last kernel: the last block
+// stores `epoch` as completed (the NVL control area, as intranode).
+MOELINK_DEVICE void end_operation(const InternodeContext& ctx, uint64_t epoch) {
+  sync_block();
+  if (thread_rank() == 0) {
+    uint32_t* blocks_done = nvl_at<uint32_t>(ctx, ctx.local(), IntranodeLayout::kBlocksDoneOffset);
+    fence<Scope::kGpu>();
+    if (atomic_add<Scope::kGpu>(blocks_done, 1u) == num_blocks() - 1) {
+      st_relaxed<Scope::kGpu>(blocks_done, 0u);
+      st_release<Scope::kGpu>(nvl_at<uint64_t>(ctx, ctx.local(), 0), epoch);
+    }
+  }
+}
+
+// The sending end of a scale-out stream (dispatch messages, combine partials), one warp's.
+// Slot k of the stream lives at `slots + (k % capacity) * slot_bytes`: for another node, this
+// rank's staging ring, from which a put copies published slots into the peer's ring at
+// `remote_ring`; for this rank's own node, the receiving ring itself. Every publication is one
+// put per contiguous run of slots, carrying the tail signal (ordering rule 1 of the transport:
+// the signal lands after the bytes). Room comes back as the head signal in this rank's window.
+struct NetSender {
+  char* slots;
+  int64_t remote_ring;   // byte offset of the receiving ring in the peer's window
+  int peer;
+  bool local;
+  int64_t tail_signal;   // signal id of the tail at the receiver
+  const uint64_t* head;  // own signal word: slots the receiver has consumed (absolute)
+  uint64_t* position;    // own position word: slots this stream ever published (absolute)
+  uint64_t start, tail, published, head_seen;
+  int capacity, chunk;
+  int64_t slot_bytes;
+  WaitSite room;
+
+  MOELINK_DEVICE static NetSender open(const InternodeContext& ctx, int peer, char* slots, int64_t remote_ring,
+                                       int64_t tail_signal, int64_t head_signal, uint64_t* position, int capacity,
+                                       int chunk, int64_t slot_bytes, const char* room_what, int channel) {
+    NetSender s;
+    s.slots = slots;
+    s.remote_ring = remote_ring;
+    s.peer = peer;
+    s.local = peer == ctx.rank;
+    s.tail_signal = tail_signal;
+    s.head = transport::signal_address(ctx.net, head_signal);
+    s.position = position;
+    s.start = shfl(kFullMask, lane_id() == 0 ? ld_relaxed(position) : uint64_t{0}, 0);
+    s.tail = s.published = s.head_seen = s.start;
+    s.capacity = capacity;
+    s.chunk = chunk < capacity ? chunk : capacity;
+    s.slot_bytes = slot_bytes;
+    s.room = WaitSite{room_what, ctx.rank, peer, channel};
+    return s;
+  }
+
+  MOELINK_DEVICE char* slot(uint64_t position) const {
+    return slots + static_cast<int64_t>(position % static_cast<uint64_t>(capacity)) * slot_bytes;
+  }
+
+  // The slot for the next message, once the receiver has freed it (publishing first).
+  MOELINK_DEVICE char* reserve(const InternodeContext& ctx) {
+    if (tail - head_seen >= static_cast<uint64_t>(capacity)) {
+      publish(ctx);
+      const uint64_t needed = tail - static_cast<uint64_t>(capacity) + 1;
+      head_seen = shfl(kFullMask, lane_id() == 0 ? wait_until(head, Cmp::kGe, needed, room) : uint64_t{0}, 0);
+    }
+    return slot(tail);
+  }
+
+  MOELINK_DEVICE void commit(const InternodeContext& ctx) {
+    ++tail;
+    if (tail - published >= static_cast<uint64_t>(chunk)) publish(ctx);
+  }
+
+  MOELINK_DEVICE void publish(const InternodeContext& ctx) {
+    syncwarp();  // every lane's slot writes precede lane 0's put (or release)
+    if (lane_id() == 0 && tail != published) {
+      if (local) {
+        red_add_release(own_signal(ctx, tail_signal), tail - published);
+      } else {
+        for (uint64_t from = published; from < tail;) {  // one put per contiguous run of the ring
+          const uint64_t first = from % static_cast<uint64_t>(capacity);
+          const uint64_t run_end = first + (tail - from) < static_cast<uint64_t>(capacity) ? first + (tail - from)
+                                                                                           : static_cast<uint64_t>(capacity);
+          const uint64_t count = run_end - first;
+          transport::put(ctx.net, peer, static_cast<uint64_t>(remote_ring + static_cast<int64_t>(first) * slot_bytes),
+                         slots + static_cast<int64_t>(first) * slot_bytes, count * static_cast<uint64_t>(slot_bytes),
+                         transport::SignalAdd{tail_signal, count});
+          from += count;
+        }
+      }
+    }
+    published = tail;
+  }
+
+  // Publishes the rest and records where the stream ends (the next call's start).
+  MOELINK_DEVICE void finish(const InternodeContext& ctx) {
+    publish(ctx);
+    if (lane_id() == 0) st_relaxed(position, tail);
+  }
+};
+
+}  // namespace moelink::kernels::internode

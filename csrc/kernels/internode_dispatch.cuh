@@ -1,0 +1,152 @@
+// Internode dispatch, the sending block of each channel (block 2c, runtime/ops_internode.h):
+//   RDMA senders: warp w streams, for each destination node n = w, w + rdma_senders, ..., the
+//     channel's tokens bound for node n (payload, FP8 scales, top-k ids of the experts on n,
+//     weights, token index: one wire message per token and node) into queue (c, my node) of
+//     forwarder (n, my local index), through the scale-out transport (or, for this node, straight
+//     into this rank's own queue: it forwards for itself);
+//   NVL receivers: warp w drains, for each forwarder l = w - rdma_senders, ... of this node, NVL
+//     queue (c, l): the tokens of sources (0, l), (1, l), ... in that order, each source's in
+//     token order, placed at the rows notify gave to (source, c).
+// The forwarding block (internode_forward.cuh) is the other half of the channel.
+#pragma once
+
+#include "kernels/internode_common.cuh"
+
+namespace moelink::kernels::internode {
+
+struct DispatchTuning {
+  int nvl_chunk, rdma_chunk;
+};
+
+// Does `token` go to node `node`? (any rank of it in the layout)
+MOELINK_DEVICE bool goes_to_node(const InternodeDispatchArgs& args, int64_t token, int node) {
+  const int lr = args.ctx.shape.ranks_per_node;
+  const bool* row = args.is_token_in_rank + token * args.ctx.shape.num_ranks() + node * lr;
+  bool any = false;
+  for (int j = 0; j < lr; ++j) any = any || row[j];
+  return any;
+}
+
+MOELINK_DEVICE_NOINLINE void rdma_send(const InternodeDispatchArgs& args, const InternodeLayout& layout, int c, int node,
+                              int chunk) {
+  const InternodeContext& ctx = args.ctx;
+  const InternodeShape& s = ctx.shape;
+  const int lane = static_cast<int>(lane_id()), nodes = s.num_nodes, me_node = ctx.node();
+  const int peer = node * s.ranks_per_node + ctx.local();
+  const int64_t ring_bytes = s.rdma_queue_tokens * layout.dispatch_slot;
+  const int64_t recv_ring = layout.rdma_recv + stream_index(ctx, c, me_node) * ring_bytes;  // at the forwarder
+  char* slots = peer == ctx.rank ? net_at<char>(ctx, recv_ring)
+                                 : net_at<char>(ctx, layout.rdma_send + stream_index(ctx, c, node) * ring_bytes);
+  NetSender sender = NetSender::open(ctx, peer, slots, recv_ring, layout.sig_rdma_tail + stream_index(ctx, c, me_node),
+                                     layout.sig_rdma_head + stream_index(ctx, c, node),
+                                     position_at(ctx, layout.pos_rdma_sent, c, node), s.rdma_queue_tokens, chunk,
+                                     layout.dispatch_slot, "internode dispatch: room in forwarder's queue", c);
+  const int64_t first_expert = static_cast<int64_t>(node) * s.ranks_per_node * s.experts_per_rank;
+  const int64_t node_experts = static_cast<int64_t>(s.ranks_per_node) * s.experts_per_rank;
+  const TokenRange range = channel_tokens(args.num_tokens, s.num_channels, c);
+  for (int64_t batch = range.begin; batch < range.end; batch += kWarpSize) {
+    const int64_t my_token = batch + lane;
+    const bool mine = my_token < range.end && goes_to_node(args, my_token, node);
+    if (my_token < range.end && !mine) args.rdma_send_head[my_token * nodes + node] = -1;
+    for (uint32_t selected = ballot(kFullMask, mine); selected != 0; selected &= selected - 1) {
+      const int64_t token = batch + lowest_bit(selected);
+      char* slot = sender.reserve(ctx);
+      warp_copy_input(kFullMask, slot, static_cast<const char*>(args.x) + token * s.row_bytes,
+                      static_cast<size_t>(s.row_bytes));
+      uint32_t* scales = reinterpret_cast<uint32_t*>(slot + layout.slot_scales);
+      for (int i = lane; i < s.num_scales; i += kWarpSize) scales[i] = args.x_scales[token * s.num_scales + i];
+      int32_t* topk = reinterpret_cast<int32_t*>(slot + layout.slot_topk);
+      float* weights = reinterpret_cast<float*>(slot + layout.slot_weights);
+      for (int k = lane; k < s.num_topk; k += kWarpSize) {
+        const int64_t expert = args.topk_idx[token * s.num_topk + k];
+        const bool here = expert >= first_expert && expert < first_expert + node_experts;
+        topk[k] = here ? static_cast<int32_t>(expert) : -1;
+        weights[k] = here && args.topk_weights != nullptr ? args.topk_weights[token * s.num_topk + k] : 0.0f;
+      }
+      if (lane < 4) reinterpret_cast<int32_t*>(slot + layout.slot_meta)[lane] = lane == 0 ? static_cast<int32_t>(token) : 0;
+      if (lane == 0) args.rdma_send_head[token * nodes + node] = static_cast<int32_t>(sender.tail - sender.start);
+      sender.commit(ctx);
+    }
+  }
+  sender.finish(ctx);
+}
+
+// Drains NVL queue (c, l) of this rank: the tokens forwarder (my node, l) passes on from sources
+// (0, l), (1, l), ..., each source's rows sequential from the row notify gave to (source, c).
+MOELINK_DEVICE_NOINLINE void nvl_receive(const InternodeDispatchArgs& args, const InternodeLayout& layout, int c, int l,
+                                BulkStage& stage) {
+  const InternodeContext& ctx = args.ctx;
+  const InternodeShape& s = ctx.shape;
+  const int lane = static_cast<int>(lane_id()), lr = s.ranks_per_node, channels = s.num_channels;
+  Queue queue;
+  const int64_t index = static_cast<int64_t>(c) * lr + l;
+  queue.tail = nvl_at<uint64_t>(ctx, ctx.local(), layout.nvl_tail + index * kIntranodeCounterStride);
+  queue.head = nvl_at<uint64_t>(ctx, ctx.local(), layout.nvl_head + index * kIntranodeCounterStride);
+  queue.base = nvl_at<char>(ctx, ctx.local(), layout.nvl_queues + index * layout.nvl_queue_bytes);
+  queue.capacity = s.nvl_queue_tokens;
+
+  uint64_t head = shfl(kFullMask, lane == 0 ? ld_acquire(queue.head) : uint64_t{0}, 0);
+  int node = 0;
+  int64_t taken = 0;  // rows of (node, l) already received
+  auto rows_of = [&](int n) {
+    const int32_t* start = args.recv_channel_start + (n * lr + l) * channels + c;
+    return static_cast<int64_t>(start[1] - start[0]);
+  };
+  int64_t expected = 0;
+  for (int n = 0; n < s.num_nodes; ++n) expected += rows_of(n);
+  for (int64_t received = 0; received < expected;) {
+    const uint64_t tail = shfl(kFullMask, lane == 0 ? wait_until(queue.tail, Cmp::kGt, head,
+                                                                 WaitSite{"internode dispatch: tokens from forwarder",
+                                                                          ctx.rank, ctx.node() * lr + l, c})
+                                                    : uint64_t{0}, 0);
+    syncwarp();
+    const int64_t ready = static_cast<int64_t>(tail - head);
+    MOELINK_DEVICE_CHECK(ready >= 0 && ready <= expected - received,
+                         "internode dispatch: forwarder %d queued %lld tokens, %lld expected", l,
+                         static_cast<long long>(received + ready), static_cast<long long>(expected));
+    for (int64_t i = 0; i < ready; ++i) {
+      while (taken == rows_of(node)) {
+        ++node;
+        taken = 0;
+      }
+      const int slot = queue.slot(head + static_cast<uint64_t>(i));
+      const int src = node * lr + l;
+      const int64_t row = args.recv_channel_start[src * channels + c] + taken++;
+      const int32_t* meta = reinterpret_cast<const int32_t*>(queue.base + layout.q_src) + 2 * static_cast<int64_t>(slot);
+      // The forwarder's word: a message from another source here means the streams disagree.
+      MOELINK_DEVICE_CHECK(meta[0] == src, "internode dispatch: forwarder %d passed a token of rank %d where rank %d's "
+                           "were due", l, meta[0], src);
+      warp_bulk_copy(kFullMask, stage, static_cast<char*>(args.recv_x) + row * s.row_bytes,
+                     queue.base + layout.q_row + slot * s.row_bytes, static_cast<size_t>(s.row_bytes));
+      const uint32_t* scales = reinterpret_cast<const uint32_t*>(queue.base + layout.q_scales) + static_cast<int64_t>(slot) * s.num_scales;
+      for (int j = lane; j < s.num_scales; j += kWarpSize) args.recv_x_scales[row * s.num_scales + j] = scales[j];
+      const int32_t* topk = reinterpret_cast<const int32_t*>(queue.base + layout.q_topk) + static_cast<int64_t>(slot) * s.num_topk;
+      const float* weights = reinterpret_cast<const float*>(queue.base + layout.q_weights) + static_cast<int64_t>(slot) * s.num_topk;
+      for (int k = lane; k < s.num_topk; k += kWarpSize) {
+        args.recv_topk_idx[row * s.num_topk + k] = topk[k];
+        if (args.recv_topk_weights != nullptr) args.recv_topk_weights[row * s.num_topk + k] = weights[k];
+      }
+      if (lane == 0) args.recv_src_idx[row] = meta[1];
+    }
+    received += ready;
+    head = tail;
+    syncwarp();
+    if (lane == 0) st_release(queue.head, head);
+  }
+}
+
+MOELINK_DEVICE void dispatch_send_block(const InternodeDispatchArgs& args, const InternodeLayout& layout,
+                                        const InternodeRoles& roles, int c, const DispatchTuning& tuning) {
+  const InternodeShape& s = args.ctx.shape;
+  const int warp = static_cast<int>(warp_id());
+  if (warp < roles.rdma_senders) {
+    for (int node = warp; node < s.num_nodes; node += roles.rdma_senders) rdma_send(args, layout, c, node, tuning.rdma_chunk);
+  } else {
+    MOELINK_DYNAMIC_SMEM(unsigned char, smem);
+    const int receiver = warp - roles.rdma_senders;
+    BulkStage stage = bulk_stage(smem + receiver * kBulkStageBytes);
+    for (int l = receiver; l < s.ranks_per_node; l += roles.nvl_receivers) nvl_receive(args, layout, c, l, stage);
+  }
+}
+
+}  // namespace moelink::kernels::internode

@@ -1,0 +1,109 @@
+"""The scale-out ("RDMA") transport of the host target: every rank's scale-out window and its
+emulated IBGDA NIC (``csrc/transport/host/nic.h``; the device-side interface is
+``csrc/transport/scaleout.cuh``).
+
+Each rank creates one more shared-memory window, mapped by *every* rank's NIC (``nic_maps_remote``)
+but by no kernel of another node, and starts its NIC thread. Kernels reach ranks of other nodes
+only by posting work-queue entries to their own rank's NIC. The NIC thread is joined when the
+Buffer is destroyed or collected, and at interpreter exit at the latest.
+
+Environment (docs/env.md): ``MOELINK_HOST_NIC_GBPS`` (bandwidth per NIC, GB/s; unset or 0 = as
+fast as memcpy) and ``MOELINK_HOST_NIC_LATENCY_US`` (one-way latency added to every entry).
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import weakref
+from typing import Optional
+
+import torch.distributed as dist
+
+from . import _host
+from ._host_windows import NodeWindows, bootstrap_host_windows
+from .errors import InvalidArgument, argument_error
+
+__all__ = ["ScaleOutWindows", "nic_shaping_from_env", "SCALE_OUT_KIND_HOST_NIC", "NIC_RING_ENTRIES"]
+
+SCALE_OUT_KIND_HOST_NIC = 1  # transport::ScaleOutKind::kHostNic
+NIC_RING_ENTRIES = 4096
+_GBPS_ENV = "MOELINK_HOST_NIC_GBPS"
+_LATENCY_ENV = "MOELINK_HOST_NIC_LATENCY_US"
+
+_open_nics: "weakref.WeakSet[ScaleOutWindows]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    for windows in list(_open_nics):
+        windows.close()
+
+
+def _non_negative(name: str) -> float:
+    text = os.environ.get(name, "")
+    if text == "":
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise argument_error(InvalidArgument, name, "a number >= 0", repr(text)) from None
+    if not math.isfinite(value) or value < 0:
+        raise argument_error(InvalidArgument, name, "a number >= 0", repr(text))
+    return value
+
+
+def nic_shaping_from_env() -> tuple[float, float]:
+    """``(GB/s, latency in µs)`` of the emulated NIC; 0 means unshaped."""
+    return _non_negative(_GBPS_ENV), _non_negative(_LATENCY_ENV)
+
+
+class ScaleOutWindows:
+    """This rank's scale-out window, every rank's mapped for the NIC, and the NIC itself."""
+
+    def __init__(self, group: dist.ProcessGroup, data_bytes: int, *, ranks_per_node: int, num_signals: int):
+        gbps, latency_us = nic_shaping_from_env()
+        self.windows: NodeWindows = bootstrap_host_windows(group, data_bytes, ranks_per_node=ranks_per_node,
+                                                           nic_maps_remote=True)
+        try:
+            self.nic = _host.transport.HostNic(self.windows.native, NIC_RING_ENTRIES, num_signals, gbps, latency_us)
+        except BaseException:
+            self.windows.close()
+            raise
+        self.num_signals = num_signals
+        self.data_bytes = self.windows.data_bytes
+        self.shaping = (gbps, latency_us)
+        _open_nics.add(self)
+
+    @property
+    def closed(self) -> bool:
+        return self.windows.closed
+
+    def handle(self) -> dict:
+        """The keyword arguments a kernel context takes for this transport (ScaleOut)."""
+        return dict(net_kind=SCALE_OUT_KIND_HOST_NIC, net_window=self.windows.native.local_ptr(),
+                    net_window_bytes=self.data_bytes, num_signals=self.num_signals, net_queue=self.nic.ring_ptr)
+
+    def error(self) -> Optional[str]:
+        """Why the NIC stopped, if it did (an entry outside a window: a kernel bug)."""
+        return self.nic.error() or None
+
+    def wait_idle(self, timeout_s: float = 10.0) -> bool:
+        """Waits until this rank's NIC delivered everything posted so far (a kernel returns once
+        its own work is done; its last puts and signals may still be in flight)."""
+        return self.nic.wait_idle(timeout_s)
+
+    def counters(self) -> dict:
+        """Byte counters after the NIC delivered everything posted so far."""
+        self.wait_idle()
+        return self.windows.counters()
+
+    def reset_counters(self) -> None:
+        self.windows.reset_counters()
+
+    def close(self) -> None:
+        """Joins the NIC thread, then unmaps the windows. Idempotent."""
+        self.nic.close()
+        self.windows.close()
+        _open_nics.discard(self)
