@@ -5,7 +5,7 @@ under moelink's SIMT host runtime (``moelink._host``, always built). CPU tensors
 target, CUDA tensors the GPU; ``import moelink`` needs no GPU.
 """
 
-from . import errors, reference, runtime
+from . import errors, reference, routing, runtime
 from ._backend import cuda_available
 from .buffer import Buffer, DispatchHandle
 from .config import Config
