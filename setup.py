@@ -46,7 +46,12 @@ HOST_ONLY = ["csrc/simt/*.cpp", "csrc/simt/*.S", "csrc/transport/host/*.cpp",
 CUDA_ONLY = ["csrc/runtime/*_cuda.cu", "csrc/runtime/cuda_*.cu", "csrc/bindings/cuda_*.cpp"]
 HEADERS = ["csrc/**/*.h", "csrc/**/*.cuh", "csrc/**/*.hpp", "csrc/**/*.inc"]
 
-CXXFLAGS = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fPIC", "-pthread", "-DNDEBUG", "-Wall"]
+# -fno-trapping-math: kernels never read floating-point exception flags, and without it g++ may
+# not if-convert a select whose arms hold a float operation (it could raise a flag), which keeps
+# the codecs' per-channel loops from vectorising. Values are unchanged: no reassociation, no
+# contraction, no flush-to-zero (that would be -ffast-math's other parts).
+CXXFLAGS = ["-O3", "-std=c++20", "-fno-trapping-math", "-fvisibility=hidden", "-fPIC", "-pthread", "-DNDEBUG",
+            "-Wall"]
 NVCCFLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas", "-v", "-lineinfo",
              "-Xcompiler", "-fPIC,-fvisibility=hidden,-pthread", "-DNDEBUG"]
 # --exclude-libs keeps the static cudart's symbols private to our module.

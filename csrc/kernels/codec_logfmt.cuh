@@ -57,15 +57,13 @@ struct Binade {
 };
 
 MOELINK_DEVICE Binade normalize(uint32_t mag) {
-  const int exp_field = static_cast<int>(mag >> 23);
-  uint32_t frac = mag & 0x7FFFFFu;
-  if (exp_field != 0) return {exp_field - 127, frac};
-  int shift = 0;
-  while ((frac & 0x800000u) == 0) {  // rare: a subnormal; at most 23 steps
-    frac <<= 1;
-    ++shift;
-  }
-  return {-126 - shift, frac & 0x7FFFFFu};
+  const uint32_t exp_field = mag >> 23;
+  const uint32_t frac = mag & 0x7FFFFFu;
+  // A subnormal is frac * 2**-149, and float(frac) (exact: frac < 2**23, an integer conversion,
+  // no float arithmetic on a subnormal) is normal: its exponent is the leading bit's position.
+  const uint32_t fb = float_bits(static_cast<float>(static_cast<int32_t>(frac)));
+  const int sub_exponent = static_cast<int>(fb >> 23) - 127 - 149;
+  return {exp_field != 0 ? static_cast<int>(exp_field) - 127 : sub_exponent, exp_field != 0 ? frac : (fb & 0x7FFFFFu)};
 }
 
 // log2 f for f in [sqrt(1/2), sqrt 2): z * q(z^2), z = (f - 1)/(f + 1), q = atanh series.
@@ -111,15 +109,20 @@ MOELINK_DEVICE float exp2_nonpos(float y) {
   return rn_mul(p, pow2i(i));
 }
 
-// w * 2**k for a positive normal w, rounding to nearest-even into the subnormal range with
-// integer operations (no FTZ dependence). Never overflows here: decoded values are <= M.
+// w * 2**k for a positive normal w, rounding to nearest-even into the subnormal range without
+// depending on flush-to-zero: a subnormal result's bits are the integer round(w * 2**(k + 149)),
+// obtained exactly as (v + 2**23) - 2**23 with v = w * 2**(k + 149) (exact, normal, < 2**23);
+// rounding up to 2**23 gives the smallest normal, as it should. Never overflows here: decoded
+// values are <= M. Branch-free (selects), so decoders vectorise on the host.
 MOELINK_DEVICE float ldexp_rne(float w, int k) {
   const uint32_t wb = float_bits(w);
   const int exp_field = static_cast<int>(wb >> 23) + k;
-  if (exp_field >= 1) return bits_float((static_cast<uint32_t>(exp_field) << 23) | (wb & 0x7FFFFFu));
-  const int shift = 1 - exp_field;
-  // Rounding up to 2**23 gives the smallest normal, as it should.
-  return bits_float(rshift_rne((wb & 0x7FFFFFu) | 0x800000u, shift > 25 ? 25 : shift));
+  const uint32_t normal = (static_cast<uint32_t>(exp_field) << 23) | (wb & 0x7FFFFFu);
+  // Only used when the result is subnormal, i.e. k <= -127 - log2(w) <= -93: then k + 149 <= 56.
+  const int sub_shift = k + 149 < 127 ? k + 149 : 127;
+  const float v = rn_mul(w, pow2i(sub_shift < -126 ? -126 : sub_shift));
+  const uint32_t subnormal = float_bits(rn_add(v, 0x1p23f)) - 0x4B000000u;
+  return bits_float(exp_field >= 1 ? normal : subnormal);
 }
 
 // ---- tile scale -------------------------------------------------------------------------------
@@ -164,37 +167,69 @@ struct LogfmtGroupCodes {
   LogfmtHeader header;   // the same on every lane
 };
 
+// Field of one element (float32 bits) in a tile. Straight-line code (the step test is the same for
+// every element of a tile), so a loop over a lane's channels vectorises on the host.
 template <int kBits>
 MOELINK_DEVICE uint32_t logfmt_encode_element(uint32_t bits, const LogfmtTile& t, Log2Split top, float inv_step) {
   using L = Logfmt<kBits>;
   const uint32_t mag = bits & kAbsMask;
-  if (!is_finite_bits(mag)) return L::kNonFinite;
-  if (mag == 0) return 0;
-  const Binade a = normalize(mag);
+  const bool finite = mag < kInfBits;
+  const bool nonzero = mag != 0;
+  const Binade a = normalize(finite && nonzero ? mag : 0x3F800000u);
   // a < 2**(b_M - 34) <= M * 2**-34 while v_1 / 2 >= M * 2**-33.0001: code 0 for certain, and
   // past this test every value below is normal once scaled by 2**-b_M.
-  if (a.exponent <= t.max_binade - 35) return 0;
+  const bool tiny = a.exponent <= t.max_binade - 35;
   int code = L::kCodes;
   if (t.step != 0.0f) {
     const Log2Split la = log2_split(a);
     // Steps below the top, from the portable logs; floor() picks the bracketing pair of codes.
     const float delta = rn_mul(rn_add(static_cast<float>(top.e - la.e), rn_sub(top.l, la.l)), inv_step);
-    // floor of a non-negative value below K - 1: truncation
-    const int d = delta >= static_cast<float>(L::kCodes - 1) ? L::kCodes - 1 : static_cast<int>(delta > 0.0f ? delta : 0.0f);
+    // floor of a non-negative value below K - 1: truncation (clamped first, so it never overflows)
+    const float clamped = delta < static_cast<float>(L::kCodes - 1) ? (delta > 0.0f ? delta : 0.0f)
+                                                                    : static_cast<float>(L::kCodes - 1);
+    const int d = static_cast<int>(clamped);
     const int upper = L::kCodes - d;
     const float w_upper = scaled_code_value(t, d);
-    const float w_lower = upper > 1 ? scaled_code_value(t, d + 1) : 0.0f;
-    const float midpoint = rn_mul(rn_add(w_lower, w_upper), 0.5f);
-    const float a_scaled = bits_float((static_cast<uint32_t>(a.exponent - t.max_binade + 127) << 23) | a.frac);
+    const float w_next = scaled_code_value(t, d + 1);  // d + 1 <= K: still inside exp2_nonpos's range
+    const float midpoint = rn_mul(rn_add(upper > 1 ? w_next : 0.0f, w_upper), 0.5f);
+    const int scaled_exp = tiny ? 1 : a.exponent - t.max_binade + 127;
+    const float a_scaled = bits_float((static_cast<uint32_t>(scaled_exp) << 23) | a.frac);
     code = a_scaled >= midpoint ? upper : upper - 1;
   }
-  return code == 0 ? 0u : (((bits >> 31) << (kBits - 1)) | static_cast<uint32_t>(code));
+  const uint32_t field = code == 0 ? 0u : (((bits >> 31) << (kBits - 1)) | static_cast<uint32_t>(code));
+  return !finite ? L::kNonFinite : (nonzero && !tiny ? field : 0u);
+}
+
+// The header of a tile from its finite nonzero max and min magnitudes (float32 bits; max 0 when
+// there is none), and what encoding its elements needs.
+struct LogfmtTileState {
+  LogfmtHeader header;
+  LogfmtTile tile;
+  Log2Split top;
+  float inv_step;
+};
+
+template <int kBits>
+MOELINK_DEVICE LogfmtTileState logfmt_tile_state(uint32_t max_bits, uint32_t min_bits) {
+  using L = Logfmt<kBits>;
+  LogfmtTileState st;
+  st.header = {0.0f, 0.0f};
+  st.top = {0, 0.0f};
+  if (max_bits != 0) {
+    st.top = log2_split(normalize(max_bits));
+    const Log2Split bottom = log2_split(normalize(min_bits));
+    float range = rn_add(static_cast<float>(st.top.e - bottom.e), rn_sub(st.top.l, bottom.l));
+    range = range < 0.0f ? 0.0f : (range > 32.0f ? 32.0f : range);  // min >= max - 32
+    st.header = {bits_float(max_bits), rn_div(range, static_cast<float>(L::kCodes - 1))};
+  }
+  st.tile = tile_from_header(st.header);
+  st.inv_step = st.tile.step > 0.0f ? rn_div(1.0f, st.tile.step) : 0.0f;
+  return st;
 }
 
 // All 32 lanes must call (max/min are warp reductions). v: this lane's four channels.
 template <int kBits>
 MOELINK_DEVICE LogfmtGroupCodes<kBits> logfmt_encode_group(const float (&v)[4]) {
-  using L = Logfmt<kBits>;
   uint32_t lane_max = 0, lane_min = kInfBits;
   for (int i = 0; i < 4; ++i) {
     const uint32_t mag = float_bits(v[i]) & kAbsMask;
@@ -204,22 +239,13 @@ MOELINK_DEVICE LogfmtGroupCodes<kBits> logfmt_encode_group(const float (&v)[4]) 
   }
   const uint32_t max_bits = arch::warp_reduce_max(arch::kFullMask, lane_max);
   const uint32_t min_bits = arch::warp_reduce_min(arch::kFullMask, lane_min);
-
+  const LogfmtTileState st = logfmt_tile_state<kBits>(max_bits, min_bits);
   LogfmtGroupCodes<kBits> out;
-  out.header = {0.0f, 0.0f};
-  Log2Split top = {0, 0.0f};
-  if (max_bits != 0) {
-    top = log2_split(normalize(max_bits));
-    const Log2Split bottom = log2_split(normalize(min_bits));
-    float range = rn_add(static_cast<float>(top.e - bottom.e), rn_sub(top.l, bottom.l));
-    range = range < 0.0f ? 0.0f : (range > 32.0f ? 32.0f : range);  // min >= max - 32
-    out.header = {bits_float(max_bits), rn_div(range, static_cast<float>(L::kCodes - 1))};
-  }
-  const LogfmtTile t = tile_from_header(out.header);
-  const float inv_step = t.step > 0.0f ? rn_div(1.0f, t.step) : 0.0f;
+  out.header = st.header;
   out.lane_fields = 0;
   for (int i = 0; i < 4; ++i)
-    out.lane_fields |= static_cast<uint64_t>(logfmt_encode_element<kBits>(float_bits(v[i]), t, top, inv_step)) << (kBits * i);
+    out.lane_fields |= static_cast<uint64_t>(logfmt_encode_element<kBits>(float_bits(v[i]), st.tile, st.top, st.inv_step))
+                       << (kBits * i);
   return out;
 }
 
@@ -256,23 +282,110 @@ MOELINK_DEVICE uint64_t logfmt_load_lane(const uint32_t* words, int lane, int co
   return (stream >> offset) & ((uint64_t{1} << used_bits) - 1);
 }
 
+// Decoded value of one field (NaN for the non-finite marker), saturated to the output's range.
+template <int kBits>
+MOELINK_DEVICE float logfmt_decode_field(uint32_t field, const LogfmtTile& t, uint32_t out_max_bits) {
+  using L = Logfmt<kBits>;
+  const int code = static_cast<int>(field & static_cast<uint32_t>(L::kCodes));
+  const uint32_t sign = (field >> (kBits - 1)) << 31;
+  const uint32_t value = float_bits(ldexp_rne(scaled_code_value(t, L::kCodes - code), t.max_binade)) | sign;
+  return bits_float(code != 0 ? saturate_bits(value, out_max_bits) : (sign != 0 ? kQuietNanBits : 0u));
+}
+
 // Per lane, no collective: decodes `count` fields with the tile's header.
 template <int kBits>
 MOELINK_DEVICE void logfmt_decode_lane(uint64_t lane_fields, LogfmtHeader header, int count, CodecDType out_dtype, float (&out)[4]) {
   using L = Logfmt<kBits>;
   const LogfmtTile t = tile_from_header(header);
+  const uint32_t top = out_dtype == CodecDType::kBFloat16 ? kBf16MaxBits : kF32MaxBits;
   for (int i = 0; i < 4; ++i) {
-    out[i] = 0.0f;
-    if (i >= count) continue;
     const uint32_t field = static_cast<uint32_t>(lane_fields >> (kBits * i)) & L::kFieldMask;
-    const int code = static_cast<int>(field & static_cast<uint32_t>(L::kCodes));
-    const uint32_t sign = (field >> (kBits - 1)) << 31;
-    if (code == 0) {
-      out[i] = sign ? bits_float(kQuietNanBits) : 0.0f;
-      continue;
-    }
-    const float value = ldexp_rne(scaled_code_value(t, L::kCodes - code), t.max_binade);
-    out[i] = saturate_finite(bits_float(float_bits(value) | sign), out_dtype);
+    out[i] = i < count ? logfmt_decode_field<kBits>(field, t, top) : 0.0f;
+  }
+}
+
+// ---- one tile by one lane (owned form) ---------------------------------------------------------
+
+// Eight n-bit fields are n whole bytes of the tile's bit stream: stored / loaded 8 at a time.
+template <int kBits>
+MOELINK_DEVICE void store_fields8(const uint32_t (&f)[8], uint8_t* dst, int bytes) {
+  uint64_t lo = 0;
+  uint32_t hi = 0;
+  for (int j = 0; j < 8; ++j) {
+    const int at = kBits * j;
+    if (at < 64) lo |= static_cast<uint64_t>(f[j]) << at;
+    if (at >= 64) hi |= f[j] << ((at - 64) & 31);
+    else if (at + kBits > 64) hi |= f[j] >> ((64 - at) & 31);
+  }
+  for (int b = 0; b < bytes; ++b) dst[b] = static_cast<uint8_t>(b < 8 ? lo >> (8 * b) : hi >> ((8 * b - 64) & 31));
+}
+
+template <int kBits>
+MOELINK_DEVICE void load_fields8(const uint8_t* src, int bytes, uint32_t (&f)[8]) {
+  uint64_t lo = 0;
+  uint32_t hi = 0;
+  for (int b = 0; b < bytes; ++b) {
+    if (b < 8) lo |= static_cast<uint64_t>(src[b]) << (8 * b);
+    else hi |= static_cast<uint32_t>(src[b]) << ((8 * b - 64) & 31);
+  }
+  for (int j = 0; j < 8; ++j) {
+    const int at = kBits * j;
+    uint64_t v = at < 64 ? lo >> (at & 63) : static_cast<uint64_t>(hi) >> ((at - 64) & 31);
+    if (at < 64 && at + kBits > 64) v |= static_cast<uint64_t>(hi) << ((64 - at) & 63);
+    f[j] = static_cast<uint32_t>(v) & Logfmt<kBits>::kFieldMask;
+  }
+}
+
+// Per lane, no collective: encodes channels x[0, count) (one tile, 1 <= count <= 128; In is
+// uint16_t for bf16 bits or float), writes the tile's ceil(count * n / 8) payload bytes and
+// returns its header.
+template <int kBits, typename In>
+MOELINK_DEVICE LogfmtHeader logfmt_encode_tile(const In* x, int count, uint8_t* payload) {
+  // max and min magnitude over finite nonzero elements: plain signed max/min reductions (the
+  // magnitude bits fit an int), which vectorise.
+  int32_t max_bits = 0, min_bits = static_cast<int32_t>(kInfBits);
+  for (int i = 0; i < count; ++i) {
+    const int32_t mag = static_cast<int32_t>(float_bits(load_channel(x, i)) & kAbsMask);
+    const bool counted = mag < static_cast<int32_t>(kInfBits) && mag != 0;
+    const int32_t for_max = counted ? mag : 0;
+    const int32_t for_min = counted ? mag : static_cast<int32_t>(kInfBits);
+    max_bits = max_bits > for_max ? max_bits : for_max;
+    min_bits = min_bits < for_min ? min_bits : for_min;
+  }
+  const LogfmtTileState st = logfmt_tile_state<kBits>(static_cast<uint32_t>(max_bits), static_cast<uint32_t>(min_bits));
+  int c = 0;
+  for (; c + 8 <= count; c += 8) {
+    uint32_t f[8];
+    for (int j = 0; j < 8; ++j)
+      f[j] = logfmt_encode_element<kBits>(float_bits(load_channel(x, c + j)), st.tile, st.top, st.inv_step);
+    store_fields8<kBits>(f, payload + c / 8 * kBits, kBits);
+  }
+  if (c < count) {
+    uint32_t f[8];
+    for (int j = 0; j < 8; ++j)
+      f[j] = c + j < count ? logfmt_encode_element<kBits>(float_bits(load_channel(x, c + j)), st.tile, st.top, st.inv_step) : 0u;
+    store_fields8<kBits>(f, payload + c / 8 * kBits, ((count - c) * kBits + 7) / 8);
+  }
+  return st.header;
+}
+
+// Per lane, no collective: decodes a tile's count channels into out[0, count) (Out: uint16_t for
+// bf16 bits, or float). Reads only the tile's ceil(count * n / 8) payload bytes.
+template <int kBits, typename Out>
+MOELINK_DEVICE void logfmt_decode_tile(const uint8_t* payload, int count, LogfmtHeader header, Out* out) {
+  const LogfmtTile t = tile_from_header(header);
+  const uint32_t top = out_max_bits(out);
+  int c = 0;
+  for (; c + 8 <= count; c += 8) {
+    uint32_t f[8];
+    load_fields8<kBits>(payload + c / 8 * kBits, kBits, f);
+    for (int j = 0; j < 8; ++j) store_channel(out, c + j, logfmt_decode_field<kBits>(f[j], t, top));
+  }
+  if (c < count) {
+    uint32_t f[8];
+    load_fields8<kBits>(payload + c / 8 * kBits, ((count - c) * kBits + 7) / 8, f);
+    for (int j = 0; j < 8; ++j)
+      if (c + j < count) store_channel(out, c + j, logfmt_decode_field<kBits>(f[j], t, top));
   }
 }
 
@@ -282,43 +395,68 @@ template <int kBits>
 MOELINK_KERNEL void logfmt_encode_kernel(LogfmtEncodeArgs args) {
   const LogfmtRowLayout layout = logfmt_row_layout(args.hidden, kBits);
   const size_t elem = element_bytes(args.x_dtype);
-  for_each_group(args.num_tokens, args.hidden, [&](const GroupWork& w) {
-    float v[4];
-    load4(static_cast<const char*>(args.x) + w.token * args.x_row_stride * elem, args.x_dtype, w.first, w.count, v);
-    const LogfmtGroupCodes<kBits> g = logfmt_encode_group<kBits>(v);
-
-    uint8_t* row = args.packed + w.token * args.packed_row_stride;
-    const bool last = w.group == layout.num_tiles - 1;
-    const int channels = last ? static_cast<int>(layout.last_channels) : kCodecGroup;
-    const int num_words = (channels * kBits + 31) / 32;
-    const int64_t payload = layout.payload_offset(w.group);
-    logfmt_store_payload<kBits>(g.lane_fields, reinterpret_cast<uint32_t*>(row + payload), num_words);
-    if (w.lane == 0) {
-      float* header = reinterpret_cast<float*>(row + 8 * w.group);
-      header[0] = g.header.max_abs;
-      header[1] = g.header.step;
-      if (last) {  // the row's padding, so that every byte of the output is defined
-        for (int64_t b = 8 * layout.num_tiles; b < layout.header_bytes; ++b) row[b] = 0;
-        for (int64_t b = payload + 4 * num_words; b < layout.row_bytes; ++b) row[b] = 0;
-      }
+  const auto x_row = [&](int64_t token) { return static_cast<const char*>(args.x) + token * args.x_row_stride * elem; };
+  // Header of (token, tile); the last tile also zeroes the row's padding, so that every byte of
+  // the output is defined (`written`: payload bytes of the last tile already stored).
+  const auto finish = [&](uint8_t* row, int64_t tile, LogfmtHeader h, int64_t written) {
+    float* header = reinterpret_cast<float*>(row + 8 * tile);
+    header[0] = h.max_abs;
+    header[1] = h.step;
+    if (tile == layout.num_tiles - 1) {
+      for (int64_t b = 8 * layout.num_tiles; b < layout.header_bytes; ++b) row[b] = 0;
+      for (int64_t b = layout.payload_offset(tile) + written; b < layout.row_bytes; ++b) row[b] = 0;
     }
-  });
+  };
+  for_each_tile(
+      args.split, args.num_tokens, args.hidden,
+      [&](int64_t token, int64_t tile) {
+        uint8_t* row = args.packed + token * args.packed_row_stride;
+        const int count = tile_channels(args.hidden, tile);
+        LogfmtHeader h;
+        with_row_type(x_row(token), args.x_dtype, [&](auto* x) {
+          h = logfmt_encode_tile<kBits>(x + tile * kCodecGroup, count, row + layout.payload_offset(tile));
+        });
+        finish(row, tile, h, (count * kBits + 7) / 8);
+      },
+      [&](const GroupWork& w) {
+        float v[4];
+        load4(x_row(w.token), args.x_dtype, w.first, w.count, v);
+        const LogfmtGroupCodes<kBits> g = logfmt_encode_group<kBits>(v);
+        uint8_t* row = args.packed + w.token * args.packed_row_stride;
+        const int num_words = (tile_channels(args.hidden, w.group) * kBits + 31) / 32;
+        logfmt_store_payload<kBits>(g.lane_fields, reinterpret_cast<uint32_t*>(row + layout.payload_offset(w.group)),
+                                    num_words);
+        if (w.lane == 0) finish(row, w.group, g.header, 4 * num_words);
+      });
 }
 
 template <int kBits>
 MOELINK_KERNEL void logfmt_decode_kernel(LogfmtDecodeArgs args) {
   const LogfmtRowLayout layout = logfmt_row_layout(args.hidden, kBits);
   const size_t elem = element_bytes(args.out_dtype);
-  for_each_group(args.num_tokens, args.hidden, [&](const GroupWork& w) {
-    if (w.count == 0) return;  // no collective below
-    const uint8_t* row = args.packed + w.token * args.packed_row_stride;
-    const float* header = reinterpret_cast<const float*>(row + 8 * w.group);
-    const uint32_t* words = reinterpret_cast<const uint32_t*>(row + layout.payload_offset(w.group));
-    const uint64_t fields = logfmt_load_lane<kBits>(words, w.lane, w.count);
-    float out[4];
-    logfmt_decode_lane<kBits>(fields, LogfmtHeader{header[0], header[1]}, w.count, args.out_dtype, out);
-    store4(static_cast<char*>(args.out) + w.token * args.out_row_stride * elem, args.out_dtype, w.first, w.count, out);
-  });
+  const auto out_row = [&](int64_t token) { return static_cast<char*>(args.out) + token * args.out_row_stride * elem; };
+  const auto header_of = [&](const uint8_t* row, int64_t tile) {
+    const float* header = reinterpret_cast<const float*>(row + 8 * tile);
+    return LogfmtHeader{header[0], header[1]};
+  };
+  for_each_tile(
+      args.split, args.num_tokens, args.hidden,
+      [&](int64_t token, int64_t tile) {
+        const uint8_t* row = args.packed + token * args.packed_row_stride;
+        with_row_type(out_row(token), args.out_dtype, [&](auto* out) {
+          logfmt_decode_tile<kBits>(row + layout.payload_offset(tile), tile_channels(args.hidden, tile),
+                                    header_of(row, tile), out + tile * kCodecGroup);
+        });
+      },
+      [&](const GroupWork& w) {
+        if (w.count == 0) return;  // no collective below
+        const uint8_t* row = args.packed + w.token * args.packed_row_stride;
+        const uint32_t* words = reinterpret_cast<const uint32_t*>(row + layout.payload_offset(w.group));
+        const uint64_t fields = logfmt_load_lane<kBits>(words, w.lane, w.count);
+        float out[4];
+        logfmt_decode_lane<kBits>(fields, header_of(row, w.group), w.count, args.out_dtype, out);
+        store4(out_row(w.token), args.out_dtype, w.first, w.count, out);
+      });
 }
 
 // Calls launch(std::integral_constant<int, n>{}) for n = bits (8, 9, 10; anything else as 10 --
