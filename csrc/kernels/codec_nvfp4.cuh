@@ -48,6 +48,16 @@ MOELINK_DEVICE float nvfp4_decode_scale(uint32_t scale_byte, float g) {
   return rn_div(fp8_code_to_float<E4M3>(scale_byte), g);
 }
 
+// Code of one element: e2m1(x * encode), RNE, saturating -- also when the product overflows to
+// inf (a passed-in g far too large for the data) -- and the 0x8 marker for a non-finite x.
+MOELINK_DEVICE uint32_t nvfp4_encode(float x, float encode) {
+  const uint32_t p = float_bits(rn_mul(x, encode));
+  const uint32_t pmag = p & kAbsMask;
+  const uint32_t mag = round_magnitude<E2M1>(pmag < kInfBits ? pmag : kF32MaxBits);
+  const uint32_t code = mag == 0 ? 0u : (((p >> 28) & 0x8u) | mag);
+  return (float_bits(x) & kAbsMask) < kInfBits ? code : kFp4NonFinite;
+}
+
 MOELINK_DEVICE float nvfp4_decode(uint32_t code, float scale, uint32_t out_max_bits) {
   const float value = fp4_code_to_float(code);
   const uint32_t product = float_bits(rn_mul(value, scale));
@@ -73,7 +83,7 @@ MOELINK_DEVICE Nvfp4GroupCodes nvfp4_quantize_group(const float (&v)[4], float g
   }
   const Nvfp4Block b = nvfp4_block(amax_bits, g);
   Nvfp4GroupCodes out{0, b.scale_byte};
-  for (int i = 0; i < 4; ++i) out.nibbles |= float_to_fp4_code(rn_mul(v[i], b.encode)) << (4 * i);
+  for (int i = 0; i < 4; ++i) out.nibbles |= nvfp4_encode(v[i], b.encode) << (4 * i);
   return out;
 }
 
@@ -91,12 +101,12 @@ MOELINK_DEVICE uint32_t nvfp4_quantize_block(const In* x, int count, float g, ui
   const Nvfp4Block b = nvfp4_block(finite_amax_bits(x, count), g);
   if (count == kNvfp4Block) {  // the common case, in straight-line form
     uint32_t codes[kNvfp4Block];
-    for (int i = 0; i < kNvfp4Block; ++i) codes[i] = float_to_fp4_code(rn_mul(load_channel(x, i), b.encode));
+    for (int i = 0; i < kNvfp4Block; ++i) codes[i] = nvfp4_encode(load_channel(x, i), b.encode);
     for (int i = 0; i < kNvfp4Block / 2; ++i) packed[i] = static_cast<uint8_t>(codes[2 * i] | (codes[2 * i + 1] << 4));
   } else {
     for (int i = 0; i < count; i += 2) {
-      const uint32_t lo = float_to_fp4_code(rn_mul(load_channel(x, i), b.encode));
-      const uint32_t hi = i + 1 < count ? float_to_fp4_code(rn_mul(load_channel(x, i + 1), b.encode)) : 0u;
+      const uint32_t lo = nvfp4_encode(load_channel(x, i), b.encode);
+      const uint32_t hi = i + 1 < count ? nvfp4_encode(load_channel(x, i + 1), b.encode) : 0u;
       packed[i / 2] = static_cast<uint8_t>(lo | (hi << 4));
     }
   }

@@ -94,7 +94,8 @@ two-level recipe as TensorRT-LLM and vLLM quantize activations (``SFScaleVal`` t
   not a round-up, so the block maximum may saturate at 6 by up to 1/16); ``s`` is stored with its
   sign bit 0 (UE4M3 and E4M3 agree).
 * ``enc = g / value(s)`` (0 when ``s`` is 0: the block is all zeros), ``q = e2m1(x * enc)``: RNE
-  with saturation to +-6. E2M1 has no NaN or infinity: a non-finite input gets the code 0x8
+  with saturation to +-6 (a product that overflows to inf, possible only with a passed-in ``g``
+  far too large for the data, saturates too). E2M1 has no NaN or infinity: a non-finite input gets the code 0x8
   ("negative zero"), and a number never does (anything rounding to zero is +0). moelink's decoder
   turns 0x8 into NaN; any other NVFP4 consumer reads a zero. Non-finite inputs do not take part
   in either ``amax``.

@@ -20,6 +20,7 @@ NVFP4_GLOBAL_NUMERATOR = 448.0 * 6.0  # e4m3 max * e2m1 max: the recipe's global
 NVFP4_GLOBAL_SCALE_RANGE = (2.0**-100, 2.0**100)  # accepted / produced global scales
 NVFP4_NON_FINITE = 0x8  # "negative zero": moelink's marker for NaN/inf inputs; decodes to NaN
 _E4M3 = FP8_FORMATS["e4m3"]
+_F32_MAX = float.fromhex("0x1.fffffep+127")
 
 
 def nvfp4_num_blocks(hidden: int) -> int:
@@ -99,7 +100,11 @@ def nvfp4_quantize(x: torch.Tensor, global_scale=None):
     sf_val = fp8_code_to_float(sf.to(torch.uint8), _E4M3)
     enc = torch.where(sf_val != 0, _div(g.expand_as(sf_val).contiguous(), torch.where(sf_val != 0, sf_val, 1.0)),
                       torch.zeros_like(sf_val))
-    codes = float_to_fp4_code(xg * enc.unsqueeze(-1)).reshape(num_tokens, -1)[:, :hidden]
+    # A finite input whose product overflows (only with a passed-in g far too large for the data)
+    # saturates like any other large value; non-finite inputs get the 0x8 marker.
+    product = torch.clamp(xg * enc.unsqueeze(-1), min=-_F32_MAX, max=_F32_MAX)
+    codes = torch.where(torch.isfinite(xg), float_to_fp4_code(product), NVFP4_NON_FINITE)
+    codes = codes.reshape(num_tokens, -1)[:, :hidden]
     if hidden % 2:
         codes = torch.nn.functional.pad(codes, (0, 1))
     packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).contiguous()
