@@ -25,11 +25,13 @@
 #include <cstring>
 
 #include "arch/arch.cuh"
+#include "kernels/codec_build.cuh"
 #include "kernels/codec_minifloat.cuh"
 #include "kernels/numeric.cuh"
 #include "runtime/ops_codecs.h"
 
 namespace moelink::kernels::codec {
+
 
 // ---- element loads and stores -----------------------------------------------------------------
 
@@ -39,7 +41,7 @@ struct alignas(16) Float4 {
   float v[4];
 };
 template <typename T>
-MOELINK_DEVICE T load_vector(const void* p) {
+MOELINK_CODEC_INLINE T load_vector(const void* p) {
 #if defined(__CUDA_ARCH__)
   return *static_cast<const T*>(p);
 #else
@@ -49,7 +51,7 @@ MOELINK_DEVICE T load_vector(const void* p) {
 #endif
 }
 template <typename T>
-MOELINK_DEVICE void store_vector(void* p, const T& value) {
+MOELINK_CODEC_INLINE void store_vector(void* p, const T& value) {
 #if defined(__CUDA_ARCH__)
   *static_cast<T*>(p) = value;
 #else
@@ -60,7 +62,7 @@ MOELINK_DEVICE void store_vector(void* p, const T& value) {
 MOELINK_HOST_DEVICE size_t element_bytes(CodecDType dtype) { return dtype == CodecDType::kBFloat16 ? 2 : 4; }
 
 // Channels [first, first + count) of a row into v[0..3]; missing channels read as zero.
-MOELINK_DEVICE void load4(const void* row, CodecDType dtype, int64_t first, int count, float (&v)[4]) {
+MOELINK_CODEC_INLINE void load4(const void* row, CodecDType dtype, int64_t first, int count, float (&v)[4]) {
   if (dtype == CodecDType::kBFloat16) {
     const uint16_t* p = static_cast<const uint16_t*>(row) + first;
     if (count == 4 && (reinterpret_cast<uintptr_t>(p) & 7) == 0) {
@@ -83,15 +85,15 @@ MOELINK_DEVICE void load4(const void* row, CodecDType dtype, int64_t first, int 
 // Decoders saturate the value of a finite code to the output dtype's largest finite value (the
 // reference's rule), so a finite input never decodes to inf; NaN (a NaN scale read from the wire)
 // stays NaN. `top`: kBf16MaxBits or kF32MaxBits.
-MOELINK_DEVICE uint32_t saturate_bits(uint32_t b, uint32_t top) {
+MOELINK_CODEC_INLINE uint32_t saturate_bits(uint32_t b, uint32_t top) {
   const uint32_t mag = b & kAbsMask;
   return mag > top && mag <= kInfBits ? ((b & ~kAbsMask) | top) : b;
 }
-MOELINK_DEVICE float saturate_finite(float v, CodecDType dtype) {
+MOELINK_CODEC_INLINE float saturate_finite(float v, CodecDType dtype) {
   return bits_float(saturate_bits(float_bits(v), dtype == CodecDType::kBFloat16 ? kBf16MaxBits : kF32MaxBits));
 }
 
-MOELINK_DEVICE void store4(void* row, CodecDType dtype, int64_t first, int count, const float (&v)[4]) {
+MOELINK_CODEC_INLINE void store4(void* row, CodecDType dtype, int64_t first, int count, const float (&v)[4]) {
   if (dtype == CodecDType::kBFloat16) {
     uint16_t* p = static_cast<uint16_t*>(row) + first;
     if (count == 4 && (reinterpret_cast<uintptr_t>(p) & 7) == 0) {
@@ -114,17 +116,17 @@ MOELINK_DEVICE void store4(void* row, CodecDType dtype, int64_t first, int count
 }
 
 // Lane-local element access for the owned form: In is uint16_t (bf16 bits) or float; Out too.
-MOELINK_DEVICE float load_channel(const uint16_t* p, int i) { return bf16_to_float(p[i]); }
-MOELINK_DEVICE float load_channel(const float* p, int i) { return p[i]; }
-MOELINK_DEVICE void store_channel(uint16_t* p, int i, float v) { p[i] = float_to_bf16(v); }
-MOELINK_DEVICE void store_channel(float* p, int i, float v) { p[i] = v; }
-MOELINK_DEVICE uint32_t out_max_bits(const uint16_t*) { return kBf16MaxBits; }
-MOELINK_DEVICE uint32_t out_max_bits(const float*) { return kF32MaxBits; }
+MOELINK_CODEC_INLINE float load_channel(const uint16_t* p, int i) { return bf16_to_float(p[i]); }
+MOELINK_CODEC_INLINE float load_channel(const float* p, int i) { return p[i]; }
+MOELINK_CODEC_INLINE void store_channel(uint16_t* p, int i, float v) { p[i] = float_to_bf16(v); }
+MOELINK_CODEC_INLINE void store_channel(float* p, int i, float v) { p[i] = v; }
+MOELINK_CODEC_INLINE uint32_t out_max_bits(const uint16_t*) { return kBf16MaxBits; }
+MOELINK_CODEC_INLINE uint32_t out_max_bits(const float*) { return kF32MaxBits; }
 
 // Largest |x| over the finite elements of x[0, count), as float32 bits (0 when there is none).
 // Magnitudes order like their bit patterns, and fit a signed int: a plain max reduction that
 // vectorises (bf16 rows on the 16-bit patterns).
-MOELINK_DEVICE uint32_t finite_amax_bits(const uint16_t* x, int count) {
+MOELINK_CODEC_INLINE uint32_t finite_amax_bits(const uint16_t* x, int count) {
   int32_t amax = 0;
   for (int i = 0; i < count; ++i) {
     const int32_t mag = x[i] & 0x7FFF;
@@ -133,7 +135,7 @@ MOELINK_DEVICE uint32_t finite_amax_bits(const uint16_t* x, int count) {
   }
   return static_cast<uint32_t>(amax) << 16;
 }
-MOELINK_DEVICE uint32_t finite_amax_bits(const float* x, int count) {
+MOELINK_CODEC_INLINE uint32_t finite_amax_bits(const float* x, int count) {
   int32_t amax = 0;
   for (int i = 0; i < count; ++i) {
     const int32_t mag = static_cast<int32_t>(float_bits(x[i]) & kAbsMask);
@@ -145,12 +147,12 @@ MOELINK_DEVICE uint32_t finite_amax_bits(const float* x, int count) {
 
 // Calls body(pointer) with the row typed by its dtype: bf16 rows as uint16_t, float32 as float.
 template <typename Body>
-MOELINK_DEVICE void with_row_type(const void* row, CodecDType dtype, Body&& body) {
+MOELINK_CODEC_INLINE void with_row_type(const void* row, CodecDType dtype, Body&& body) {
   if (dtype == CodecDType::kBFloat16) body(static_cast<const uint16_t*>(row));
   else body(static_cast<const float*>(row));
 }
 template <typename Body>
-MOELINK_DEVICE void with_row_type(void* row, CodecDType dtype, Body&& body) {
+MOELINK_CODEC_INLINE void with_row_type(void* row, CodecDType dtype, Body&& body) {
   if (dtype == CodecDType::kBFloat16) body(static_cast<uint16_t*>(row));
   else body(static_cast<float*>(row));
 }
@@ -161,7 +163,7 @@ MOELINK_DEVICE void with_row_type(void* row, CodecDType dtype, Body&& body) {
 // contiguous chunks), false when it spreads items over the lanes (the GPU's interleaved pieces,
 // which keep a warp's accesses coalesced). Every lane of the warp must call; one vote, so the
 // answer is the same on every lane whatever lane_range does.
-MOELINK_DEVICE bool codec_tiles_owned_by_lanes() {
+MOELINK_CODEC_INLINE bool codec_tiles_owned_by_lanes() {
   constexpr int64_t kPieces = 32;
   const arch::LaneRange r = arch::lane_range(arch::kFullMask, kPieces * arch::kWarpSize);
   const bool whole = r.step == 1 && r.begin % kPieces == 0 && r.end - r.begin == kPieces;
@@ -169,6 +171,7 @@ MOELINK_DEVICE bool codec_tiles_owned_by_lanes() {
 }
 
 // ---- standalone kernels: work items and grid ---------------------------------------------------
+
 
 // GPU: 4-warp blocks, enough of them for a few waves, a warp per (token, tile) at a time. Host:
 // one block of two warps (the fibers' stacks stay in cache) whose lanes take contiguous runs of
@@ -185,14 +188,14 @@ constexpr int kWarpsPerBlock = kThreads / arch::kWarpSize;
 MOELINK_HOST_DEVICE int64_t num_groups(int64_t hidden) { return (hidden + kCodecGroup - 1) / kCodecGroup; }
 
 // Channels of `group` this lane holds (0..4) and the first of them.
-MOELINK_DEVICE int lane_channels(int64_t hidden, int64_t group, int lane, int64_t* first) {
+MOELINK_CODEC_INLINE int lane_channels(int64_t hidden, int64_t group, int lane, int64_t* first) {
   *first = group * kCodecGroup + 4 * lane;
   const int64_t left = hidden - *first;
   return left >= 4 ? 4 : (left > 0 ? static_cast<int>(left) : 0);
 }
 
 // Channels of tile `group` (1..128).
-MOELINK_DEVICE int tile_channels(int64_t hidden, int64_t group) {
+MOELINK_CODEC_INLINE int tile_channels(int64_t hidden, int64_t group) {
   const int64_t left = hidden - group * kCodecGroup;
   return left >= kCodecGroup ? kCodecGroup : static_cast<int>(left);
 }
@@ -207,7 +210,7 @@ struct GroupWork {
 // Spread form: runs body(GroupWork) for each (token, group) work item of this warp, on every lane.
 // A body that uses a warp collective must not skip it on any lane.
 template <typename Body>
-MOELINK_DEVICE void for_each_group(int64_t num_tokens, int64_t hidden, Body&& body) {
+MOELINK_CODEC_INLINE void for_each_group(int64_t num_tokens, int64_t hidden, Body&& body) {
   using namespace arch;
   const int lane = static_cast<int>(lane_id());
   const int64_t groups = num_groups(hidden);
@@ -223,7 +226,7 @@ MOELINK_DEVICE void for_each_group(int64_t num_tokens, int64_t hidden, Body&& bo
 // Owned form: runs tile(token, group) for each work item of this lane. Each warp takes a
 // contiguous share of the (token, group) items in row-major order, and lane_range splits it.
 template <typename Tile>
-MOELINK_DEVICE void for_each_owned_tile(int64_t num_tokens, int64_t hidden, Tile&& tile) {
+MOELINK_CODEC_INLINE void for_each_owned_tile(int64_t num_tokens, int64_t hidden, Tile&& tile) {
   using namespace arch;
   const int64_t groups = num_groups(hidden);
   const int64_t total = num_tokens * groups;
@@ -238,7 +241,7 @@ MOELINK_DEVICE void for_each_owned_tile(int64_t num_tokens, int64_t hidden, Tile
 // The standalone kernels' driver: the owned form when lanes own tiles (and the caller allows
 // it), else the spread form. Every lane of every warp must call.
 template <typename Tile, typename Spread>
-MOELINK_DEVICE void for_each_tile(CodecLaneSplit split, int64_t num_tokens, int64_t hidden, Tile&& tile,
+MOELINK_CODEC_INLINE void for_each_tile(CodecLaneSplit split, int64_t num_tokens, int64_t hidden, Tile&& tile,
                                   Spread&& spread) {
   const bool owned = codec_tiles_owned_by_lanes() && split == CodecLaneSplit::kAuto;
   if (owned) for_each_owned_tile(num_tokens, hidden, tile);

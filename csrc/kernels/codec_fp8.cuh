@@ -44,7 +44,7 @@ struct Fp8Scale {
 
 // From the group's finite amax (float32 bits).
 template <Fp8Format F, Fp8ScaleFormat S>
-MOELINK_DEVICE Fp8Scale fp8_scale_from_amax(uint32_t amax_bits) {
+MOELINK_CODEC_INLINE Fp8Scale fp8_scale_from_amax(uint32_t amax_bits) {
   using T = Fp8Traits<F>;
   // Floor: amax >= fp8_max * 2**-100, so the scale is >= 2**-100 (all-zero groups decode to
   // exact zeros, and no product below is subnormal).
@@ -66,7 +66,7 @@ MOELINK_DEVICE Fp8Scale fp8_scale_from_amax(uint32_t amax_bits) {
 
 // Decoded value of one code: value(code) * scale, finite codes saturated to the output's range.
 template <Fp8Format F>
-MOELINK_DEVICE float fp8_decode(uint32_t code, float scale, uint32_t out_max_bits) {
+MOELINK_CODEC_INLINE float fp8_decode(uint32_t code, float scale, uint32_t out_max_bits) {
   const float value = fp8_code_to_float<typename Fp8Traits<F>::Mini>(code);
   const uint32_t product = float_bits(rn_mul(value, scale));
   return bits_float(is_finite_bits(float_bits(value)) ? saturate_bits(product, out_max_bits) : product);
@@ -83,7 +83,7 @@ struct Fp8GroupCodes {
 // All 32 lanes must call (the amax is one warp reduction). v: this lane's four channels of a
 // 128-channel group (channels 4*lane .. 4*lane + 3; zeros past a partial group's end).
 template <Fp8Format F, Fp8ScaleFormat S>
-MOELINK_DEVICE Fp8GroupCodes fp8_quantize_group(const float (&v)[4]) {
+MOELINK_CODEC_INLINE Fp8GroupCodes fp8_quantize_group(const float (&v)[4]) {
   // amax over finite elements, on the bits: non-negative floats order like their bit patterns,
   // and integer max cannot be affected by NaN rules or flush-to-zero.
   uint32_t amax_bits = 0;
@@ -101,7 +101,7 @@ MOELINK_DEVICE Fp8GroupCodes fp8_quantize_group(const float (&v)[4]) {
 
 // Per lane, no warp collective: decodes the lane's four codes with the group's scale.
 template <Fp8Format F>
-MOELINK_DEVICE void fp8_dequantize_lane(uint32_t codes, float scale, CodecDType out_dtype, float (&out)[4]) {
+MOELINK_CODEC_INLINE void fp8_dequantize_lane(uint32_t codes, float scale, CodecDType out_dtype, float (&out)[4]) {
   const uint32_t top = out_dtype == CodecDType::kBFloat16 ? kBf16MaxBits : kF32MaxBits;
   for (int i = 0; i < 4; ++i) out[i] = fp8_decode<F>((codes >> (8 * i)) & 0xFFu, scale, top);
 }
@@ -111,7 +111,7 @@ MOELINK_DEVICE void fp8_dequantize_lane(uint32_t codes, float scale, CodecDType 
 // Per lane, no collective: quantizes channels x[0, count) (count <= 128, one group) into
 // q[0, count) and returns the group's scale. In: uint16_t (bf16 bits) or float.
 template <Fp8Format F, Fp8ScaleFormat S, typename In>
-MOELINK_DEVICE Fp8Scale fp8_quantize_tile(const In* x, int count, uint8_t* q) {
+MOELINK_CODEC_INLINE Fp8Scale fp8_quantize_tile(const In* x, int count, uint8_t* q) {
   const Fp8Scale s = fp8_scale_from_amax<F, S>(finite_amax_bits(x, count));
   for (int i = 0; i < count; ++i)
     q[i] = static_cast<uint8_t>(float_to_fp8_code<typename Fp8Traits<F>::Mini>(rn_mul(load_channel(x, i), s.inv_scale)));
@@ -121,7 +121,7 @@ MOELINK_DEVICE Fp8Scale fp8_quantize_tile(const In* x, int count, uint8_t* q) {
 // Per lane, no collective: decodes q[0, count) with `scale` into out[0, count). Out: uint16_t
 // (bf16 bits) or float.
 template <Fp8Format F, typename Out>
-MOELINK_DEVICE void fp8_dequantize_tile(const uint8_t* q, int count, float scale, Out* out) {
+MOELINK_CODEC_INLINE void fp8_dequantize_tile(const uint8_t* q, int count, float scale, Out* out) {
   const uint32_t top = out_max_bits(out);
   for (int i = 0; i < count; ++i) store_channel(out, i, fp8_decode<F>(q[i], scale, top));
 }
@@ -132,7 +132,7 @@ MOELINK_DEVICE void fp8_dequantize_tile(const uint8_t* q, int count, float scale
 // (little-endian on both targets); the last group also zeroes the padding bytes of its word, so
 // the output is fully defined.
 template <Fp8ScaleFormat S>
-MOELINK_DEVICE void store_fp8_scale(const Fp8QuantizeArgs& args, int64_t token, int64_t group, int64_t groups,
+MOELINK_CODEC_INLINE void store_fp8_scale(const Fp8QuantizeArgs& args, int64_t token, int64_t group, int64_t groups,
                                     float scale, uint32_t ue8m0) {
   if constexpr (S == Fp8ScaleFormat::kFloat32) {
     static_cast<float*>(args.scales)[token * args.scales_row_stride + group] = scale;
@@ -145,21 +145,21 @@ MOELINK_DEVICE void store_fp8_scale(const Fp8QuantizeArgs& args, int64_t token, 
 }
 
 template <Fp8Format F, Fp8ScaleFormat S>
-MOELINK_KERNEL void fp8_quantize_kernel(Fp8QuantizeArgs args) {
+MOELINK_CODEC_KERNEL void fp8_quantize_kernel(Fp8QuantizeArgs args) {
   const int64_t groups = num_groups(args.hidden);
   const size_t elem = element_bytes(args.x_dtype);
-  const auto x_row = [&](int64_t token) { return static_cast<const char*>(args.x) + token * args.x_row_stride * elem; };
+  const auto x_row = [&](int64_t token) MOELINK_CODEC_LAMBDA { return static_cast<const char*>(args.x) + token * args.x_row_stride * elem; };
   for_each_tile(
       args.split, args.num_tokens, args.hidden,
-      [&](int64_t token, int64_t group) {
+      [&](int64_t token, int64_t group) MOELINK_CODEC_LAMBDA {
         uint8_t* q = args.q + token * args.q_row_stride + group * kCodecGroup;
         Fp8Scale s;
-        with_row_type(x_row(token), args.x_dtype, [&](auto* x) {
+        with_row_type(x_row(token), args.x_dtype, [&](auto* x) MOELINK_CODEC_LAMBDA {
           s = fp8_quantize_tile<F, S>(x + group * kCodecGroup, tile_channels(args.hidden, group), q);
         });
         store_fp8_scale<S>(args, token, group, groups, s.scale, s.ue8m0);
       },
-      [&](const GroupWork& w) {
+      [&](const GroupWork& w) MOELINK_CODEC_LAMBDA {
         float v[4];
         load4(x_row(w.token), args.x_dtype, w.first, w.count, v);
         const Fp8GroupCodes g = fp8_quantize_group<F, S>(v);
@@ -175,7 +175,7 @@ MOELINK_KERNEL void fp8_quantize_kernel(Fp8QuantizeArgs args) {
 }
 
 template <Fp8ScaleFormat S>
-MOELINK_DEVICE float load_fp8_scale(const Fp8DequantizeArgs& args, int64_t token, int64_t group) {
+MOELINK_CODEC_INLINE float load_fp8_scale(const Fp8DequantizeArgs& args, int64_t token, int64_t group) {
   if constexpr (S == Fp8ScaleFormat::kFloat32) {
     return static_cast<const float*>(args.scales)[token * args.scales_row_stride + group];
   } else {
@@ -186,19 +186,19 @@ MOELINK_DEVICE float load_fp8_scale(const Fp8DequantizeArgs& args, int64_t token
 }
 
 template <Fp8Format F, Fp8ScaleFormat S>
-MOELINK_KERNEL void fp8_dequantize_kernel(Fp8DequantizeArgs args) {
+MOELINK_CODEC_KERNEL void fp8_dequantize_kernel(Fp8DequantizeArgs args) {
   const size_t elem = element_bytes(args.out_dtype);
-  const auto out_row = [&](int64_t token) { return static_cast<char*>(args.out) + token * args.out_row_stride * elem; };
+  const auto out_row = [&](int64_t token) MOELINK_CODEC_LAMBDA { return static_cast<char*>(args.out) + token * args.out_row_stride * elem; };
   for_each_tile(
       args.split, args.num_tokens, args.hidden,
-      [&](int64_t token, int64_t group) {
+      [&](int64_t token, int64_t group) MOELINK_CODEC_LAMBDA {
         const uint8_t* q = args.q + token * args.q_row_stride + group * kCodecGroup;
         const float scale = load_fp8_scale<S>(args, token, group);
-        with_row_type(out_row(token), args.out_dtype, [&](auto* out) {
+        with_row_type(out_row(token), args.out_dtype, [&](auto* out) MOELINK_CODEC_LAMBDA {
           fp8_dequantize_tile<F>(q, tile_channels(args.hidden, group), scale, out + group * kCodecGroup);
         });
       },
-      [&](const GroupWork& w) {
+      [&](const GroupWork& w) MOELINK_CODEC_LAMBDA {
         if (w.count == 0) return;  // no collective below: idle lanes may leave
         const float scale = load_fp8_scale<S>(args, w.token, w.group);
         const uint8_t* q = args.q + w.token * args.q_row_stride + w.first;
@@ -236,7 +236,7 @@ inline void with_fp8_kind(Fp8Format format, Fp8ScaleFormat scale_format, Launch&
 
 inline void launch_fp8_quantize(const Fp8QuantizeArgs& args, const LaunchContext& ctx) {
   const unsigned grid = grid_for(args.num_tokens * num_groups(args.hidden));
-  with_fp8_kind(args.format, args.scale_format, [&](auto kind) {
+  with_fp8_kind(args.format, args.scale_format, [&](auto kind) MOELINK_CODEC_LAMBDA {
     using K = decltype(kind);
     MOELINK_LAUNCH(ctx, "fp8_quantize", (fp8_quantize_kernel<K::kFormat, K::kScale>), grid, kThreads, 0, args);
   });
@@ -244,7 +244,7 @@ inline void launch_fp8_quantize(const Fp8QuantizeArgs& args, const LaunchContext
 
 inline void launch_fp8_dequantize(const Fp8DequantizeArgs& args, const LaunchContext& ctx) {
   const unsigned grid = grid_for(args.num_tokens * num_groups(args.hidden));
-  with_fp8_kind(args.format, args.scale_format, [&](auto kind) {
+  with_fp8_kind(args.format, args.scale_format, [&](auto kind) MOELINK_CODEC_LAMBDA {
     using K = decltype(kind);
     MOELINK_LAUNCH(ctx, "fp8_dequantize", (fp8_dequantize_kernel<K::kFormat, K::kScale>), grid, kThreads, 0, args);
   });

@@ -56,7 +56,7 @@ struct Binade {
   uint32_t frac;
 };
 
-MOELINK_DEVICE Binade normalize(uint32_t mag) {
+MOELINK_CODEC_INLINE Binade normalize(uint32_t mag) {
   const uint32_t exp_field = mag >> 23;
   const uint32_t frac = mag & 0x7FFFFFu;
   // A subnormal is frac * 2**-149, and float(frac) (exact: frac < 2**23, an integer conversion,
@@ -67,7 +67,7 @@ MOELINK_DEVICE Binade normalize(uint32_t mag) {
 }
 
 // log2 f for f in [sqrt(1/2), sqrt 2): z * q(z^2), z = (f - 1)/(f + 1), q = atanh series.
-MOELINK_DEVICE float log2_core(float f) {
+MOELINK_CODEC_INLINE float log2_core(float f) {
   // q_j = 2 / (ln 2 * (2j + 1)) rounded to float32; Horner order fixed (it is part of the format).
   const float z = rn_div(rn_sub(f, 1.0f), rn_add(f, 1.0f));
   const float z2 = rn_mul(z, z);
@@ -84,7 +84,7 @@ struct Log2Split {
   float l;  // |l| <= 1/2
 };
 
-MOELINK_DEVICE Log2Split log2_split(Binade b) {
+MOELINK_CODEC_INLINE Log2Split log2_split(Binade b) {
   constexpr uint32_t kSqrt2Frac = 0x3504F3u;
   const uint32_t high = b.frac >= kSqrt2Frac ? 1u : 0u;
   return {b.exponent + static_cast<int>(high), log2_core(bits_float(((127u - high) << 23) | b.frac))};
@@ -93,7 +93,7 @@ MOELINK_DEVICE Log2Split log2_split(Binade b) {
 // 2**y for y in [-34, 0]: y = i + f with i = floor(y), a degree-6 polynomial for 2**f, times the
 // exact power of two 2**i. p(f) = 1 + f*(c1 + f*(c2 + ... + f*c6)) is a relative least-squares
 // fit on [0, 1) rounded to float32 (max error 1.4 half-ulps, p(0) = 1 exactly).
-MOELINK_DEVICE float exp2_nonpos(float y) {
+MOELINK_CODEC_INLINE float exp2_nonpos(float y) {
   // floor by truncation (exact for |y| < 2**31): baseline x86-64 has no SSE4.1 round
   // instruction, and a libm floorf call per evaluation was a measurable share of the encoder.
   const int truncated = static_cast<int>(y);
@@ -114,7 +114,7 @@ MOELINK_DEVICE float exp2_nonpos(float y) {
 // obtained exactly as (v + 2**23) - 2**23 with v = w * 2**(k + 149) (exact, normal, < 2**23);
 // rounding up to 2**23 gives the smallest normal, as it should. Never overflows here: decoded
 // values are <= M. Branch-free (selects), so decoders vectorise on the host.
-MOELINK_DEVICE float ldexp_rne(float w, int k) {
+MOELINK_CODEC_INLINE float ldexp_rne(float w, int k) {
   const uint32_t wb = float_bits(w);
   const int exp_field = static_cast<int>(wb >> 23) + k;
   const uint32_t normal = (static_cast<uint32_t>(exp_field) << 23) | (wb & 0x7FFFFFu);
@@ -148,14 +148,14 @@ struct LogfmtTile {
   float step;
 };
 
-MOELINK_DEVICE LogfmtTile tile_from_header(LogfmtHeader h) {
+MOELINK_CODEC_INLINE LogfmtTile tile_from_header(LogfmtHeader h) {
   const uint32_t mb = float_bits(h.max_abs);
   const Binade b = normalize(mb != 0 ? mb : 0x3F800000u);
   return {b.exponent, bits_float((127u << 23) | b.frac), h.step};
 }
 
 // Decoded value of `steps_down` codes below the top, divided by 2**max_binade: in (2**-34, 2).
-MOELINK_DEVICE float scaled_code_value(const LogfmtTile& t, int steps_down) {
+MOELINK_CODEC_INLINE float scaled_code_value(const LogfmtTile& t, int steps_down) {
   return rn_mul(t.max_frac, exp2_nonpos(rn_mul(static_cast<float>(-steps_down), t.step)));
 }
 
@@ -167,10 +167,11 @@ struct LogfmtGroupCodes {
   LogfmtHeader header;   // the same on every lane
 };
 
-// Field of one element (float32 bits) in a tile. Straight-line code (the step test is the same for
-// every element of a tile), so a loop over a lane's channels vectorises on the host.
-template <int kBits>
-MOELINK_DEVICE uint32_t logfmt_encode_element(uint32_t bits, const LogfmtTile& t, Log2Split top, float inv_step) {
+// Field of one element (float32 bits) in a tile. kGraded: the tile's step s is nonzero (a
+// tile-uniform test, made once per tile so that the per-element code is straight-line and a loop
+// over a lane's channels vectorises on the host); with s = 0 every nonzero element gets code K.
+template <int kBits, bool kGraded>
+MOELINK_CODEC_INLINE uint32_t logfmt_encode_element(uint32_t bits, const LogfmtTile& t, Log2Split top, float inv_step) {
   using L = Logfmt<kBits>;
   const uint32_t mag = bits & kAbsMask;
   const bool finite = mag < kInfBits;
@@ -180,7 +181,7 @@ MOELINK_DEVICE uint32_t logfmt_encode_element(uint32_t bits, const LogfmtTile& t
   // past this test every value below is normal once scaled by 2**-b_M.
   const bool tiny = a.exponent <= t.max_binade - 35;
   int code = L::kCodes;
-  if (t.step != 0.0f) {
+  if constexpr (kGraded) {
     const Log2Split la = log2_split(a);
     // Steps below the top, from the portable logs; floor() picks the bracketing pair of codes.
     const float delta = rn_mul(rn_add(static_cast<float>(top.e - la.e), rn_sub(top.l, la.l)), inv_step);
@@ -191,13 +192,22 @@ MOELINK_DEVICE uint32_t logfmt_encode_element(uint32_t bits, const LogfmtTile& t
     const int upper = L::kCodes - d;
     const float w_upper = scaled_code_value(t, d);
     const float w_next = scaled_code_value(t, d + 1);  // d + 1 <= K: still inside exp2_nonpos's range
-    const float midpoint = rn_mul(rn_add(upper > 1 ? w_next : 0.0f, w_upper), 0.5f);
+    // w(code 0) = 0. A product by 1 or 0 (exact) rather than a select: it keeps w_next's evaluation
+    // unconditional, so the compiler cannot sink it into a branch it would then not if-convert.
+    const float w_lower = rn_mul(w_next, upper > 1 ? 1.0f : 0.0f);
+    const float midpoint = rn_mul(rn_add(w_lower, w_upper), 0.5f);
     const int scaled_exp = tiny ? 1 : a.exponent - t.max_binade + 127;
     const float a_scaled = bits_float((static_cast<uint32_t>(scaled_exp) << 23) | a.frac);
     code = a_scaled >= midpoint ? upper : upper - 1;
   }
   const uint32_t field = code == 0 ? 0u : (((bits >> 31) << (kBits - 1)) | static_cast<uint32_t>(code));
   return !finite ? L::kNonFinite : (nonzero && !tiny ? field : 0u);
+}
+
+template <int kBits>
+MOELINK_CODEC_INLINE uint32_t logfmt_encode_element(uint32_t bits, const LogfmtTile& t, Log2Split top, float inv_step) {
+  return t.step != 0.0f ? logfmt_encode_element<kBits, true>(bits, t, top, inv_step)
+                        : logfmt_encode_element<kBits, false>(bits, t, top, inv_step);
 }
 
 // The header of a tile from its finite nonzero max and min magnitudes (float32 bits; max 0 when
@@ -210,7 +220,7 @@ struct LogfmtTileState {
 };
 
 template <int kBits>
-MOELINK_DEVICE LogfmtTileState logfmt_tile_state(uint32_t max_bits, uint32_t min_bits) {
+MOELINK_CODEC_INLINE LogfmtTileState logfmt_tile_state(uint32_t max_bits, uint32_t min_bits) {
   using L = Logfmt<kBits>;
   LogfmtTileState st;
   st.header = {0.0f, 0.0f};
@@ -229,7 +239,7 @@ MOELINK_DEVICE LogfmtTileState logfmt_tile_state(uint32_t max_bits, uint32_t min
 
 // All 32 lanes must call (max/min are warp reductions). v: this lane's four channels.
 template <int kBits>
-MOELINK_DEVICE LogfmtGroupCodes<kBits> logfmt_encode_group(const float (&v)[4]) {
+MOELINK_CODEC_INLINE LogfmtGroupCodes<kBits> logfmt_encode_group(const float (&v)[4]) {
   uint32_t lane_max = 0, lane_min = kInfBits;
   for (int i = 0; i < 4; ++i) {
     const uint32_t mag = float_bits(v[i]) & kAbsMask;
@@ -254,7 +264,7 @@ MOELINK_DEVICE LogfmtGroupCodes<kBits> logfmt_encode_group(const float (&v)[4]) 
 // one lane's range and ends at the latest inside the next lane's: the lane where a word starts
 // writes it, with its right neighbour's fields from one shuffle. All 32 lanes must call.
 template <int kBits>
-MOELINK_DEVICE void logfmt_store_payload(uint64_t lane_fields, uint32_t* words, int num_words) {
+MOELINK_CODEC_INLINE void logfmt_store_payload(uint64_t lane_fields, uint32_t* words, int num_words) {
   using L = Logfmt<kBits>;
   const int lane = static_cast<int>(arch::lane_id());
   if constexpr (kBits == 8) {
@@ -272,7 +282,7 @@ MOELINK_DEVICE void logfmt_store_payload(uint64_t lane_fields, uint32_t* words, 
 // This lane's fields (channels 4*lane .. 4*lane + count - 1) from a tile's payload words; reads
 // only words that hold them. No collective.
 template <int kBits>
-MOELINK_DEVICE uint64_t logfmt_load_lane(const uint32_t* words, int lane, int count) {
+MOELINK_CODEC_INLINE uint64_t logfmt_load_lane(const uint32_t* words, int lane, int count) {
   using L = Logfmt<kBits>;
   const int first_bit = lane * L::kLaneBits;
   const int used_bits = count * kBits;
@@ -284,7 +294,7 @@ MOELINK_DEVICE uint64_t logfmt_load_lane(const uint32_t* words, int lane, int co
 
 // Decoded value of one field (NaN for the non-finite marker), saturated to the output's range.
 template <int kBits>
-MOELINK_DEVICE float logfmt_decode_field(uint32_t field, const LogfmtTile& t, uint32_t out_max_bits) {
+MOELINK_CODEC_INLINE float logfmt_decode_field(uint32_t field, const LogfmtTile& t, uint32_t out_max_bits) {
   using L = Logfmt<kBits>;
   const int code = static_cast<int>(field & static_cast<uint32_t>(L::kCodes));
   const uint32_t sign = (field >> (kBits - 1)) << 31;
@@ -294,7 +304,7 @@ MOELINK_DEVICE float logfmt_decode_field(uint32_t field, const LogfmtTile& t, ui
 
 // Per lane, no collective: decodes `count` fields with the tile's header.
 template <int kBits>
-MOELINK_DEVICE void logfmt_decode_lane(uint64_t lane_fields, LogfmtHeader header, int count, CodecDType out_dtype, float (&out)[4]) {
+MOELINK_CODEC_INLINE void logfmt_decode_lane(uint64_t lane_fields, LogfmtHeader header, int count, CodecDType out_dtype, float (&out)[4]) {
   using L = Logfmt<kBits>;
   const LogfmtTile t = tile_from_header(header);
   const uint32_t top = out_dtype == CodecDType::kBFloat16 ? kBf16MaxBits : kF32MaxBits;
@@ -308,7 +318,7 @@ MOELINK_DEVICE void logfmt_decode_lane(uint64_t lane_fields, LogfmtHeader header
 
 // Eight n-bit fields are n whole bytes of the tile's bit stream: stored / loaded 8 at a time.
 template <int kBits>
-MOELINK_DEVICE void store_fields8(const uint32_t (&f)[8], uint8_t* dst, int bytes) {
+MOELINK_CODEC_INLINE void store_fields8(const uint32_t* f, uint8_t* dst, int bytes) {
   uint64_t lo = 0;
   uint32_t hi = 0;
   for (int j = 0; j < 8; ++j) {
@@ -321,7 +331,7 @@ MOELINK_DEVICE void store_fields8(const uint32_t (&f)[8], uint8_t* dst, int byte
 }
 
 template <int kBits>
-MOELINK_DEVICE void load_fields8(const uint8_t* src, int bytes, uint32_t (&f)[8]) {
+MOELINK_CODEC_INLINE void load_fields8(const uint8_t* src, int bytes, uint32_t (&f)[8]) {
   uint64_t lo = 0;
   uint32_t hi = 0;
   for (int b = 0; b < bytes; ++b) {
@@ -336,11 +346,34 @@ MOELINK_DEVICE void load_fields8(const uint8_t* src, int bytes, uint32_t (&f)[8]
   }
 }
 
+// Fields of x[0, count) packed into a tile's payload, 16 at a time (2n whole bytes).
+template <int kBits, bool kGraded, typename In>
+MOELINK_CODEC_INLINE void logfmt_encode_fields(const In* x, int count, const LogfmtTileState& st, uint8_t* payload) {
+  constexpr int kChunk = 16;
+  int c = 0;
+  for (; c + kChunk <= count; c += kChunk) {
+    uint32_t f[kChunk];
+    for (int j = 0; j < kChunk; ++j)
+      f[j] = logfmt_encode_element<kBits, kGraded>(float_bits(load_channel(x, c + j)), st.tile, st.top, st.inv_step);
+    store_fields8<kBits>(f, payload + c / 8 * kBits, kBits);
+    store_fields8<kBits>(f + 8, payload + c / 8 * kBits + kBits, kBits);
+  }
+  for (; c < count; c += 8) {  // the last partial chunk, 8 fields at a time
+    uint32_t f[8];
+    for (int j = 0; j < 8; ++j)
+      f[j] = c + j < count ? logfmt_encode_element<kBits, kGraded>(float_bits(load_channel(x, c + j)), st.tile, st.top,
+                                                                   st.inv_step)
+                           : 0u;
+    const int left = ((count - c) * kBits + 7) / 8;
+    store_fields8<kBits>(f, payload + c / 8 * kBits, left < kBits ? left : kBits);
+  }
+}
+
 // Per lane, no collective: encodes channels x[0, count) (one tile, 1 <= count <= 128; In is
 // uint16_t for bf16 bits or float), writes the tile's ceil(count * n / 8) payload bytes and
 // returns its header.
 template <int kBits, typename In>
-MOELINK_DEVICE LogfmtHeader logfmt_encode_tile(const In* x, int count, uint8_t* payload) {
+MOELINK_CODEC_INLINE LogfmtHeader logfmt_encode_tile(const In* x, int count, uint8_t* payload) {
   // max and min magnitude over finite nonzero elements: plain signed max/min reductions (the
   // magnitude bits fit an int), which vectorise.
   int32_t max_bits = 0, min_bits = static_cast<int32_t>(kInfBits);
@@ -353,26 +386,15 @@ MOELINK_DEVICE LogfmtHeader logfmt_encode_tile(const In* x, int count, uint8_t* 
     min_bits = min_bits < for_min ? min_bits : for_min;
   }
   const LogfmtTileState st = logfmt_tile_state<kBits>(static_cast<uint32_t>(max_bits), static_cast<uint32_t>(min_bits));
-  int c = 0;
-  for (; c + 8 <= count; c += 8) {
-    uint32_t f[8];
-    for (int j = 0; j < 8; ++j)
-      f[j] = logfmt_encode_element<kBits>(float_bits(load_channel(x, c + j)), st.tile, st.top, st.inv_step);
-    store_fields8<kBits>(f, payload + c / 8 * kBits, kBits);
-  }
-  if (c < count) {
-    uint32_t f[8];
-    for (int j = 0; j < 8; ++j)
-      f[j] = c + j < count ? logfmt_encode_element<kBits>(float_bits(load_channel(x, c + j)), st.tile, st.top, st.inv_step) : 0u;
-    store_fields8<kBits>(f, payload + c / 8 * kBits, ((count - c) * kBits + 7) / 8);
-  }
+  if (st.tile.step != 0.0f) logfmt_encode_fields<kBits, true>(x, count, st, payload);
+  else logfmt_encode_fields<kBits, false>(x, count, st, payload);
   return st.header;
 }
 
 // Per lane, no collective: decodes a tile's count channels into out[0, count) (Out: uint16_t for
 // bf16 bits, or float). Reads only the tile's ceil(count * n / 8) payload bytes.
 template <int kBits, typename Out>
-MOELINK_DEVICE void logfmt_decode_tile(const uint8_t* payload, int count, LogfmtHeader header, Out* out) {
+MOELINK_CODEC_INLINE void logfmt_decode_tile(const uint8_t* payload, int count, LogfmtHeader header, Out* out) {
   const LogfmtTile t = tile_from_header(header);
   const uint32_t top = out_max_bits(out);
   int c = 0;
@@ -392,13 +414,13 @@ MOELINK_DEVICE void logfmt_decode_tile(const uint8_t* payload, int count, Logfmt
 // ---- standalone kernels -----------------------------------------------------------------------
 
 template <int kBits>
-MOELINK_KERNEL void logfmt_encode_kernel(LogfmtEncodeArgs args) {
+MOELINK_CODEC_KERNEL void logfmt_encode_kernel(LogfmtEncodeArgs args) {
   const LogfmtRowLayout layout = logfmt_row_layout(args.hidden, kBits);
   const size_t elem = element_bytes(args.x_dtype);
-  const auto x_row = [&](int64_t token) { return static_cast<const char*>(args.x) + token * args.x_row_stride * elem; };
+  const auto x_row = [&](int64_t token) MOELINK_CODEC_LAMBDA { return static_cast<const char*>(args.x) + token * args.x_row_stride * elem; };
   // Header of (token, tile); the last tile also zeroes the row's padding, so that every byte of
   // the output is defined (`written`: payload bytes of the last tile already stored).
-  const auto finish = [&](uint8_t* row, int64_t tile, LogfmtHeader h, int64_t written) {
+  const auto finish = [&](uint8_t* row, int64_t tile, LogfmtHeader h, int64_t written) MOELINK_CODEC_LAMBDA {
     float* header = reinterpret_cast<float*>(row + 8 * tile);
     header[0] = h.max_abs;
     header[1] = h.step;
@@ -409,16 +431,16 @@ MOELINK_KERNEL void logfmt_encode_kernel(LogfmtEncodeArgs args) {
   };
   for_each_tile(
       args.split, args.num_tokens, args.hidden,
-      [&](int64_t token, int64_t tile) {
+      [&](int64_t token, int64_t tile) MOELINK_CODEC_LAMBDA {
         uint8_t* row = args.packed + token * args.packed_row_stride;
         const int count = tile_channels(args.hidden, tile);
         LogfmtHeader h;
-        with_row_type(x_row(token), args.x_dtype, [&](auto* x) {
+        with_row_type(x_row(token), args.x_dtype, [&](auto* x) MOELINK_CODEC_LAMBDA {
           h = logfmt_encode_tile<kBits>(x + tile * kCodecGroup, count, row + layout.payload_offset(tile));
         });
         finish(row, tile, h, (count * kBits + 7) / 8);
       },
-      [&](const GroupWork& w) {
+      [&](const GroupWork& w) MOELINK_CODEC_LAMBDA {
         float v[4];
         load4(x_row(w.token), args.x_dtype, w.first, w.count, v);
         const LogfmtGroupCodes<kBits> g = logfmt_encode_group<kBits>(v);
@@ -431,24 +453,24 @@ MOELINK_KERNEL void logfmt_encode_kernel(LogfmtEncodeArgs args) {
 }
 
 template <int kBits>
-MOELINK_KERNEL void logfmt_decode_kernel(LogfmtDecodeArgs args) {
+MOELINK_CODEC_KERNEL void logfmt_decode_kernel(LogfmtDecodeArgs args) {
   const LogfmtRowLayout layout = logfmt_row_layout(args.hidden, kBits);
   const size_t elem = element_bytes(args.out_dtype);
-  const auto out_row = [&](int64_t token) { return static_cast<char*>(args.out) + token * args.out_row_stride * elem; };
-  const auto header_of = [&](const uint8_t* row, int64_t tile) {
+  const auto out_row = [&](int64_t token) MOELINK_CODEC_LAMBDA { return static_cast<char*>(args.out) + token * args.out_row_stride * elem; };
+  const auto header_of = [&](const uint8_t* row, int64_t tile) MOELINK_CODEC_LAMBDA {
     const float* header = reinterpret_cast<const float*>(row + 8 * tile);
     return LogfmtHeader{header[0], header[1]};
   };
   for_each_tile(
       args.split, args.num_tokens, args.hidden,
-      [&](int64_t token, int64_t tile) {
+      [&](int64_t token, int64_t tile) MOELINK_CODEC_LAMBDA {
         const uint8_t* row = args.packed + token * args.packed_row_stride;
-        with_row_type(out_row(token), args.out_dtype, [&](auto* out) {
+        with_row_type(out_row(token), args.out_dtype, [&](auto* out) MOELINK_CODEC_LAMBDA {
           logfmt_decode_tile<kBits>(row + layout.payload_offset(tile), tile_channels(args.hidden, tile),
                                     header_of(row, tile), out + tile * kCodecGroup);
         });
       },
-      [&](const GroupWork& w) {
+      [&](const GroupWork& w) MOELINK_CODEC_LAMBDA {
         if (w.count == 0) return;  // no collective below
         const uint8_t* row = args.packed + w.token * args.packed_row_stride;
         const uint32_t* words = reinterpret_cast<const uint32_t*>(row + layout.payload_offset(w.group));
@@ -472,14 +494,14 @@ inline void with_logfmt_bits(int bits, Launch&& launch) {
 
 inline void launch_logfmt_encode(const LogfmtEncodeArgs& args, const LaunchContext& ctx) {
   const unsigned grid = grid_for(args.num_tokens * logfmt_row_layout(args.hidden, args.bits).num_tiles);
-  with_logfmt_bits(args.bits, [&](auto bits) {
+  with_logfmt_bits(args.bits, [&](auto bits) MOELINK_CODEC_LAMBDA {
     MOELINK_LAUNCH(ctx, "logfmt_encode", logfmt_encode_kernel<decltype(bits)::value>, grid, kThreads, 0, args);
   });
 }
 
 inline void launch_logfmt_decode(const LogfmtDecodeArgs& args, const LaunchContext& ctx) {
   const unsigned grid = grid_for(args.num_tokens * logfmt_row_layout(args.hidden, args.bits).num_tiles);
-  with_logfmt_bits(args.bits, [&](auto bits) {
+  with_logfmt_bits(args.bits, [&](auto bits) MOELINK_CODEC_LAMBDA {
     MOELINK_LAUNCH(ctx, "logfmt_decode", logfmt_decode_kernel<decltype(bits)::value>, grid, kThreads, 0, args);
   });
 }

@@ -20,6 +20,7 @@
 
 #include <cstdint>
 
+#include "kernels/codec_build.cuh"
 #include "kernels/numeric.cuh"
 
 namespace moelink::kernels::codec {
@@ -40,7 +41,7 @@ using E2M1 = MiniFloat<1, 1, 0x7>;    // max 6, no infinity, no NaN
 
 // Magnitude code of a finite |v| (bits `mag` < 0x7F800000), rounded to nearest-even, saturated.
 template <typename F>
-MOELINK_DEVICE uint32_t round_magnitude(uint32_t mag) {
+MOELINK_CODEC_INLINE uint32_t round_magnitude(uint32_t mag) {
   constexpr int kShift = 23 - F::kMantissaBits;
   const uint32_t t = mag - F::kRebias;  // only used when mag >= kMinNormalBits (no wrap then)
   const uint32_t normal = (t + ((1u << (kShift - 1)) - 1u) + ((t >> kShift) & 1u)) >> kShift;
@@ -53,7 +54,7 @@ MOELINK_DEVICE uint32_t round_magnitude(uint32_t mag) {
 // float32 of a magnitude code (exact): normal codes by rebiasing, subnormal ones as the magic
 // number's difference (exact as well).
 template <typename F>
-MOELINK_DEVICE float magnitude_value(uint32_t mag_code) {
+MOELINK_CODEC_INLINE float magnitude_value(uint32_t mag_code) {
   const uint32_t normal = (mag_code << (23 - F::kMantissaBits)) + F::kRebias;
   const float magic = bits_float(F::kSubnormalMagicBits);
   const float subnormal = rn_sub(bits_float(F::kSubnormalMagicBits + mag_code), magic);
@@ -65,7 +66,7 @@ constexpr uint32_t kFp8Nan = 0x7F;
 // float32 -> E4M3 / E5M2 code (8 bits): RNE, finite values saturate, signs of zeros kept,
 // NaN -> 0x7F, +-inf -> +-inf (E5M2: 0x7C / 0xFC) or 0x7F (E4M3, which has no infinity).
 template <typename F>
-MOELINK_DEVICE uint32_t float_to_fp8_code(float v) {
+MOELINK_CODEC_INLINE uint32_t float_to_fp8_code(float v) {
   constexpr bool kHasInf = F::kMaxCode == E5M2::kMaxCode;
   const uint32_t b = float_bits(v);
   const uint32_t mag = b & kAbsMask;
@@ -77,7 +78,7 @@ MOELINK_DEVICE uint32_t float_to_fp8_code(float v) {
 
 // E4M3 / E5M2 code -> float32 (exact); NaN codes -> the canonical quiet NaN, E5M2 infinities kept.
 template <typename F>
-MOELINK_DEVICE float fp8_code_to_float(uint32_t code) {
+MOELINK_CODEC_INLINE float fp8_code_to_float(uint32_t code) {
   constexpr bool kHasInf = F::kMaxCode == E5M2::kMaxCode;
   const uint32_t mag = code & 0x7Fu;
   const uint32_t sign = (code & 0x80u) << 24;
@@ -92,7 +93,7 @@ MOELINK_DEVICE float fp8_code_to_float(uint32_t code) {
 // while any standard NVFP4 consumer reads a zero.
 constexpr uint32_t kFp4NonFinite = 0x8;
 
-MOELINK_DEVICE uint32_t float_to_fp4_code(float v) {
+MOELINK_CODEC_INLINE uint32_t float_to_fp4_code(float v) {
   const uint32_t b = float_bits(v);
   const uint32_t mag = b & kAbsMask;
   const uint32_t code = round_magnitude<E2M1>(mag < kInfBits ? mag : 0u);
@@ -100,7 +101,7 @@ MOELINK_DEVICE uint32_t float_to_fp4_code(float v) {
   return mag < kInfBits ? signed_code : kFp4NonFinite;
 }
 
-MOELINK_DEVICE float fp4_code_to_float(uint32_t code) {
+MOELINK_CODEC_INLINE float fp4_code_to_float(uint32_t code) {
   const uint32_t mag = code & 0x7u;
   const uint32_t sign = (code & 0x8u) << 28;
   const float value = bits_float(float_bits(magnitude_value<E2M1>(mag)) | sign);

@@ -28,7 +28,7 @@ constexpr uint32_t kMxfp8MinScaleByte = 27;  // X >= 2**-100, FP8's floor: no su
 
 // Scale byte from the block's finite amax (float32 bits).
 template <Mxfp8ScaleMode M>
-MOELINK_DEVICE uint32_t mxfp8_scale_byte(uint32_t amax_bits) {
+MOELINK_CODEC_INLINE uint32_t mxfp8_scale_byte(uint32_t amax_bits) {
   uint32_t b;
   if constexpr (M == Mxfp8ScaleMode::kFloor) {
     // floor(log2 amax) - emax(E4M3) = exponent field - 127 - 8; subnormal or zero maxima: the floor
@@ -44,7 +44,7 @@ MOELINK_DEVICE uint32_t mxfp8_scale_byte(uint32_t amax_bits) {
 }
 
 // X of any byte: 0 is 2**-127 (subnormal), 0xFF is NaN (OCP MX); the encoder writes 27..254.
-MOELINK_DEVICE float mxfp8_scale_value(uint32_t b) {
+MOELINK_CODEC_INLINE float mxfp8_scale_value(uint32_t b) {
   return bits_float(b == 0 ? 0x00400000u : (b == 0xFFu ? kQuietNanBits : b << 23));
 }
 
@@ -56,7 +56,7 @@ struct Mxfp8GroupCodes {
 };
 
 template <Mxfp8ScaleMode M>
-MOELINK_DEVICE Mxfp8GroupCodes mxfp8_quantize_group(const float (&v)[4]) {
+MOELINK_CODEC_INLINE Mxfp8GroupCodes mxfp8_quantize_group(const float (&v)[4]) {
   uint32_t amax_bits = 0;
   for (int i = 0; i < 4; ++i) {
     const uint32_t mag = float_bits(v[i]) & kAbsMask;
@@ -72,13 +72,13 @@ MOELINK_DEVICE Mxfp8GroupCodes mxfp8_quantize_group(const float (&v)[4]) {
   return out;
 }
 
-MOELINK_DEVICE float mxfp8_decode(uint32_t code, float scale, uint32_t out_max_bits) {
+MOELINK_CODEC_INLINE float mxfp8_decode(uint32_t code, float scale, uint32_t out_max_bits) {
   const float value = fp8_code_to_float<E4M3>(code);
   const uint32_t product = float_bits(rn_mul(value, scale));
   return bits_float(is_finite_bits(float_bits(value)) ? saturate_bits(product, out_max_bits) : product);
 }
 
-MOELINK_DEVICE void mxfp8_dequantize_lane(uint32_t codes, uint32_t scale_byte, CodecDType out_dtype, float (&out)[4]) {
+MOELINK_CODEC_INLINE void mxfp8_dequantize_lane(uint32_t codes, uint32_t scale_byte, CodecDType out_dtype, float (&out)[4]) {
   const uint32_t top = out_dtype == CodecDType::kBFloat16 ? kBf16MaxBits : kF32MaxBits;
   const float scale = mxfp8_scale_value(scale_byte);
   for (int i = 0; i < 4; ++i) out[i] = mxfp8_decode((codes >> (8 * i)) & 0xFFu, scale, top);
@@ -87,7 +87,7 @@ MOELINK_DEVICE void mxfp8_dequantize_lane(uint32_t codes, uint32_t scale_byte, C
 // ---- one block by one lane (owned form) ---------------------------------------------------------
 
 template <Mxfp8ScaleMode M, typename In>
-MOELINK_DEVICE uint32_t mxfp8_quantize_block(const In* x, int count, uint8_t* q) {
+MOELINK_CODEC_INLINE uint32_t mxfp8_quantize_block(const In* x, int count, uint8_t* q) {
   const uint32_t b = mxfp8_scale_byte<M>(finite_amax_bits(x, count));
   const float inv = bits_float((254u - b) << 23);
   for (int i = 0; i < count; ++i) q[i] = static_cast<uint8_t>(float_to_fp8_code<E4M3>(rn_mul(load_channel(x, i), inv)));
@@ -95,7 +95,7 @@ MOELINK_DEVICE uint32_t mxfp8_quantize_block(const In* x, int count, uint8_t* q)
 }
 
 template <typename Out>
-MOELINK_DEVICE void mxfp8_dequantize_block(const uint8_t* q, int count, uint32_t scale_byte, Out* out) {
+MOELINK_CODEC_INLINE void mxfp8_dequantize_block(const uint8_t* q, int count, uint32_t scale_byte, Out* out) {
   const uint32_t top = out_max_bits(out);
   const float scale = mxfp8_scale_value(scale_byte);
   for (int i = 0; i < count; ++i) store_channel(out, i, mxfp8_decode(q[i], scale, top));
@@ -104,23 +104,23 @@ MOELINK_DEVICE void mxfp8_dequantize_block(const uint8_t* q, int count, uint32_t
 // ---- standalone kernels -----------------------------------------------------------------------
 
 template <Mxfp8ScaleMode M>
-MOELINK_KERNEL void mxfp8_quantize_kernel(Mxfp8QuantizeArgs args) {
+MOELINK_CODEC_KERNEL void mxfp8_quantize_kernel(Mxfp8QuantizeArgs args) {
   const size_t elem = element_bytes(args.x_dtype);
-  const auto x_row = [&](int64_t token) { return static_cast<const char*>(args.x) + token * args.x_row_stride * elem; };
+  const auto x_row = [&](int64_t token) MOELINK_CODEC_LAMBDA { return static_cast<const char*>(args.x) + token * args.x_row_stride * elem; };
   for_each_tile(
       args.split, args.num_tokens, args.hidden,
-      [&](int64_t token, int64_t tile) {
+      [&](int64_t token, int64_t tile) MOELINK_CODEC_LAMBDA {
         const int count = tile_channels(args.hidden, tile);
         uint8_t* q = args.q + token * args.q_row_stride + tile * kCodecGroup;
         uint8_t* scales = args.scales + token * args.scales_row_stride + tile * (kCodecGroup / kMxfp8Block);
-        with_row_type(x_row(token), args.x_dtype, [&](auto* x) {
+        with_row_type(x_row(token), args.x_dtype, [&](auto* x) MOELINK_CODEC_LAMBDA {
           for (int c = 0; c < count; c += kMxfp8Block) {
             const int n = count - c < kMxfp8Block ? count - c : kMxfp8Block;
             scales[c / kMxfp8Block] = static_cast<uint8_t>(mxfp8_quantize_block<M>(x + tile * kCodecGroup + c, n, q + c));
           }
         });
       },
-      [&](const GroupWork& w) {
+      [&](const GroupWork& w) MOELINK_CODEC_LAMBDA {
         float v[4];
         load4(x_row(w.token), args.x_dtype, w.first, w.count, v);
         const Mxfp8GroupCodes g = mxfp8_quantize_group<M>(v);
@@ -136,23 +136,25 @@ MOELINK_KERNEL void mxfp8_quantize_kernel(Mxfp8QuantizeArgs args) {
       });
 }
 
-MOELINK_KERNEL void mxfp8_dequantize_kernel(Mxfp8DequantizeArgs args) {
+// A template only so that a header may define it in every translation unit that includes it.
+template <typename = void>
+MOELINK_CODEC_KERNEL void mxfp8_dequantize_kernel(Mxfp8DequantizeArgs args) {
   const size_t elem = element_bytes(args.out_dtype);
-  const auto out_row = [&](int64_t token) { return static_cast<char*>(args.out) + token * args.out_row_stride * elem; };
+  const auto out_row = [&](int64_t token) MOELINK_CODEC_LAMBDA { return static_cast<char*>(args.out) + token * args.out_row_stride * elem; };
   for_each_tile(
       args.split, args.num_tokens, args.hidden,
-      [&](int64_t token, int64_t tile) {
+      [&](int64_t token, int64_t tile) MOELINK_CODEC_LAMBDA {
         const int count = tile_channels(args.hidden, tile);
         const uint8_t* q = args.q + token * args.q_row_stride + tile * kCodecGroup;
         const uint8_t* scales = args.scales + token * args.scales_row_stride + tile * (kCodecGroup / kMxfp8Block);
-        with_row_type(out_row(token), args.out_dtype, [&](auto* out) {
+        with_row_type(out_row(token), args.out_dtype, [&](auto* out) MOELINK_CODEC_LAMBDA {
           for (int c = 0; c < count; c += kMxfp8Block) {
             const int n = count - c < kMxfp8Block ? count - c : kMxfp8Block;
             mxfp8_dequantize_block(q + c, n, scales[c / kMxfp8Block], out + tile * kCodecGroup + c);
           }
         });
       },
-      [&](const GroupWork& w) {
+      [&](const GroupWork& w) MOELINK_CODEC_LAMBDA {
         if (w.count == 0) return;  // no collective below
         const uint32_t scale_byte = args.scales[w.token * args.scales_row_stride + w.first / kMxfp8Block];
         const uint8_t* q = args.q + w.token * args.q_row_stride + w.first;
@@ -179,7 +181,7 @@ inline void launch_mxfp8_quantize(const Mxfp8QuantizeArgs& args, const LaunchCon
 
 inline void launch_mxfp8_dequantize(const Mxfp8DequantizeArgs& args, const LaunchContext& ctx) {
   const unsigned grid = grid_for(args.num_tokens * num_groups(args.hidden));
-  MOELINK_LAUNCH(ctx, "mxfp8_dequantize", mxfp8_dequantize_kernel, grid, kThreads, 0, args);
+  MOELINK_LAUNCH(ctx, "mxfp8_dequantize", mxfp8_dequantize_kernel<>, grid, kThreads, 0, args);
 }
 
 }  // namespace moelink::kernels::codec

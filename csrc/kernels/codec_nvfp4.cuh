@@ -36,7 +36,7 @@ struct Nvfp4Block {
   float encode;         // g / value(s), 0 when s is 0
 };
 
-MOELINK_DEVICE Nvfp4Block nvfp4_block(uint32_t amax_bits, float g) {
+MOELINK_CODEC_INLINE Nvfp4Block nvfp4_block(uint32_t amax_bits, float g) {
   const float sf = rn_mul(rn_div(bits_float(amax_bits), 6.0f), g);
   const uint32_t code = float_to_fp8_code<E4M3>(sf < 448.0f ? sf : 448.0f);
   const float value = fp8_code_to_float<E4M3>(code);
@@ -44,13 +44,13 @@ MOELINK_DEVICE Nvfp4Block nvfp4_block(uint32_t amax_bits, float g) {
 }
 
 // Decode multiplier of a block: value(s) / g (any scale byte).
-MOELINK_DEVICE float nvfp4_decode_scale(uint32_t scale_byte, float g) {
+MOELINK_CODEC_INLINE float nvfp4_decode_scale(uint32_t scale_byte, float g) {
   return rn_div(fp8_code_to_float<E4M3>(scale_byte), g);
 }
 
 // Code of one element: e2m1(x * encode), RNE, saturating -- also when the product overflows to
 // inf (a passed-in g far too large for the data) -- and the 0x8 marker for a non-finite x.
-MOELINK_DEVICE uint32_t nvfp4_encode(float x, float encode) {
+MOELINK_CODEC_INLINE uint32_t nvfp4_encode(float x, float encode) {
   const uint32_t p = float_bits(rn_mul(x, encode));
   const uint32_t pmag = p & kAbsMask;
   const uint32_t mag = round_magnitude<E2M1>(pmag < kInfBits ? pmag : kF32MaxBits);
@@ -58,7 +58,7 @@ MOELINK_DEVICE uint32_t nvfp4_encode(float x, float encode) {
   return (float_bits(x) & kAbsMask) < kInfBits ? code : kFp4NonFinite;
 }
 
-MOELINK_DEVICE float nvfp4_decode(uint32_t code, float scale, uint32_t out_max_bits) {
+MOELINK_CODEC_INLINE float nvfp4_decode(uint32_t code, float scale, uint32_t out_max_bits) {
   const float value = fp4_code_to_float(code);
   const uint32_t product = float_bits(rn_mul(value, scale));
   return bits_float(code != kFp4NonFinite ? saturate_bits(product, out_max_bits) : product);
@@ -71,7 +71,7 @@ struct Nvfp4GroupCodes {
   uint32_t scale_byte;  // E4M3 scale of the lane's 16-channel block (lanes 4j .. 4j+3 = block j)
 };
 
-MOELINK_DEVICE Nvfp4GroupCodes nvfp4_quantize_group(const float (&v)[4], float g) {
+MOELINK_CODEC_INLINE Nvfp4GroupCodes nvfp4_quantize_group(const float (&v)[4], float g) {
   uint32_t amax_bits = 0;
   for (int i = 0; i < 4; ++i) {
     const uint32_t mag = float_bits(v[i]) & kAbsMask;
@@ -87,7 +87,7 @@ MOELINK_DEVICE Nvfp4GroupCodes nvfp4_quantize_group(const float (&v)[4], float g
   return out;
 }
 
-MOELINK_DEVICE void nvfp4_dequantize_lane(uint32_t nibbles, uint32_t scale_byte, float g, CodecDType out_dtype,
+MOELINK_CODEC_INLINE void nvfp4_dequantize_lane(uint32_t nibbles, uint32_t scale_byte, float g, CodecDType out_dtype,
                                           float (&out)[4]) {
   const uint32_t top = out_dtype == CodecDType::kBFloat16 ? kBf16MaxBits : kF32MaxBits;
   const float scale = nvfp4_decode_scale(scale_byte, g);
@@ -97,7 +97,7 @@ MOELINK_DEVICE void nvfp4_dequantize_lane(uint32_t nibbles, uint32_t scale_byte,
 // ---- one block by one lane (owned form) ---------------------------------------------------------
 
 template <typename In>
-MOELINK_DEVICE uint32_t nvfp4_quantize_block(const In* x, int count, float g, uint8_t* packed) {
+MOELINK_CODEC_INLINE uint32_t nvfp4_quantize_block(const In* x, int count, float g, uint8_t* packed) {
   const Nvfp4Block b = nvfp4_block(finite_amax_bits(x, count), g);
   if (count == kNvfp4Block) {  // the common case, in straight-line form
     uint32_t codes[kNvfp4Block];
@@ -114,7 +114,7 @@ MOELINK_DEVICE uint32_t nvfp4_quantize_block(const In* x, int count, float g, ui
 }
 
 template <typename Out>
-MOELINK_DEVICE void nvfp4_dequantize_block(const uint8_t* packed, int count, uint32_t scale_byte, float g, Out* out) {
+MOELINK_CODEC_INLINE void nvfp4_dequantize_block(const uint8_t* packed, int count, uint32_t scale_byte, float g, Out* out) {
   const uint32_t top = out_max_bits(out);
   const float scale = nvfp4_decode_scale(scale_byte, g);
   for (int i = 0; i < count; ++i) store_channel(out, i, nvfp4_decode((packed[i / 2] >> (4 * (i & 1))) & 0xFu, scale, top));
@@ -122,24 +122,26 @@ MOELINK_DEVICE void nvfp4_dequantize_block(const uint8_t* packed, int count, uin
 
 // ---- standalone kernels -----------------------------------------------------------------------
 
-MOELINK_KERNEL void nvfp4_quantize_kernel(Nvfp4QuantizeArgs args) {
+// A template only so that a header may define it in every translation unit that includes it.
+template <typename = void>
+MOELINK_CODEC_KERNEL void nvfp4_quantize_kernel(Nvfp4QuantizeArgs args) {
   const size_t elem = element_bytes(args.x_dtype);
   const float g = *args.global_scale;
-  const auto x_row = [&](int64_t token) { return static_cast<const char*>(args.x) + token * args.x_row_stride * elem; };
+  const auto x_row = [&](int64_t token) MOELINK_CODEC_LAMBDA { return static_cast<const char*>(args.x) + token * args.x_row_stride * elem; };
   for_each_tile(
       args.split, args.num_tokens, args.hidden,
-      [&](int64_t token, int64_t tile) {
+      [&](int64_t token, int64_t tile) MOELINK_CODEC_LAMBDA {
         const int count = tile_channels(args.hidden, tile);
         uint8_t* packed = args.packed + token * args.packed_row_stride + tile * (kCodecGroup / 2);
         uint8_t* scales = args.scales + token * args.scales_row_stride + tile * (kCodecGroup / kNvfp4Block);
-        with_row_type(x_row(token), args.x_dtype, [&](auto* x) {
+        with_row_type(x_row(token), args.x_dtype, [&](auto* x) MOELINK_CODEC_LAMBDA {
           for (int c = 0; c < count; c += kNvfp4Block) {
             const int n = count - c < kNvfp4Block ? count - c : kNvfp4Block;
             scales[c / kNvfp4Block] = static_cast<uint8_t>(nvfp4_quantize_block(x + tile * kCodecGroup + c, n, g, packed + c / 2));
           }
         });
       },
-      [&](const GroupWork& w) {
+      [&](const GroupWork& w) MOELINK_CODEC_LAMBDA {
         float v[4];
         load4(x_row(w.token), args.x_dtype, w.first, w.count, v);
         const Nvfp4GroupCodes c = nvfp4_quantize_group(v, g);
@@ -150,24 +152,26 @@ MOELINK_KERNEL void nvfp4_quantize_kernel(Nvfp4QuantizeArgs args) {
       });
 }
 
-MOELINK_KERNEL void nvfp4_dequantize_kernel(Nvfp4DequantizeArgs args) {
+// A template only so that a header may define it in every translation unit that includes it.
+template <typename = void>
+MOELINK_CODEC_KERNEL void nvfp4_dequantize_kernel(Nvfp4DequantizeArgs args) {
   const size_t elem = element_bytes(args.out_dtype);
   const float g = *args.global_scale;
-  const auto out_row = [&](int64_t token) { return static_cast<char*>(args.out) + token * args.out_row_stride * elem; };
+  const auto out_row = [&](int64_t token) MOELINK_CODEC_LAMBDA { return static_cast<char*>(args.out) + token * args.out_row_stride * elem; };
   for_each_tile(
       args.split, args.num_tokens, args.hidden,
-      [&](int64_t token, int64_t tile) {
+      [&](int64_t token, int64_t tile) MOELINK_CODEC_LAMBDA {
         const int count = tile_channels(args.hidden, tile);
         const uint8_t* packed = args.packed + token * args.packed_row_stride + tile * (kCodecGroup / 2);
         const uint8_t* scales = args.scales + token * args.scales_row_stride + tile * (kCodecGroup / kNvfp4Block);
-        with_row_type(out_row(token), args.out_dtype, [&](auto* out) {
+        with_row_type(out_row(token), args.out_dtype, [&](auto* out) MOELINK_CODEC_LAMBDA {
           for (int c = 0; c < count; c += kNvfp4Block) {
             const int n = count - c < kNvfp4Block ? count - c : kNvfp4Block;
             nvfp4_dequantize_block(packed + c / 2, n, scales[c / kNvfp4Block], g, out + tile * kCodecGroup + c);
           }
         });
       },
-      [&](const GroupWork& w) {
+      [&](const GroupWork& w) MOELINK_CODEC_LAMBDA {
         if (w.count == 0) return;  // no collective below
         const uint32_t scale_byte = args.scales[w.token * args.scales_row_stride + w.first / kNvfp4Block];
         const uint8_t* packed = args.packed + w.token * args.packed_row_stride + w.first / 2;
@@ -180,12 +184,12 @@ MOELINK_KERNEL void nvfp4_dequantize_kernel(Nvfp4DequantizeArgs args) {
 }
 
 inline void launch_nvfp4_quantize(const Nvfp4QuantizeArgs& args, const LaunchContext& ctx) {
-  MOELINK_LAUNCH(ctx, "nvfp4_quantize", nvfp4_quantize_kernel, grid_for(args.num_tokens * num_groups(args.hidden)),
+  MOELINK_LAUNCH(ctx, "nvfp4_quantize", nvfp4_quantize_kernel<>, grid_for(args.num_tokens * num_groups(args.hidden)),
                  kThreads, 0, args);
 }
 
 inline void launch_nvfp4_dequantize(const Nvfp4DequantizeArgs& args, const LaunchContext& ctx) {
-  MOELINK_LAUNCH(ctx, "nvfp4_dequantize", nvfp4_dequantize_kernel, grid_for(args.num_tokens * num_groups(args.hidden)),
+  MOELINK_LAUNCH(ctx, "nvfp4_dequantize", nvfp4_dequantize_kernel<>, grid_for(args.num_tokens * num_groups(args.hidden)),
                  kThreads, 0, args);
 }
 
