@@ -86,19 +86,23 @@ MOELINK_CODEC_INLINE void mxfp8_dequantize_lane(uint32_t codes, uint32_t scale_b
 
 // ---- one block by one lane (owned form) ---------------------------------------------------------
 
-template <Mxfp8ScaleMode M, typename In>
+// kCount: the block's channel count when known at compile time (a full block: loops the host
+// vectorises without remainder handling), else 0 and `count` says.
+template <Mxfp8ScaleMode M, int kCount = 0, typename In>
 MOELINK_CODEC_INLINE uint32_t mxfp8_quantize_block(const In* x, int count, uint8_t* q) {
-  const uint32_t b = mxfp8_scale_byte<M>(finite_amax_bits(x, count));
+  const int n = kCount > 0 ? kCount : count;
+  const uint32_t b = mxfp8_scale_byte<M>(finite_amax_bits(x, n));
   const float inv = bits_float((254u - b) << 23);
-  for (int i = 0; i < count; ++i) q[i] = static_cast<uint8_t>(float_to_fp8_code<E4M3>(rn_mul(load_channel(x, i), inv)));
+  for (int i = 0; i < n; ++i) q[i] = static_cast<uint8_t>(float_to_fp8_code<E4M3>(rn_mul(load_channel(x, i), inv)));
   return b;
 }
 
-template <typename Out>
+template <int kCount = 0, typename Out>
 MOELINK_CODEC_INLINE void mxfp8_dequantize_block(const uint8_t* q, int count, uint32_t scale_byte, Out* out) {
+  const int n = kCount > 0 ? kCount : count;
   const uint32_t top = out_max_bits(out);
   const float scale = mxfp8_scale_value(scale_byte);
-  for (int i = 0; i < count; ++i) store_channel(out, i, mxfp8_decode(q[i], scale, top));
+  for (int i = 0; i < n; ++i) store_channel(out, i, mxfp8_decode(q[i], scale, top));
 }
 
 // ---- standalone kernels -----------------------------------------------------------------------
@@ -114,10 +118,12 @@ MOELINK_CODEC_KERNEL void mxfp8_quantize_kernel(Mxfp8QuantizeArgs args) {
         uint8_t* q = args.q + token * args.q_row_stride + tile * kCodecGroup;
         uint8_t* scales = args.scales + token * args.scales_row_stride + tile * (kCodecGroup / kMxfp8Block);
         with_row_type(x_row(token), args.x_dtype, [&](auto* x) MOELINK_CODEC_LAMBDA {
-          for (int c = 0; c < count; c += kMxfp8Block) {
-            const int n = count - c < kMxfp8Block ? count - c : kMxfp8Block;
-            scales[c / kMxfp8Block] = static_cast<uint8_t>(mxfp8_quantize_block<M>(x + tile * kCodecGroup + c, n, q + c));
-          }
+          int c = 0;
+          for (; c + kMxfp8Block <= count; c += kMxfp8Block)
+            scales[c / kMxfp8Block] =
+                static_cast<uint8_t>(mxfp8_quantize_block<M, kMxfp8Block>(x + tile * kCodecGroup + c, kMxfp8Block, q + c));
+          if (c < count)
+            scales[c / kMxfp8Block] = static_cast<uint8_t>(mxfp8_quantize_block<M>(x + tile * kCodecGroup + c, count - c, q + c));
         });
       },
       [&](const GroupWork& w) MOELINK_CODEC_LAMBDA {
@@ -148,10 +154,10 @@ MOELINK_CODEC_KERNEL void mxfp8_dequantize_kernel(Mxfp8DequantizeArgs args) {
         const uint8_t* q = args.q + token * args.q_row_stride + tile * kCodecGroup;
         const uint8_t* scales = args.scales + token * args.scales_row_stride + tile * (kCodecGroup / kMxfp8Block);
         with_row_type(out_row(token), args.out_dtype, [&](auto* out) MOELINK_CODEC_LAMBDA {
-          for (int c = 0; c < count; c += kMxfp8Block) {
-            const int n = count - c < kMxfp8Block ? count - c : kMxfp8Block;
-            mxfp8_dequantize_block(q + c, n, scales[c / kMxfp8Block], out + tile * kCodecGroup + c);
-          }
+          int c = 0;
+          for (; c + kMxfp8Block <= count; c += kMxfp8Block)
+            mxfp8_dequantize_block<kMxfp8Block>(q + c, kMxfp8Block, scales[c / kMxfp8Block], out + tile * kCodecGroup + c);
+          if (c < count) mxfp8_dequantize_block(q + c, count - c, scales[c / kMxfp8Block], out + tile * kCodecGroup + c);
         });
       },
       [&](const GroupWork& w) MOELINK_CODEC_LAMBDA {
