@@ -117,7 +117,16 @@ template <typename Out>
 MOELINK_CODEC_INLINE void nvfp4_dequantize_block(const uint8_t* packed, int count, uint32_t scale_byte, float g, Out* out) {
   const uint32_t top = out_max_bits(out);
   const float scale = nvfp4_decode_scale(scale_byte, g);
-  for (int i = 0; i < count; ++i) store_channel(out, i, nvfp4_decode((packed[i / 2] >> (4 * (i & 1))) & 0xFu, scale, top));
+  if (count == kNvfp4Block) {  // the common case, in straight-line form: codes first, then values
+    uint32_t codes[kNvfp4Block];
+    for (int i = 0; i < kNvfp4Block / 2; ++i) {
+      codes[2 * i] = packed[i] & 0xFu;
+      codes[2 * i + 1] = packed[i] >> 4;
+    }
+    for (int i = 0; i < kNvfp4Block; ++i) store_channel(out, i, nvfp4_decode(codes[i], scale, top));
+  } else {
+    for (int i = 0; i < count; ++i) store_channel(out, i, nvfp4_decode((packed[i / 2] >> (4 * (i & 1))) & 0xFu, scale, top));
+  }
 }
 
 // ---- standalone kernels -----------------------------------------------------------------------
