@@ -346,9 +346,15 @@ MOELINK_CODEC_INLINE void load_fields8(const uint8_t* src, int bytes, uint32_t* 
   }
 }
 
-// Fields of x[0, count) packed into a tile's payload, 32 at a time (4n whole bytes): the field
-// computation is one straight loop the host vectorises, the packing a short scalar one.
+// Fields of x[0, count) packed into a tile's payload, kLogfmtChunk at a time (a multiple of 8:
+// whole bytes): the field computation is one straight loop the host vectorises, the packing a
+// short scalar one. The GPU runs the warp form; its (unused) lane form keeps a small chunk so
+// that the kernel's register allocation does not grow for it.
+#if defined(__CUDACC__)
+constexpr int kLogfmtChunk = 8;
+#else
 constexpr int kLogfmtChunk = 32;
+#endif
 
 template <int kBits, bool kGraded, typename In>
 MOELINK_CODEC_INLINE void logfmt_encode_fields(const In* x, int count, const LogfmtTileState& st, uint8_t* payload) {
