@@ -13,12 +13,25 @@
 // midpoint. Both targets therefore evaluate the same small polynomials in unfused float32
 // (log2_core, exp2_nonpos), and work on values normalised by the tile maximum's exponent (integer
 // arithmetic), so no subnormal ever enters a float operation and FTZ cannot matter either.
+// The portable log2/exp2 live in codec_logfmt_math.cuh.
+//
+// Device functions, in the two forms of codec_common.cuh:
+//   LogfmtGroupCodes<n> logfmt_encode_group<n>(const float (&v)[4])                    [warp]
+//       All 32 lanes, lane l holding channels 4l .. 4l+3 of one tile: the lane's 4 fields
+//       (4n bits) and the tile header (max and min reductions).
+//   void logfmt_store_payload<n>(uint64_t lane_fields, uint32_t* words, int num_words) [warp]
+//   uint64_t logfmt_load_lane<n>(const uint32_t* words, int lane, int count)          [lane]
+//   void logfmt_decode_lane<n>(fields, LogfmtHeader, int count, out_dtype, float (&out)[4]) [lane]
+//   LogfmtHeader logfmt_encode_tile<n>(const In* x, int count, uint8_t* payload)     [lane]
+//       One lane, one tile read from memory (In = uint16_t bf16 bits or float): writes
+//       ceil(count * n / 8) payload bytes. No collective.
+//   void logfmt_decode_tile<n>(const uint8_t* payload, int count, LogfmtHeader, Out* out) [lane]
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
 
 #include "kernels/codec_common.cuh"
+#include "kernels/codec_logfmt_math.cuh"
 
 namespace moelink::kernels::codec {
 
@@ -46,83 +59,6 @@ MOELINK_HOST_DEVICE LogfmtRowLayout logfmt_row_layout(int64_t hidden, int bits) 
   l.last_tile_bytes = (l.last_channels * bits + 7) / 8;
   l.row_bytes = align16(l.payload_offset(l.num_tiles - 1) + l.last_tile_bytes);
   return l;
-}
-
-// ---- portable log2 / exp2 ---------------------------------------------------------------------
-
-// A positive finite nonzero float32 as (1 + frac / 2**23) * 2**exponent, subnormals included.
-struct Binade {
-  int exponent;
-  uint32_t frac;
-};
-
-MOELINK_CODEC_INLINE Binade normalize(uint32_t mag) {
-  const uint32_t exp_field = mag >> 23;
-  const uint32_t frac = mag & 0x7FFFFFu;
-  // A subnormal is frac * 2**-149, and float(frac) (exact: frac < 2**23, an integer conversion,
-  // no float arithmetic on a subnormal) is normal: its exponent is the leading bit's position.
-  const uint32_t fb = float_bits(static_cast<float>(static_cast<int32_t>(frac)));
-  const int sub_exponent = static_cast<int>(fb >> 23) - 127 - 149;
-  return {exp_field != 0 ? static_cast<int>(exp_field) - 127 : sub_exponent, exp_field != 0 ? frac : (fb & 0x7FFFFFu)};
-}
-
-// log2 f for f in [sqrt(1/2), sqrt 2): z * q(z^2), z = (f - 1)/(f + 1), q = atanh series.
-MOELINK_CODEC_INLINE float log2_core(float f) {
-  // q_j = 2 / (ln 2 * (2j + 1)) rounded to float32; Horner order fixed (it is part of the format).
-  const float z = rn_div(rn_sub(f, 1.0f), rn_add(f, 1.0f));
-  const float z2 = rn_mul(z, z);
-  float q = 0x1.484b14p-2f;
-  q = rn_add(rn_mul(q, z2), 0x1.a61762p-2f);
-  q = rn_add(rn_mul(q, z2), 0x1.2776c6p-1f);
-  q = rn_add(rn_mul(q, z2), 0x1.ec709ep-1f);
-  q = rn_add(rn_mul(q, z2), 0x1.715476p+1f);
-  return rn_mul(z, q);
-}
-
-struct Log2Split {
-  int e;    // log2 x = e + l
-  float l;  // |l| <= 1/2
-};
-
-MOELINK_CODEC_INLINE Log2Split log2_split(Binade b) {
-  constexpr uint32_t kSqrt2Frac = 0x3504F3u;
-  const uint32_t high = b.frac >= kSqrt2Frac ? 1u : 0u;
-  return {b.exponent + static_cast<int>(high), log2_core(bits_float(((127u - high) << 23) | b.frac))};
-}
-
-// 2**y for y in [-34, 0]: y = i + f with i = floor(y), a degree-6 polynomial for 2**f, times the
-// exact power of two 2**i. p(f) = 1 + f*(c1 + f*(c2 + ... + f*c6)) is a relative least-squares
-// fit on [0, 1) rounded to float32 (max error 1.4 half-ulps, p(0) = 1 exactly).
-MOELINK_CODEC_INLINE float exp2_nonpos(float y) {
-  // floor by truncation (exact for |y| < 2**31): baseline x86-64 has no SSE4.1 round
-  // instruction, and a libm floorf call per evaluation was a measurable share of the encoder.
-  const int truncated = static_cast<int>(y);
-  const int i = truncated - (static_cast<float>(truncated) > y ? 1 : 0);
-  const float f = rn_sub(y, static_cast<float>(i));
-  float p = 0x1.c165d4p-13f;
-  p = rn_add(rn_mul(p, f), 0x1.47ef4cp-10f);
-  p = rn_add(rn_mul(p, f), 0x1.3cf1f8p-7f);
-  p = rn_add(rn_mul(p, f), 0x1.c68a5ep-5f);
-  p = rn_add(rn_mul(p, f), 0x1.ebfd66p-3f);
-  p = rn_add(rn_mul(p, f), 0x1.62e42ap-1f);
-  p = rn_add(rn_mul(p, f), 1.0f);
-  return rn_mul(p, pow2i(i));
-}
-
-// w * 2**k for a positive normal w, rounding to nearest-even into the subnormal range without
-// depending on flush-to-zero: a subnormal result's bits are the integer round(w * 2**(k + 149)),
-// obtained exactly as (v + 2**23) - 2**23 with v = w * 2**(k + 149) (exact, normal, < 2**23);
-// rounding up to 2**23 gives the smallest normal, as it should. Never overflows here: decoded
-// values are <= M. Branch-free (selects), so decoders vectorise on the host.
-MOELINK_CODEC_INLINE float ldexp_rne(float w, int k) {
-  const uint32_t wb = float_bits(w);
-  const int exp_field = static_cast<int>(wb >> 23) + k;
-  const uint32_t normal = (static_cast<uint32_t>(exp_field) << 23) | (wb & 0x7FFFFFu);
-  // Only used when the result is subnormal, i.e. k <= -127 - log2(w) <= -93: then k + 149 <= 56.
-  const int sub_shift = k + 149 < 127 ? k + 149 : 127;
-  const float v = rn_mul(w, pow2i(sub_shift < -126 ? -126 : sub_shift));
-  const uint32_t subnormal = float_bits(rn_add(v, 0x1p23f)) - 0x4B000000u;
-  return bits_float(exp_field >= 1 ? normal : subnormal);
 }
 
 // ---- tile scale -------------------------------------------------------------------------------
@@ -417,101 +353,6 @@ MOELINK_CODEC_INLINE void logfmt_decode_tile(const uint8_t* payload, int count, 
     for (int j = 0; j < 8; ++j)
       if (c + j < count) store_channel(out, c + j, logfmt_decode_field<kBits>(f[j], t, top));
   }
-}
-
-// ---- standalone kernels -----------------------------------------------------------------------
-
-template <int kBits>
-MOELINK_CODEC_KERNEL void logfmt_encode_kernel(LogfmtEncodeArgs args) {
-  const LogfmtRowLayout layout = logfmt_row_layout(args.hidden, kBits);
-  const size_t elem = element_bytes(args.x_dtype);
-  const auto x_row = [&](int64_t token) MOELINK_CODEC_LAMBDA { return static_cast<const char*>(args.x) + token * args.x_row_stride * elem; };
-  // Header of (token, tile); the last tile also zeroes the row's padding, so that every byte of
-  // the output is defined (`written`: payload bytes of the last tile already stored).
-  const auto finish = [&](uint8_t* row, int64_t tile, LogfmtHeader h, int64_t written) MOELINK_CODEC_LAMBDA {
-    float* header = reinterpret_cast<float*>(row + 8 * tile);
-    header[0] = h.max_abs;
-    header[1] = h.step;
-    if (tile == layout.num_tiles - 1) {
-      for (int64_t b = 8 * layout.num_tiles; b < layout.header_bytes; ++b) row[b] = 0;
-      for (int64_t b = layout.payload_offset(tile) + written; b < layout.row_bytes; ++b) row[b] = 0;
-    }
-  };
-  for_each_tile(
-      args.split, args.num_tokens, args.hidden,
-      [&](int64_t token, int64_t tile) MOELINK_CODEC_LAMBDA {
-        uint8_t* row = args.packed + token * args.packed_row_stride;
-        const int count = tile_channels(args.hidden, tile);
-        LogfmtHeader h;
-        with_row_type(x_row(token), args.x_dtype, [&](auto* x) MOELINK_CODEC_LAMBDA {
-          h = logfmt_encode_tile<kBits>(x + tile * kCodecGroup, count, row + layout.payload_offset(tile));
-        });
-        finish(row, tile, h, (count * kBits + 7) / 8);
-      },
-      [&](const GroupWork& w) MOELINK_CODEC_LAMBDA {
-        float v[4];
-        load4(x_row(w.token), args.x_dtype, w.first, w.count, v);
-        const LogfmtGroupCodes<kBits> g = logfmt_encode_group<kBits>(v);
-        uint8_t* row = args.packed + w.token * args.packed_row_stride;
-        const int num_words = (tile_channels(args.hidden, w.group) * kBits + 31) / 32;
-        logfmt_store_payload<kBits>(g.lane_fields, reinterpret_cast<uint32_t*>(row + layout.payload_offset(w.group)),
-                                    num_words);
-        if (w.lane == 0) finish(row, w.group, g.header, 4 * num_words);
-      });
-}
-
-template <int kBits>
-MOELINK_CODEC_KERNEL void logfmt_decode_kernel(LogfmtDecodeArgs args) {
-  const LogfmtRowLayout layout = logfmt_row_layout(args.hidden, kBits);
-  const size_t elem = element_bytes(args.out_dtype);
-  const auto out_row = [&](int64_t token) MOELINK_CODEC_LAMBDA { return static_cast<char*>(args.out) + token * args.out_row_stride * elem; };
-  const auto header_of = [&](const uint8_t* row, int64_t tile) MOELINK_CODEC_LAMBDA {
-    const float* header = reinterpret_cast<const float*>(row + 8 * tile);
-    return LogfmtHeader{header[0], header[1]};
-  };
-  for_each_tile(
-      args.split, args.num_tokens, args.hidden,
-      [&](int64_t token, int64_t tile) MOELINK_CODEC_LAMBDA {
-        const uint8_t* row = args.packed + token * args.packed_row_stride;
-        with_row_type(out_row(token), args.out_dtype, [&](auto* out) MOELINK_CODEC_LAMBDA {
-          logfmt_decode_tile<kBits>(row + layout.payload_offset(tile), tile_channels(args.hidden, tile),
-                                    header_of(row, tile), out + tile * kCodecGroup);
-        });
-      },
-      [&](const GroupWork& w) MOELINK_CODEC_LAMBDA {
-        if (w.count == 0) return;  // no collective below
-        const uint8_t* row = args.packed + w.token * args.packed_row_stride;
-        const uint32_t* words = reinterpret_cast<const uint32_t*>(row + layout.payload_offset(w.group));
-        const uint64_t fields = logfmt_load_lane<kBits>(words, w.lane, w.count);
-        float out[4];
-        logfmt_decode_lane<kBits>(fields, header_of(row, w.group), w.count, args.out_dtype, out);
-        store4(out_row(w.token), args.out_dtype, w.first, w.count, out);
-      });
-}
-
-// Calls launch(std::integral_constant<int, n>{}) for n = bits (8, 9, 10; anything else as 10 --
-// ops_codecs.cu has rejected it already): one kernel instantiation each.
-template <typename Launch>
-inline void with_logfmt_bits(int bits, Launch&& launch) {
-  switch (bits) {
-    case 8: launch(std::integral_constant<int, 8>{}); break;
-    case 9: launch(std::integral_constant<int, 9>{}); break;
-    default: launch(std::integral_constant<int, 10>{}); break;
-  }
-}
-
-inline void launch_logfmt_encode(const LogfmtEncodeArgs& args, const LaunchContext& ctx) {
-  const unsigned grid = grid_for(args.num_tokens * logfmt_row_layout(args.hidden, args.bits).num_tiles);
-  with_logfmt_bits(args.bits, [&](auto bits) MOELINK_CODEC_LAMBDA {
-    MOELINK_LAUNCH(ctx, "logfmt_encode", logfmt_encode_kernel<decltype(bits)::value>, grid, kThreads, 0, args);
-  });
-}
-
-inline void launch_logfmt_decode(const LogfmtDecodeArgs& args, const LaunchContext& ctx) {
-  const unsigned grid = grid_for(args.num_tokens * logfmt_row_layout(args.hidden, args.bits).num_tiles);
-  with_logfmt_bits(args.bits, [&](auto bits) MOELINK_CODEC_LAMBDA {
-    MOELINK_LAUNCH(ctx, "logfmt_decode", logfmt_decode_kernel<decltype(bits)::value>, grid, kThreads, 0, args);
-  });
 }
 
 }  // namespace moelink::kernels::codec

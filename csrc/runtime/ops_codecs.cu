@@ -4,7 +4,7 @@
 #include <string>
 
 #include "kernels/codec_fp8.cuh"
-#include "kernels/codec_logfmt.cuh"
+#include "kernels/codec_logfmt_kernels.cuh"
 #include "kernels/codec_mxfp8.cuh"
 #include "kernels/codec_nvfp4.cuh"
 #include "runtime/errors.h"
