@@ -49,7 +49,15 @@ CUDA_ONLY = ["csrc/runtime/*_cuda.cu", "csrc/runtime/cuda_*.cu", "csrc/bindings/
              "csrc/transport/nccl/*.cpp", "csrc/transport/nccl/*.cu"]
 HEADERS = ["csrc/**/*.h", "csrc/**/*.cuh", "csrc/**/*.hpp", "csrc/**/*.inc"]
 
-CXXFLAGS = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fPIC", "-pthread", "-DNDEBUG", "-Wall"]
+# -fno-trapping-math: kernels never read floating-point exception flags, and without it g++ may
+# not if-convert a select whose arms hold a float operation (it could raise a flag), which keeps
+# the codecs' per-channel loops from vectorising. Values are unchanged: no reassociation, no
+# flush-to-zero (that would be -ffast-math's other parts).
+# -ffp-contract=off: a * b + c is never fused into an FMA, whatever the instruction set (the
+# codecs' bit-exactness rule, kernels/numeric.cuh; their host kernels also run AVX2/AVX-512
+# clones chosen at load time, whose ISAs have FMA).
+CXXFLAGS = ["-O3", "-std=c++20", "-fno-trapping-math", "-ffp-contract=off", "-fvisibility=hidden", "-fPIC",
+            "-pthread", "-DNDEBUG", "-Wall"]
 NVCCFLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas", "-v", "-lineinfo",
              "-Xcompiler", "-fPIC,-fvisibility=hidden,-pthread", "-DNDEBUG"]
 # --exclude-libs keeps the static cudart's symbols private to our module.

@@ -1,9 +1,12 @@
 """Accuracy of moelink's payload codecs on activation-like data (issue 4, docs/codecs.md).
 
 For every format -- BF16 (a round-to-nearest cast), FP8 E4M3 and E5M2 with per-128-channel
-float32 scales, E4M3 with UE8M0 scales, LogFMT-8/9/10 -- and every data set, it reports the
-relative error ||x_hat - x|| / ||x|| and the largest element error relative to its row's largest
-magnitude, measured against float32 ground truth in float64. The combine case sums 8 encoded
+float32 scales, E4M3 with UE8M0 scales, MXFP8 (E4M3 + UE8M0 per 32 channels; the OCP "floor" and
+the "rceil" scale rule), NVFP4 (E2M1 + E4M3 per 16 channels + a float32 per-tensor scale computed
+from the tensor), LogFMT-8/9/10 -- and every data set, it reports the relative (RMS) error
+||x_hat - x|| / ||x|| and the largest element error relative to its row's largest magnitude,
+measured against float32 ground truth in float64, and the bytes each format puts on the wire per
+token (payload + scales). The combine case sums 8 encoded
 expert outputs with top-k weights (accumulating in float32, as a combine kernel does) and compares
 with the exact weighted sum.
 
@@ -28,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 from moelink.reference import codecs as ref  # noqa: E402
 
-FORMATS = ["bf16", "e4m3", "e4m3-ue8m0", "e5m2", "logfmt8", "logfmt9", "logfmt10"]
+FORMATS = ["bf16", "e4m3", "e4m3-ue8m0", "e5m2", "mxfp8", "mxfp8-rceil", "nvfp4", "logfmt8", "logfmt9", "logfmt10"]
 
 
 def codec_round_trip(name: str, x: torch.Tensor, backend) -> torch.Tensor:
@@ -38,6 +41,11 @@ def codec_round_trip(name: str, x: torch.Tensor, backend) -> torch.Tensor:
     if name.startswith("logfmt"):
         bits = int(name[len("logfmt"):])
         return backend.logfmt_decode(backend.logfmt_encode(x, bits), x.shape[1], bits, torch.float32)
+    if name.startswith("mxfp8"):
+        mode = "rceil" if name.endswith("rceil") else "floor"
+        return backend.mxfp8_dequantize(*backend.mxfp8_quantize(x, mode), torch.float32)
+    if name == "nvfp4":
+        return backend.nvfp4_dequantize(*backend.nvfp4_quantize(x), x.shape[1], torch.float32)
     fmt, scale_format = (name.split("-") + ["float32"])[:2]
     return backend.fp8_dequantize(*backend.fp8_quantize(x, fmt, scale_format), torch.float32)
 
@@ -47,6 +55,10 @@ def wire_bytes_per_element(name: str, hidden: int) -> float:
         return 2.0
     if name.startswith("logfmt"):
         return ref.logfmt_layout(hidden, int(name[len("logfmt"):])).bytes_per_element
+    if name.startswith("mxfp8"):
+        return (hidden + ref.mxfp8_num_blocks(hidden)) / hidden
+    if name == "nvfp4":  # plus 4 bytes per tensor (the float32 global scale), not per token
+        return (ref.nvfp4_row_bytes(hidden) + ref.nvfp4_num_blocks(hidden)) / hidden
     groups = ref.fp8_num_groups(hidden)
     scale_bytes = groups * 4 if not name.endswith("ue8m0") else -(-groups // 4) * 4
     return (hidden + scale_bytes) / hidden
@@ -134,6 +146,8 @@ def main() -> None:
         print(f"| {data} | " + " | ".join(cells) + " |")
     print(f"| bytes/element (hidden {args.hidden}) | "
           + " | ".join(f"{wire_bytes_per_element(n, args.hidden):.4f}" for n in FORMATS) + " |")
+    print(f"| bytes/token on the wire | "
+          + " | ".join(f"{round(wire_bytes_per_element(n, args.hidden) * args.hidden)}" for n in FORMATS) + " |")
     print()
 
     def ratio(a, b, data):
@@ -145,6 +159,12 @@ def main() -> None:
     print("LogFMT-10 vs BF16 (relative error ratio; ~1 means it matches BF16):")
     for data in rows:
         print(f"  {data:>24}: {ratio('logfmt10', 'bf16', data):.2f}")
+    print("MXFP8 (floor) vs E4M3 with float32 scales per 128 channels (relative error ratio):")
+    for data in rows:
+        print(f"  {data:>24}: {ratio('mxfp8', 'e4m3', data):.2f}")
+    print("NVFP4 vs LogFMT-8 (relative error ratio):")
+    for data in rows:
+        print(f"  {data:>24}: {ratio('nvfp4', 'logfmt8', data):.2f}")
     assert all(math.isfinite(v[0]) for r in rows.values() for v in r.values())
 
 

@@ -16,6 +16,8 @@ from moelink.reference import codecs as ref
 BF16_MAX = float.fromhex("0x1.fep+127")
 F32_MAX = float.fromhex("0x1.fffffep+127")
 SCHEDULES = ["deterministic", "random:7", "random:8:0.5"]
+# "auto": the host's form (lanes own whole tiles); "warp": the GPU's form (warp collectives), run here.
+SPLITS = ["auto", "warp"]
 
 if not hasattr(_backend.host(), "fp8_quantize"):
     pytest.skip("moelink._host has no codec ops: bindings::bind_codecs is not registered in "
@@ -118,37 +120,54 @@ def _run(schedule: str, fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def test_split_forms_run_as_documented():
+    """"auto" on the host never meets at a collective after the launch's one vote; "warp" does, per
+    tile (the GPU's form). Counted with the SIMT runtime's switch counter."""
+    x = torch.randn(64, 1024).bfloat16()
+
+    def switches(**kw):
+        before = runtime.stats()["switches"]
+        codecs.fp8_quantize(x, **kw)
+        return runtime.stats()["switches"] - before
+
+    auto, warp = switches(split="auto"), switches(split="warp")
+    assert auto <= 4 * 64  # one vote of each fiber, and the fibers' exits
+    assert warp >= 64 * 8 * 31  # at least one 32-lane reduction per tile
+
+
 # ---- FP8 -----------------------------------------------------------------------------------------
 
 
-def _check_fp8(x, fmt, scale_format, schedule, what):
-    q, s = _run(schedule, codecs.fp8_quantize, x, fmt, scale_format)
+def _check_fp8(x, fmt, scale_format, schedule, what, split="auto"):
+    q, s = _run(schedule, codecs.fp8_quantize, x, fmt, scale_format, split=split)
     q_ref, s_ref = ref.fp8_quantize(x, fmt, scale_format)
     assert_bitwise(q, q_ref, f"{what}: q")
     assert_bitwise(s, s_ref, f"{what}: scales")
     for out_dtype in (torch.float32, torch.bfloat16):
-        y = _run(schedule, codecs.fp8_dequantize, q, s, out_dtype)
+        y = _run(schedule, codecs.fp8_dequantize, q, s, out_dtype, split=split)
         assert_bitwise(y, ref.fp8_dequantize(q_ref, s_ref, out_dtype), f"{what}: dequantized {out_dtype}")
 
 
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("scale_format", ["float32", "ue8m0"])
-def test_fp8_random_inputs_match_reference(seed, schedule, fmt, scale_format):
+def test_fp8_random_inputs_match_reference(seed, schedule, fmt, scale_format, split):
     gen = torch.Generator().manual_seed(seed)
     for case in range(6):
         x = random_input(gen)
-        _check_fp8(x, fmt, scale_format, schedule, f"case {case}: {x.dtype}{tuple(x.shape)} strides {x.stride()}")
+        _check_fp8(x, fmt, scale_format, schedule, f"case {case}: {x.dtype}{tuple(x.shape)} strides {x.stride()}", split)
 
 
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("hidden", [200, 256])
-def test_fp8_edge_cases_match_reference(schedule, dtype, hidden):
+def test_fp8_edge_cases_match_reference(schedule, dtype, hidden, split):
     x = edge_case_input(dtype, hidden)
     for fmt in ("e4m3", "e5m2"):
         for scale_format in ("float32", "ue8m0"):
-            _check_fp8(x, fmt, scale_format, schedule, f"edge cases {fmt}/{scale_format} {dtype}")
+            _check_fp8(x, fmt, scale_format, schedule, f"edge cases {fmt}/{scale_format} {dtype}", split)
 
 
 def test_fp8_edge_case_semantics_through_the_kernels():
@@ -168,32 +187,34 @@ def test_fp8_edge_case_semantics_through_the_kernels():
 # ---- LogFMT --------------------------------------------------------------------------------------
 
 
-def _check_logfmt(x, bits, schedule, what):
-    packed = _run(schedule, codecs.logfmt_encode, x, bits)
+def _check_logfmt(x, bits, schedule, what, split="auto"):
+    packed = _run(schedule, codecs.logfmt_encode, x, bits, split=split)
     packed_ref = ref.logfmt_encode(x, bits)
     assert_bitwise(packed, packed_ref, f"{what}: packed")
     for out_dtype in (torch.float32, torch.bfloat16):
-        y = _run(schedule, codecs.logfmt_decode, packed, x.shape[1], bits, out_dtype)
+        y = _run(schedule, codecs.logfmt_decode, packed, x.shape[1], bits, out_dtype, split=split)
         want = ref.logfmt_decode(packed_ref, x.shape[1], bits, out_dtype)
         assert_bitwise(y, want, f"{what}: decoded {out_dtype}")
 
 
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("bits", [8, 9, 10])
-def test_logfmt_random_inputs_match_reference(seed, schedule, bits):
+def test_logfmt_random_inputs_match_reference(seed, schedule, bits, split):
     gen = torch.Generator().manual_seed(seed)
     for case in range(5):
         x = random_input(gen)
-        _check_logfmt(x, bits, schedule, f"case {case}: {x.dtype}{tuple(x.shape)} strides {x.stride()}")
+        _check_logfmt(x, bits, schedule, f"case {case}: {x.dtype}{tuple(x.shape)} strides {x.stride()}", split)
 
 
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("hidden", [200, 256])
-def test_logfmt_edge_cases_match_reference(schedule, dtype, hidden):
+def test_logfmt_edge_cases_match_reference(schedule, dtype, hidden, split):
     x = edge_case_input(dtype, hidden)
     for bits in (8, 9, 10):
-        _check_logfmt(x, bits, schedule, f"edge cases LogFMT-{bits} {dtype}")
+        _check_logfmt(x, bits, schedule, f"edge cases LogFMT-{bits} {dtype}", split)
 
 
 @pytest.mark.parametrize("bits", [8, 9, 10])
@@ -209,20 +230,22 @@ def test_logfmt_edge_case_semantics_through_the_kernels(bits):
     assert yb[4, 130].item() == BF16_MAX  # saturates to bf16's range
 
 
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("schedule", SCHEDULES[:2])
-def test_random_bit_patterns_match_reference(seed, schedule):
+def test_random_bit_patterns_match_reference(seed, schedule, split):
     """Arbitrary float32 bit patterns: every exponent, subnormals, NaN payloads, infinities."""
     gen = torch.Generator().manual_seed(seed)
     raw = torch.randint(-(2**31), 2**31 - 1, (12, 384), generator=gen, dtype=torch.int64).to(torch.int32)
     x = raw.view(torch.float32)
     x[6:] = x[6:] * 2.0**-100  # shift half the rows toward the subnormal range
     for fmt in ("e4m3", "e5m2"):
-        _check_fp8(x, fmt, "ue8m0" if fmt == "e5m2" else "float32", schedule, f"bit patterns {fmt}")
+        _check_fp8(x, fmt, "ue8m0" if fmt == "e5m2" else "float32", schedule, f"bit patterns {fmt}", split)
     for bits in (8, 9, 10):
-        _check_logfmt(x, bits, schedule, f"bit patterns LogFMT-{bits}")
+        _check_logfmt(x, bits, schedule, f"bit patterns LogFMT-{bits}", split)
 
 
-def test_encoders_write_every_byte():
+@pytest.mark.parametrize("split", [0, 1])
+def test_encoders_write_every_byte(split):
     """Outputs come from torch.empty, so the kernels must define every byte, padding included
     (UE8M0 pad bytes, LogFMT header and tail padding): run them on buffers full of junk."""
     host = _backend.host()
@@ -231,12 +254,12 @@ def test_encoders_write_every_byte():
         s = torch.full((3, 1), -1, dtype=torch.int32)
         s.view(torch.uint8).fill_(junk)
         q = torch.full((3, 200), junk, dtype=torch.uint8)
-        host.fp8_quantize(x.data_ptr(), 0, 200, 3, 200, 0, 1, q.data_ptr(), 200, s.data_ptr(), 1)
+        host.fp8_quantize(x.data_ptr(), 0, 200, 3, 200, 0, 1, q.data_ptr(), 200, s.data_ptr(), 1, split)
         assert torch.equal(s, ref.fp8_quantize(x, "e4m3", "ue8m0")[1])
         for bits in (8, 9, 10):
             row = codecs.logfmt_row_bytes(200, bits)
             packed = torch.full((3, row), junk, dtype=torch.uint8)
-            host.logfmt_encode(x.data_ptr(), 0, 200, 3, 200, bits, packed.data_ptr(), row)
+            host.logfmt_encode(x.data_ptr(), 0, 200, 3, 200, bits, packed.data_ptr(), row, split)
             assert torch.equal(packed, ref.logfmt_encode(x, bits))
 
 
@@ -286,6 +309,9 @@ def test_python_validation_errors():
             codecs.logfmt_encode(x, bad_bits)
     with pytest.raises(errors.InvalidDevice, match="x"):
         codecs.fp8_quantize(torch.empty(2, 128, device="meta"))
+    for fn in (lambda: codecs.fp8_quantize(x, split="lane"), lambda: codecs.logfmt_encode(x, 8, split=None)):
+        with pytest.raises(errors.InvalidArgument, match="split"):
+            fn()
 
     q, s = codecs.fp8_quantize(x)
     with pytest.raises(errors.InvalidDType, match="q"):
@@ -337,6 +363,8 @@ def test_extension_rejects_what_would_go_out_of_bounds():
         host.logfmt_encode(x.data_ptr(), 0, 256, 4, 256, 9, packed.data_ptr() + 1, 320)
     with pytest.raises(errors.InvalidArgument, match="null"):
         host.logfmt_decode(0, 320, 4, 256, 9, x.data_ptr(), 0, 256)
+    with pytest.raises(errors.InvalidArgument, match="lane split"):
+        host.fp8_quantize(x.data_ptr(), 0, 256, 4, 256, 0, 0, q.data_ptr(), 256, s.data_ptr(), 2, 7)
     assert host.logfmt_row_bytes(7168, 8) == ref.logfmt_layout(7168, 8).row_bytes
 
 
@@ -344,20 +372,21 @@ def test_extension_rejects_what_would_go_out_of_bounds():
 
 
 @pytest.mark.skipif(not moelink.cuda_available(), reason="no usable CUDA device")
-def test_cuda_kernels_match_reference(seed):
+@pytest.mark.parametrize("split", SPLITS)
+def test_cuda_kernels_match_reference(seed, split):
     gen = torch.Generator().manual_seed(seed)
     for case in range(8):
         x = random_input(gen) if case else edge_case_input(torch.bfloat16)
         for fmt in ("e4m3", "e5m2"):
             for scale_format in ("float32", "ue8m0"):
-                q, s = codecs.fp8_quantize(x.cuda(), fmt, scale_format)
+                q, s = codecs.fp8_quantize(x.cuda(), fmt, scale_format, split=split)
                 q_ref, s_ref = ref.fp8_quantize(x, fmt, scale_format)
                 assert_bitwise(q.cpu(), q_ref, "cuda q")
                 assert_bitwise(s.cpu(), s_ref, "cuda scales")
-                assert_bitwise(codecs.fp8_dequantize(q, s, torch.float32).cpu(),
+                assert_bitwise(codecs.fp8_dequantize(q, s, torch.float32, split=split).cpu(),
                                ref.fp8_dequantize(q_ref, s_ref, torch.float32), "cuda dequantized")
         for bits in (8, 9, 10):
-            packed = codecs.logfmt_encode(x.cuda(), bits)
+            packed = codecs.logfmt_encode(x.cuda(), bits, split=split)
             assert_bitwise(packed.cpu(), ref.logfmt_encode(x, bits), "cuda packed")
-            assert_bitwise(codecs.logfmt_decode(packed, x.shape[1], bits, torch.float32).cpu(),
+            assert_bitwise(codecs.logfmt_decode(packed, x.shape[1], bits, torch.float32, split=split).cpu(),
                            ref.logfmt_decode(packed.cpu(), x.shape[1], bits, torch.float32), "cuda decoded")

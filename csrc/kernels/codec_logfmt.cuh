@@ -13,12 +13,25 @@
 // midpoint. Both targets therefore evaluate the same small polynomials in unfused float32
 // (log2_core, exp2_nonpos), and work on values normalised by the tile maximum's exponent (integer
 // arithmetic), so no subnormal ever enters a float operation and FTZ cannot matter either.
+// The portable log2/exp2 live in codec_logfmt_math.cuh.
+//
+// Device functions, in the two forms of codec_common.cuh:
+//   LogfmtGroupCodes<n> logfmt_encode_group<n>(const float (&v)[4])                    [warp]
+//       All 32 lanes, lane l holding channels 4l .. 4l+3 of one tile: the lane's 4 fields
+//       (4n bits) and the tile header (max and min reductions).
+//   void logfmt_store_payload<n>(uint64_t lane_fields, uint32_t* words, int num_words) [warp]
+//   uint64_t logfmt_load_lane<n>(const uint32_t* words, int lane, int count)          [lane]
+//   void logfmt_decode_lane<n>(fields, LogfmtHeader, int count, out_dtype, float (&out)[4]) [lane]
+//   LogfmtHeader logfmt_encode_tile<n>(const In* x, int count, uint8_t* payload)     [lane]
+//       One lane, one tile read from memory (In = uint16_t bf16 bits or float): writes
+//       ceil(count * n / 8) payload bytes. No collective.
+//   void logfmt_decode_tile<n>(const uint8_t* payload, int count, LogfmtHeader, Out* out) [lane]
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
 
 #include "kernels/codec_common.cuh"
+#include "kernels/codec_logfmt_math.cuh"
 
 namespace moelink::kernels::codec {
 
@@ -48,80 +61,6 @@ MOELINK_HOST_DEVICE LogfmtRowLayout logfmt_row_layout(int64_t hidden, int bits) 
   return l;
 }
 
-// ---- portable log2 / exp2 ---------------------------------------------------------------------
-
-// A positive finite nonzero float32 as (1 + frac / 2**23) * 2**exponent, subnormals included.
-struct Binade {
-  int exponent;
-  uint32_t frac;
-};
-
-MOELINK_DEVICE Binade normalize(uint32_t mag) {
-  const int exp_field = static_cast<int>(mag >> 23);
-  uint32_t frac = mag & 0x7FFFFFu;
-  if (exp_field != 0) return {exp_field - 127, frac};
-  int shift = 0;
-  while ((frac & 0x800000u) == 0) {  // rare: a subnormal; at most 23 steps
-    frac <<= 1;
-    ++shift;
-  }
-  return {-126 - shift, frac & 0x7FFFFFu};
-}
-
-// log2 f for f in [sqrt(1/2), sqrt 2): z * q(z^2), z = (f - 1)/(f + 1), q = atanh series.
-MOELINK_DEVICE float log2_core(float f) {
-  // q_j = 2 / (ln 2 * (2j + 1)) rounded to float32; Horner order fixed (it is part of the format).
-  const float z = rn_div(rn_sub(f, 1.0f), rn_add(f, 1.0f));
-  const float z2 = rn_mul(z, z);
-  float q = 0x1.484b14p-2f;
-  q = rn_add(rn_mul(q, z2), 0x1.a61762p-2f);
-  q = rn_add(rn_mul(q, z2), 0x1.2776c6p-1f);
-  q = rn_add(rn_mul(q, z2), 0x1.ec709ep-1f);
-  q = rn_add(rn_mul(q, z2), 0x1.715476p+1f);
-  return rn_mul(z, q);
-}
-
-struct Log2Split {
-  int e;    // log2 x = e + l
-  float l;  // |l| <= 1/2
-};
-
-MOELINK_DEVICE Log2Split log2_split(Binade b) {
-  constexpr uint32_t kSqrt2Frac = 0x3504F3u;
-  const uint32_t high = b.frac >= kSqrt2Frac ? 1u : 0u;
-  return {b.exponent + static_cast<int>(high), log2_core(bits_float(((127u - high) << 23) | b.frac))};
-}
-
-// 2**y for y in [-34, 0]: y = i + f with i = floor(y), a degree-6 polynomial for 2**f, times the
-// exact power of two 2**i. p(f) = 1 + f*(c1 + f*(c2 + ... + f*c6)) is a relative least-squares
-// fit on [0, 1) rounded to float32 (max error 1.4 half-ulps, p(0) = 1 exactly).
-MOELINK_DEVICE float exp2_nonpos(float y) {
-  // floor by truncation (exact for |y| < 2**31): baseline x86-64 has no SSE4.1 round
-  // instruction, and a libm floorf call per evaluation was a measurable share of the encoder.
-  const int truncated = static_cast<int>(y);
-  const int i = truncated - (static_cast<float>(truncated) > y ? 1 : 0);
-  const float f = rn_sub(y, static_cast<float>(i));
-  float p = 0x1.c165d4p-13f;
-  p = rn_add(rn_mul(p, f), 0x1.47ef4cp-10f);
-  p = rn_add(rn_mul(p, f), 0x1.3cf1f8p-7f);
-  p = rn_add(rn_mul(p, f), 0x1.c68a5ep-5f);
-  p = rn_add(rn_mul(p, f), 0x1.ebfd66p-3f);
-  p = rn_add(rn_mul(p, f), 0x1.62e42ap-1f);
-  p = rn_add(rn_mul(p, f), 1.0f);
-  return rn_mul(p, pow2i(i));
-}
-
-// w * 2**k for a positive normal w, rounding to nearest-even into the subnormal range with
-// integer operations (no FTZ dependence). Never overflows here: decoded values are <= M.
-MOELINK_DEVICE float ldexp_rne(float w, int k) {
-  const uint32_t wb = float_bits(w);
-  const int exp_field = static_cast<int>(wb >> 23) + k;
-  if (exp_field >= 1) return bits_float((static_cast<uint32_t>(exp_field) << 23) | (wb & 0x7FFFFFu));
-  const int shift = 1 - exp_field;
-  // Rounding up to 2**23 gives the smallest normal, as it should.
-  return bits_float(rshift_rne((wb & 0x7FFFFFu) | 0x800000u, shift > 25 ? 25 : shift));
-}
-
 // ---- tile scale -------------------------------------------------------------------------------
 
 template <int kBits>
@@ -145,14 +84,14 @@ struct LogfmtTile {
   float step;
 };
 
-MOELINK_DEVICE LogfmtTile tile_from_header(LogfmtHeader h) {
+MOELINK_CODEC_INLINE LogfmtTile tile_from_header(LogfmtHeader h) {
   const uint32_t mb = float_bits(h.max_abs);
   const Binade b = normalize(mb != 0 ? mb : 0x3F800000u);
   return {b.exponent, bits_float((127u << 23) | b.frac), h.step};
 }
 
 // Decoded value of `steps_down` codes below the top, divided by 2**max_binade: in (2**-34, 2).
-MOELINK_DEVICE float scaled_code_value(const LogfmtTile& t, int steps_down) {
+MOELINK_CODEC_INLINE float scaled_code_value(const LogfmtTile& t, int steps_down) {
   return rn_mul(t.max_frac, exp2_nonpos(rn_mul(static_cast<float>(-steps_down), t.step)));
 }
 
@@ -164,37 +103,79 @@ struct LogfmtGroupCodes {
   LogfmtHeader header;   // the same on every lane
 };
 
-template <int kBits>
-MOELINK_DEVICE uint32_t logfmt_encode_element(uint32_t bits, const LogfmtTile& t, Log2Split top, float inv_step) {
+// Field of one element (float32 bits) in a tile. kGraded: the tile's step s is nonzero (a
+// tile-uniform test, made once per tile so that the per-element code is straight-line and a loop
+// over a lane's channels vectorises on the host); with s = 0 every nonzero element gets code K.
+template <int kBits, bool kGraded>
+MOELINK_CODEC_INLINE uint32_t logfmt_encode_element(uint32_t bits, const LogfmtTile& t, Log2Split top, float inv_step) {
   using L = Logfmt<kBits>;
   const uint32_t mag = bits & kAbsMask;
-  if (!is_finite_bits(mag)) return L::kNonFinite;
-  if (mag == 0) return 0;
-  const Binade a = normalize(mag);
+  const bool finite = mag < kInfBits;
+  const bool nonzero = mag != 0;
+  const Binade a = normalize(finite && nonzero ? mag : 0x3F800000u);
   // a < 2**(b_M - 34) <= M * 2**-34 while v_1 / 2 >= M * 2**-33.0001: code 0 for certain, and
   // past this test every value below is normal once scaled by 2**-b_M.
-  if (a.exponent <= t.max_binade - 35) return 0;
+  const bool tiny = a.exponent <= t.max_binade - 35;
   int code = L::kCodes;
-  if (t.step != 0.0f) {
+  if constexpr (kGraded) {
     const Log2Split la = log2_split(a);
     // Steps below the top, from the portable logs; floor() picks the bracketing pair of codes.
     const float delta = rn_mul(rn_add(static_cast<float>(top.e - la.e), rn_sub(top.l, la.l)), inv_step);
-    // floor of a non-negative value below K - 1: truncation
-    const int d = delta >= static_cast<float>(L::kCodes - 1) ? L::kCodes - 1 : static_cast<int>(delta > 0.0f ? delta : 0.0f);
+    // floor of a non-negative value below K - 1: truncation (clamped first, so it never overflows)
+    const float clamped = delta < static_cast<float>(L::kCodes - 1) ? (delta > 0.0f ? delta : 0.0f)
+                                                                    : static_cast<float>(L::kCodes - 1);
+    const int d = static_cast<int>(clamped);
     const int upper = L::kCodes - d;
     const float w_upper = scaled_code_value(t, d);
-    const float w_lower = upper > 1 ? scaled_code_value(t, d + 1) : 0.0f;
+    const float w_next = scaled_code_value(t, d + 1);  // d + 1 <= K: still inside exp2_nonpos's range
+    // w(code 0) = 0. A product by 1 or 0 (exact) rather than a select: it keeps w_next's evaluation
+    // unconditional, so the compiler cannot sink it into a branch it would then not if-convert.
+    const float w_lower = rn_mul(w_next, upper > 1 ? 1.0f : 0.0f);
     const float midpoint = rn_mul(rn_add(w_lower, w_upper), 0.5f);
-    const float a_scaled = bits_float((static_cast<uint32_t>(a.exponent - t.max_binade + 127) << 23) | a.frac);
+    const int scaled_exp = tiny ? 1 : a.exponent - t.max_binade + 127;
+    const float a_scaled = bits_float((static_cast<uint32_t>(scaled_exp) << 23) | a.frac);
     code = a_scaled >= midpoint ? upper : upper - 1;
   }
-  return code == 0 ? 0u : (((bits >> 31) << (kBits - 1)) | static_cast<uint32_t>(code));
+  const uint32_t field = code == 0 ? 0u : (((bits >> 31) << (kBits - 1)) | static_cast<uint32_t>(code));
+  return !finite ? L::kNonFinite : (nonzero && !tiny ? field : 0u);
+}
+
+template <int kBits>
+MOELINK_CODEC_INLINE uint32_t logfmt_encode_element(uint32_t bits, const LogfmtTile& t, Log2Split top, float inv_step) {
+  return t.step != 0.0f ? logfmt_encode_element<kBits, true>(bits, t, top, inv_step)
+                        : logfmt_encode_element<kBits, false>(bits, t, top, inv_step);
+}
+
+// The header of a tile from its finite nonzero max and min magnitudes (float32 bits; max 0 when
+// there is none), and what encoding its elements needs.
+struct LogfmtTileState {
+  LogfmtHeader header;
+  LogfmtTile tile;
+  Log2Split top;
+  float inv_step;
+};
+
+template <int kBits>
+MOELINK_CODEC_INLINE LogfmtTileState logfmt_tile_state(uint32_t max_bits, uint32_t min_bits) {
+  using L = Logfmt<kBits>;
+  LogfmtTileState st;
+  st.header = {0.0f, 0.0f};
+  st.top = {0, 0.0f};
+  if (max_bits != 0) {
+    st.top = log2_split(normalize(max_bits));
+    const Log2Split bottom = log2_split(normalize(min_bits));
+    float range = rn_add(static_cast<float>(st.top.e - bottom.e), rn_sub(st.top.l, bottom.l));
+    range = range < 0.0f ? 0.0f : (range > 32.0f ? 32.0f : range);  // min >= max - 32
+    st.header = {bits_float(max_bits), rn_div(range, static_cast<float>(L::kCodes - 1))};
+  }
+  st.tile = tile_from_header(st.header);
+  st.inv_step = st.tile.step > 0.0f ? rn_div(1.0f, st.tile.step) : 0.0f;
+  return st;
 }
 
 // All 32 lanes must call (max/min are warp reductions). v: this lane's four channels.
 template <int kBits>
-MOELINK_DEVICE LogfmtGroupCodes<kBits> logfmt_encode_group(const float (&v)[4]) {
-  using L = Logfmt<kBits>;
+MOELINK_CODEC_INLINE LogfmtGroupCodes<kBits> logfmt_encode_group(const float (&v)[4]) {
   uint32_t lane_max = 0, lane_min = kInfBits;
   for (int i = 0; i < 4; ++i) {
     const uint32_t mag = float_bits(v[i]) & kAbsMask;
@@ -204,22 +185,13 @@ MOELINK_DEVICE LogfmtGroupCodes<kBits> logfmt_encode_group(const float (&v)[4]) 
   }
   const uint32_t max_bits = arch::warp_reduce_max(arch::kFullMask, lane_max);
   const uint32_t min_bits = arch::warp_reduce_min(arch::kFullMask, lane_min);
-
+  const LogfmtTileState st = logfmt_tile_state<kBits>(max_bits, min_bits);
   LogfmtGroupCodes<kBits> out;
-  out.header = {0.0f, 0.0f};
-  Log2Split top = {0, 0.0f};
-  if (max_bits != 0) {
-    top = log2_split(normalize(max_bits));
-    const Log2Split bottom = log2_split(normalize(min_bits));
-    float range = rn_add(static_cast<float>(top.e - bottom.e), rn_sub(top.l, bottom.l));
-    range = range < 0.0f ? 0.0f : (range > 32.0f ? 32.0f : range);  // min >= max - 32
-    out.header = {bits_float(max_bits), rn_div(range, static_cast<float>(L::kCodes - 1))};
-  }
-  const LogfmtTile t = tile_from_header(out.header);
-  const float inv_step = t.step > 0.0f ? rn_div(1.0f, t.step) : 0.0f;
+  out.header = st.header;
   out.lane_fields = 0;
   for (int i = 0; i < 4; ++i)
-    out.lane_fields |= static_cast<uint64_t>(logfmt_encode_element<kBits>(float_bits(v[i]), t, top, inv_step)) << (kBits * i);
+    out.lane_fields |= static_cast<uint64_t>(logfmt_encode_element<kBits>(float_bits(v[i]), st.tile, st.top, st.inv_step))
+                       << (kBits * i);
   return out;
 }
 
@@ -228,7 +200,7 @@ MOELINK_DEVICE LogfmtGroupCodes<kBits> logfmt_encode_group(const float (&v)[4]) 
 // one lane's range and ends at the latest inside the next lane's: the lane where a word starts
 // writes it, with its right neighbour's fields from one shuffle. All 32 lanes must call.
 template <int kBits>
-MOELINK_DEVICE void logfmt_store_payload(uint64_t lane_fields, uint32_t* words, int num_words) {
+MOELINK_CODEC_INLINE void logfmt_store_payload(uint64_t lane_fields, uint32_t* words, int num_words) {
   using L = Logfmt<kBits>;
   const int lane = static_cast<int>(arch::lane_id());
   if constexpr (kBits == 8) {
@@ -246,7 +218,7 @@ MOELINK_DEVICE void logfmt_store_payload(uint64_t lane_fields, uint32_t* words, 
 // This lane's fields (channels 4*lane .. 4*lane + count - 1) from a tile's payload words; reads
 // only words that hold them. No collective.
 template <int kBits>
-MOELINK_DEVICE uint64_t logfmt_load_lane(const uint32_t* words, int lane, int count) {
+MOELINK_CODEC_INLINE uint64_t logfmt_load_lane(const uint32_t* words, int lane, int count) {
   using L = Logfmt<kBits>;
   const int first_bit = lane * L::kLaneBits;
   const int used_bits = count * kBits;
@@ -256,94 +228,131 @@ MOELINK_DEVICE uint64_t logfmt_load_lane(const uint32_t* words, int lane, int co
   return (stream >> offset) & ((uint64_t{1} << used_bits) - 1);
 }
 
+// Decoded value of one field (NaN for the non-finite marker), saturated to the output's range.
+template <int kBits>
+MOELINK_CODEC_INLINE float logfmt_decode_field(uint32_t field, const LogfmtTile& t, uint32_t out_max_bits) {
+  using L = Logfmt<kBits>;
+  const int code = static_cast<int>(field & static_cast<uint32_t>(L::kCodes));
+  const uint32_t sign = (field >> (kBits - 1)) << 31;
+  const uint32_t value = float_bits(ldexp_rne(scaled_code_value(t, L::kCodes - code), t.max_binade)) | sign;
+  return bits_float(code != 0 ? saturate_bits(value, out_max_bits) : (sign != 0 ? kQuietNanBits : 0u));
+}
+
 // Per lane, no collective: decodes `count` fields with the tile's header.
 template <int kBits>
-MOELINK_DEVICE void logfmt_decode_lane(uint64_t lane_fields, LogfmtHeader header, int count, CodecDType out_dtype, float (&out)[4]) {
+MOELINK_CODEC_INLINE void logfmt_decode_lane(uint64_t lane_fields, LogfmtHeader header, int count, CodecDType out_dtype, float (&out)[4]) {
   using L = Logfmt<kBits>;
   const LogfmtTile t = tile_from_header(header);
+  const uint32_t top = out_dtype == CodecDType::kBFloat16 ? kBf16MaxBits : kF32MaxBits;
   for (int i = 0; i < 4; ++i) {
-    out[i] = 0.0f;
-    if (i >= count) continue;
     const uint32_t field = static_cast<uint32_t>(lane_fields >> (kBits * i)) & L::kFieldMask;
-    const int code = static_cast<int>(field & static_cast<uint32_t>(L::kCodes));
-    const uint32_t sign = (field >> (kBits - 1)) << 31;
-    if (code == 0) {
-      out[i] = sign ? bits_float(kQuietNanBits) : 0.0f;
-      continue;
-    }
-    const float value = ldexp_rne(scaled_code_value(t, L::kCodes - code), t.max_binade);
-    out[i] = saturate_finite(bits_float(float_bits(value) | sign), out_dtype);
+    out[i] = i < count ? logfmt_decode_field<kBits>(field, t, top) : 0.0f;
   }
 }
 
-// ---- standalone kernels -----------------------------------------------------------------------
+// ---- one tile by one lane (owned form) ---------------------------------------------------------
 
+// Eight n-bit fields are n whole bytes of the tile's bit stream: stored / loaded 8 at a time.
 template <int kBits>
-MOELINK_KERNEL void logfmt_encode_kernel(LogfmtEncodeArgs args) {
-  const LogfmtRowLayout layout = logfmt_row_layout(args.hidden, kBits);
-  const size_t elem = element_bytes(args.x_dtype);
-  for_each_group(args.num_tokens, args.hidden, [&](const GroupWork& w) {
-    float v[4];
-    load4(static_cast<const char*>(args.x) + w.token * args.x_row_stride * elem, args.x_dtype, w.first, w.count, v);
-    const LogfmtGroupCodes<kBits> g = logfmt_encode_group<kBits>(v);
-
-    uint8_t* row = args.packed + w.token * args.packed_row_stride;
-    const bool last = w.group == layout.num_tiles - 1;
-    const int channels = last ? static_cast<int>(layout.last_channels) : kCodecGroup;
-    const int num_words = (channels * kBits + 31) / 32;
-    const int64_t payload = layout.payload_offset(w.group);
-    logfmt_store_payload<kBits>(g.lane_fields, reinterpret_cast<uint32_t*>(row + payload), num_words);
-    if (w.lane == 0) {
-      float* header = reinterpret_cast<float*>(row + 8 * w.group);
-      header[0] = g.header.max_abs;
-      header[1] = g.header.step;
-      if (last) {  // the row's padding, so that every byte of the output is defined
-        for (int64_t b = 8 * layout.num_tiles; b < layout.header_bytes; ++b) row[b] = 0;
-        for (int64_t b = payload + 4 * num_words; b < layout.row_bytes; ++b) row[b] = 0;
-      }
-    }
-  });
+MOELINK_CODEC_INLINE void store_fields8(const uint32_t* f, uint8_t* dst, int bytes) {
+  uint64_t lo = 0;
+  uint32_t hi = 0;
+  for (int j = 0; j < 8; ++j) {
+    const int at = kBits * j;
+    if (at < 64) lo |= static_cast<uint64_t>(f[j]) << at;
+    if (at >= 64) hi |= f[j] << ((at - 64) & 31);
+    else if (at + kBits > 64) hi |= f[j] >> ((64 - at) & 31);
+  }
+  for (int b = 0; b < bytes; ++b) dst[b] = static_cast<uint8_t>(b < 8 ? lo >> (8 * b) : hi >> ((8 * b - 64) & 31));
 }
 
 template <int kBits>
-MOELINK_KERNEL void logfmt_decode_kernel(LogfmtDecodeArgs args) {
-  const LogfmtRowLayout layout = logfmt_row_layout(args.hidden, kBits);
-  const size_t elem = element_bytes(args.out_dtype);
-  for_each_group(args.num_tokens, args.hidden, [&](const GroupWork& w) {
-    if (w.count == 0) return;  // no collective below
-    const uint8_t* row = args.packed + w.token * args.packed_row_stride;
-    const float* header = reinterpret_cast<const float*>(row + 8 * w.group);
-    const uint32_t* words = reinterpret_cast<const uint32_t*>(row + layout.payload_offset(w.group));
-    const uint64_t fields = logfmt_load_lane<kBits>(words, w.lane, w.count);
-    float out[4];
-    logfmt_decode_lane<kBits>(fields, LogfmtHeader{header[0], header[1]}, w.count, args.out_dtype, out);
-    store4(static_cast<char*>(args.out) + w.token * args.out_row_stride * elem, args.out_dtype, w.first, w.count, out);
-  });
-}
-
-// Calls launch(std::integral_constant<int, n>{}) for n = bits (8, 9, 10; anything else as 10 --
-// ops_codecs.cu has rejected it already): one kernel instantiation each.
-template <typename Launch>
-inline void with_logfmt_bits(int bits, Launch&& launch) {
-  switch (bits) {
-    case 8: launch(std::integral_constant<int, 8>{}); break;
-    case 9: launch(std::integral_constant<int, 9>{}); break;
-    default: launch(std::integral_constant<int, 10>{}); break;
+MOELINK_CODEC_INLINE void load_fields8(const uint8_t* src, int bytes, uint32_t* f) {
+  uint64_t lo = 0;
+  uint32_t hi = 0;
+  for (int b = 0; b < bytes; ++b) {
+    if (b < 8) lo |= static_cast<uint64_t>(src[b]) << (8 * b);
+    else hi |= static_cast<uint32_t>(src[b]) << ((8 * b - 64) & 31);
+  }
+  for (int j = 0; j < 8; ++j) {
+    const int at = kBits * j;
+    uint64_t v = at < 64 ? lo >> (at & 63) : static_cast<uint64_t>(hi) >> ((at - 64) & 31);
+    if (at < 64 && at + kBits > 64) v |= static_cast<uint64_t>(hi) << ((64 - at) & 63);
+    f[j] = static_cast<uint32_t>(v) & Logfmt<kBits>::kFieldMask;
   }
 }
 
-inline void launch_logfmt_encode(const LogfmtEncodeArgs& args, const LaunchContext& ctx) {
-  const unsigned grid = grid_for(args.num_tokens * logfmt_row_layout(args.hidden, args.bits).num_tiles);
-  with_logfmt_bits(args.bits, [&](auto bits) {
-    MOELINK_LAUNCH(ctx, "logfmt_encode", logfmt_encode_kernel<decltype(bits)::value>, grid, kThreads, 0, args);
-  });
+// Fields of x[0, count) packed into a tile's payload, kLogfmtChunk at a time (a multiple of 8:
+// whole bytes): the field computation is one straight loop the host vectorises, the packing a
+// short scalar one. The GPU runs the warp form; its (unused) lane form keeps a small chunk so
+// that the kernel's register allocation does not grow for it.
+#if defined(__CUDACC__)
+constexpr int kLogfmtChunk = 8;
+#else
+constexpr int kLogfmtChunk = 32;
+#endif
+
+template <int kBits, bool kGraded, typename In>
+MOELINK_CODEC_INLINE void logfmt_encode_fields(const In* x, int count, const LogfmtTileState& st, uint8_t* payload) {
+  int c = 0;
+  for (; c + kLogfmtChunk <= count; c += kLogfmtChunk) {
+    uint32_t f[kLogfmtChunk];
+    for (int j = 0; j < kLogfmtChunk; ++j)
+      f[j] = logfmt_encode_element<kBits, kGraded>(float_bits(load_channel(x, c + j)), st.tile, st.top, st.inv_step);
+    for (int k = 0; k < kLogfmtChunk / 8; ++k) store_fields8<kBits>(f + 8 * k, payload + (c / 8 + k) * kBits, kBits);
+  }
+  for (; c < count; c += 8) {  // the last partial chunk, 8 fields at a time
+    uint32_t f[8];
+    for (int j = 0; j < 8; ++j)
+      f[j] = c + j < count ? logfmt_encode_element<kBits, kGraded>(float_bits(load_channel(x, c + j)), st.tile, st.top,
+                                                                   st.inv_step)
+                           : 0u;
+    const int left = ((count - c) * kBits + 7) / 8;
+    store_fields8<kBits>(f, payload + c / 8 * kBits, left < kBits ? left : kBits);
+  }
 }
 
-inline void launch_logfmt_decode(const LogfmtDecodeArgs& args, const LaunchContext& ctx) {
-  const unsigned grid = grid_for(args.num_tokens * logfmt_row_layout(args.hidden, args.bits).num_tiles);
-  with_logfmt_bits(args.bits, [&](auto bits) {
-    MOELINK_LAUNCH(ctx, "logfmt_decode", logfmt_decode_kernel<decltype(bits)::value>, grid, kThreads, 0, args);
-  });
+// Per lane, no collective: encodes channels x[0, count) (one tile, 1 <= count <= 128; In is
+// uint16_t for bf16 bits or float), writes the tile's ceil(count * n / 8) payload bytes and
+// returns its header.
+template <int kBits, typename In>
+MOELINK_CODEC_INLINE LogfmtHeader logfmt_encode_tile(const In* x, int count, uint8_t* payload) {
+  // max and min magnitude over finite nonzero elements: plain signed max/min reductions (the
+  // magnitude bits fit an int), which vectorise.
+  int32_t max_bits = 0, min_bits = static_cast<int32_t>(kInfBits);
+  for (int i = 0; i < count; ++i) {
+    const int32_t mag = static_cast<int32_t>(float_bits(load_channel(x, i)) & kAbsMask);
+    const bool counted = mag < static_cast<int32_t>(kInfBits) && mag != 0;
+    const int32_t for_max = counted ? mag : 0;
+    const int32_t for_min = counted ? mag : static_cast<int32_t>(kInfBits);
+    max_bits = max_bits > for_max ? max_bits : for_max;
+    min_bits = min_bits < for_min ? min_bits : for_min;
+  }
+  const LogfmtTileState st = logfmt_tile_state<kBits>(static_cast<uint32_t>(max_bits), static_cast<uint32_t>(min_bits));
+  if (st.tile.step != 0.0f) logfmt_encode_fields<kBits, true>(x, count, st, payload);
+  else logfmt_encode_fields<kBits, false>(x, count, st, payload);
+  return st.header;
+}
+
+// Per lane, no collective: decodes a tile's count channels into out[0, count) (Out: uint16_t for
+// bf16 bits, or float). Reads only the tile's ceil(count * n / 8) payload bytes.
+template <int kBits, typename Out>
+MOELINK_CODEC_INLINE void logfmt_decode_tile(const uint8_t* payload, int count, LogfmtHeader header, Out* out) {
+  const LogfmtTile t = tile_from_header(header);
+  const uint32_t top = out_max_bits(out);
+  int c = 0;
+  for (; c + kLogfmtChunk <= count; c += kLogfmtChunk) {
+    uint32_t f[kLogfmtChunk];
+    for (int k = 0; k < kLogfmtChunk / 8; ++k) load_fields8<kBits>(payload + (c / 8 + k) * kBits, kBits, f + 8 * k);
+    for (int j = 0; j < kLogfmtChunk; ++j) store_channel(out, c + j, logfmt_decode_field<kBits>(f[j], t, top));
+  }
+  for (; c < count; c += 8) {
+    uint32_t f[8];
+    const int left = ((count - c) * kBits + 7) / 8;
+    load_fields8<kBits>(payload + c / 8 * kBits, left < kBits ? left : kBits, f);
+    for (int j = 0; j < 8; ++j)
+      if (c + j < count) store_channel(out, c + j, logfmt_decode_field<kBits>(f[j], t, top));
+  }
 }
 
 }  // namespace moelink::kernels::codec

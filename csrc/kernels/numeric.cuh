@@ -37,10 +37,11 @@ MOELINK_DEVICE float bits_float(uint32_t b) {
 MOELINK_DEVICE float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
 
 // Round to nearest even; any NaN becomes the quiet NaN 0x7FC0 (what torch's float -> bfloat16 does).
+// Written as a select, not a branch, so that loops of conversions vectorise.
 MOELINK_DEVICE uint16_t float_to_bf16(float v) {
   const uint32_t b = float_bits(v);
-  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
-  return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+  const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((b & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
 }
 
 // ---- float32 bit patterns ---------------------------------------------------------------------
@@ -74,9 +75,14 @@ MOELINK_DEVICE float rn_sub(float a, float b) { return __fsub_rn(a, b); }
 MOELINK_DEVICE float rn_mul(float a, float b) { return __fmul_rn(a, b); }
 MOELINK_DEVICE float rn_div(float a, float b) { return __fdiv_rn(a, b); }
 #else
-// Hides a product from the optimiser so that it cannot become one half of an FMA.
+// Hides a product from the optimiser so that it cannot become one half of an FMA -- needed only
+// when the target ISA has a fused multiply-add to contract into. Baseline x86-64 (SSE2, what
+// setup.py builds for) has none, so there the product is left alone and loops of rn_* operations
+// stay vectorisable; -mfma / -march=native builds (__FMA__) and AArch64 keep the barrier.
 MOELINK_DEVICE void no_contract(float& v) {
-#if defined(__x86_64__) || defined(__i386__)
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(__FMA__) && !defined(__FMA4__)
+  (void)v;  // no FMA instruction exists: a * b is always rounded on its own
+#elif defined(__x86_64__) || defined(__i386__)
   __asm__("" : "+x"(v));
 #elif defined(__aarch64__)
   __asm__("" : "+w"(v));

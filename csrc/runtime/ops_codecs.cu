@@ -4,7 +4,9 @@
 #include <string>
 
 #include "kernels/codec_fp8.cuh"
-#include "kernels/codec_logfmt.cuh"
+#include "kernels/codec_logfmt_kernels.cuh"
+#include "kernels/codec_mxfp8.cuh"
+#include "kernels/codec_nvfp4.cuh"
 #include "runtime/errors.h"
 
 namespace moelink {
@@ -23,6 +25,12 @@ void check_rows(const char* op, int64_t num_tokens, int64_t hidden) {
 }
 
 bool valid_dtype(CodecDType d) { return d == CodecDType::kFloat32 || d == CodecDType::kBFloat16; }
+
+void check_split(const char* op, CodecLaneSplit split) {
+  if (split != CodecLaneSplit::kAuto && split != CodecLaneSplit::kWarp) fail(op, "unknown lane split");
+}
+
+int64_t blocks_of(int64_t hidden, int block) { return (hidden + block - 1) / block; }
 
 void check_fp8_kinds(const char* op, Fp8Format format, Fp8ScaleFormat scale_format) {
   if (format != Fp8Format::kE4M3 && format != Fp8Format::kE5M2) fail(op, "unknown FP8 format");
@@ -53,6 +61,7 @@ int64_t logfmt_row_bytes(int64_t hidden, int bits) {
 void fp8_quantize(const Fp8QuantizeArgs& args, const LaunchContext& ctx) {
   constexpr const char* op = "fp8_quantize";
   check_rows(op, args.num_tokens, args.hidden);
+  check_split(op, args.split);
   check_fp8_kinds(op, args.format, args.scale_format);
   if (!valid_dtype(args.x_dtype)) fail(op, "x must be float32 or bfloat16");
   if (args.num_tokens == 0) return;
@@ -66,6 +75,7 @@ void fp8_quantize(const Fp8QuantizeArgs& args, const LaunchContext& ctx) {
 void fp8_dequantize(const Fp8DequantizeArgs& args, const LaunchContext& ctx) {
   constexpr const char* op = "fp8_dequantize";
   check_rows(op, args.num_tokens, args.hidden);
+  check_split(op, args.split);
   check_fp8_kinds(op, args.format, args.scale_format);
   if (!valid_dtype(args.out_dtype)) fail(op, "out must be float32 or bfloat16");
   if (args.num_tokens == 0) return;
@@ -79,6 +89,7 @@ void fp8_dequantize(const Fp8DequantizeArgs& args, const LaunchContext& ctx) {
 void logfmt_encode(const LogfmtEncodeArgs& args, const LaunchContext& ctx) {
   constexpr const char* op = "logfmt_encode";
   check_rows(op, args.num_tokens, args.hidden);
+  check_split(op, args.split);
   const int64_t row_bytes = logfmt_row_bytes(args.hidden, args.bits);
   if (!valid_dtype(args.x_dtype)) fail(op, "x must be float32 or bfloat16");
   if (args.num_tokens == 0) return;
@@ -91,6 +102,7 @@ void logfmt_encode(const LogfmtEncodeArgs& args, const LaunchContext& ctx) {
 void logfmt_decode(const LogfmtDecodeArgs& args, const LaunchContext& ctx) {
   constexpr const char* op = "logfmt_decode";
   check_rows(op, args.num_tokens, args.hidden);
+  check_split(op, args.split);
   const int64_t row_bytes = logfmt_row_bytes(args.hidden, args.bits);
   if (!valid_dtype(args.out_dtype)) fail(op, "out must be float32 or bfloat16");
   if (args.num_tokens == 0) return;
@@ -98,6 +110,60 @@ void logfmt_decode(const LogfmtDecodeArgs& args, const LaunchContext& ctx) {
   if (args.out_row_stride < args.hidden) fail(op, "a row stride is shorter than its row");
   check_packed_rows(op, args.packed, args.packed_row_stride, row_bytes);
   kernels::codec::launch_logfmt_decode(args, ctx);
+}
+
+void mxfp8_quantize(const Mxfp8QuantizeArgs& args, const LaunchContext& ctx) {
+  constexpr const char* op = "mxfp8_quantize";
+  check_rows(op, args.num_tokens, args.hidden);
+  check_split(op, args.split);
+  if (args.scale_mode != Mxfp8ScaleMode::kFloor && args.scale_mode != Mxfp8ScaleMode::kRceil)
+    fail(op, "unknown scale mode");
+  if (!valid_dtype(args.x_dtype)) fail(op, "x must be float32 or bfloat16");
+  if (args.num_tokens == 0) return;
+  if (!args.x || !args.q || !args.scales) fail(op, "null pointer");
+  if (args.x_row_stride < args.hidden || args.q_row_stride < args.hidden ||
+      args.scales_row_stride < blocks_of(args.hidden, kMxfp8Block))
+    fail(op, "a row stride is shorter than its row");
+  kernels::codec::launch_mxfp8_quantize(args, ctx);
+}
+
+void mxfp8_dequantize(const Mxfp8DequantizeArgs& args, const LaunchContext& ctx) {
+  constexpr const char* op = "mxfp8_dequantize";
+  check_rows(op, args.num_tokens, args.hidden);
+  check_split(op, args.split);
+  if (!valid_dtype(args.out_dtype)) fail(op, "out must be float32 or bfloat16");
+  if (args.num_tokens == 0) return;
+  if (!args.q || !args.scales || !args.out) fail(op, "null pointer");
+  if (args.q_row_stride < args.hidden || args.out_row_stride < args.hidden ||
+      args.scales_row_stride < blocks_of(args.hidden, kMxfp8Block))
+    fail(op, "a row stride is shorter than its row");
+  kernels::codec::launch_mxfp8_dequantize(args, ctx);
+}
+
+void nvfp4_quantize(const Nvfp4QuantizeArgs& args, const LaunchContext& ctx) {
+  constexpr const char* op = "nvfp4_quantize";
+  check_rows(op, args.num_tokens, args.hidden);
+  check_split(op, args.split);
+  if (!valid_dtype(args.x_dtype)) fail(op, "x must be float32 or bfloat16");
+  if (args.num_tokens == 0) return;
+  if (!args.x || !args.packed || !args.scales || !args.global_scale) fail(op, "null pointer");
+  if (args.x_row_stride < args.hidden || args.packed_row_stride < blocks_of(args.hidden, 2) ||
+      args.scales_row_stride < blocks_of(args.hidden, kNvfp4Block))
+    fail(op, "a row stride is shorter than its row");
+  kernels::codec::launch_nvfp4_quantize(args, ctx);
+}
+
+void nvfp4_dequantize(const Nvfp4DequantizeArgs& args, const LaunchContext& ctx) {
+  constexpr const char* op = "nvfp4_dequantize";
+  check_rows(op, args.num_tokens, args.hidden);
+  check_split(op, args.split);
+  if (!valid_dtype(args.out_dtype)) fail(op, "out must be float32 or bfloat16");
+  if (args.num_tokens == 0) return;
+  if (!args.packed || !args.scales || !args.global_scale || !args.out) fail(op, "null pointer");
+  if (args.packed_row_stride < blocks_of(args.hidden, 2) || args.out_row_stride < args.hidden ||
+      args.scales_row_stride < blocks_of(args.hidden, kNvfp4Block))
+    fail(op, "a row stride is shorter than its row");
+  kernels::codec::launch_nvfp4_dequantize(args, ctx);
 }
 
 }  // namespace moelink

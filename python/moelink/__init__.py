@@ -12,7 +12,7 @@ on moelink (docs/quickstart.md).
 
 import torch as _torch
 
-from . import autograd, errors, reference, runtime
+from . import autograd, errors, reference, routing, runtime
 from ._backend import cuda_available
 from .buffer import Buffer, DispatchHandle
 from .config import Config

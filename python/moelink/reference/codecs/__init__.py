@@ -1,14 +1,15 @@
-"""Reference semantics of moelink's payload codecs: FP8 (E4M3, E5M2) and LogFMT-nBit.
+"""Reference semantics of moelink's payload codecs: FP8 (E4M3, E5M2), MXFP8, NVFP4 and LogFMT-nBit.
 
 Plain torch, no performance tricks. This package *is* the specification of the wire formats: the
-kernels in ``csrc/kernels/codec_fp8.cuh`` and ``csrc/kernels/codec_logfmt.cuh`` perform the same
+kernels in ``csrc/kernels/codec_*.cuh`` perform the same
 float32 operations in the same order, so their encoders reproduce these functions bit for bit and
 their decoders do too (the issue only asks decoders to agree within fp32 rounding; we get more
 because the decoded values are part of the encoder's definition anyway). ``docs/codecs.md``
 describes the layouts for readers; this docstring states the rules precisely.
 
-Modules: ``fp32`` (float32 bit manipulation both codecs use), ``common`` (argument checks, the
-128-channel grouping, output rounding), ``fp8`` and ``logfmt`` (one codec each, LogFMT with the
+Modules: ``fp32`` (float32 bit manipulation the codecs use), ``common`` (argument checks, the
+128-channel grouping, output rounding), ``minifloat`` (rounding to E4M3/E2M1 from the
+definition), ``fp8``, ``mxfp8``, ``nvfp4`` and ``logfmt`` (one codec each, LogFMT with the
 portable log2/exp2). Everything public is re-exported here.
 
 Inputs are 2-D ``[num_tokens, hidden]`` tensors of bfloat16 or float32. ``hidden`` may be any
@@ -54,6 +55,55 @@ FP8 (per token, per group of 128 channels)
   word ``j`` holds group ``4j + i`` and missing groups are zero bytes -- the K-major packing that
   DeepGEMM's ``get_mn_major_tma_aligned_packed_ue8m0_tensor`` produces before its MN-major
   transpose.
+
+MXFP8 (per token, per block of 32 channels; OCP Microscaling Formats (MX) v1.0)
+---------------------------------------------------------------------------------
+E4M3 elements ``P_i`` with one shared UE8M0 scale ``X = 2**(b - 127)`` per block of k = 32
+channels (the last block may be partial), decoded ``X * P_i``.
+
+* ``amax`` = max |x| over the block's finite elements.
+* ``scale_mode="floor"`` (the default; the conversion of OCP MX v1.0 section 6.3):
+  ``X = 2**(floor(log2 amax) - emax_elem)`` with emax_elem = 8 for E4M3 (448 = 1.75 * 2**8);
+  on the bits: ``b = exponent_field(amax) - 8``. Values of the block in [448, 512) * X then
+  saturate to 448 (the spec's clamp), so the block maximum may lose up to 12.5 %.
+  ``scale_mode="rceil"``: ``X = 2**ceil(log2(amax / 448))`` exactly as FP8's UE8M0 scales
+  (no element saturates; NVIDIA's cuBLAS/cuDNN recipe "quantize_round_up(amax / 448)").
+* Both clamp ``b`` to [27, 254]: ``X >= 2**-100`` is moelink's floor, as for FP8 (all-zero and
+  subnormal-only blocks are well defined, no subnormal enters a product); the spec would go down
+  to 2**-127 and only matters for blocks whose largest value is below 2**-92. ``b`` is never 0xFF
+  (NaN): non-finite elements do not take part in ``amax``.
+* ``q = e4m3(x * 2**(127 - b))``: the multiply is exact, then RNE with saturation to +-448, signs
+  of zeros kept, NaN and +-inf -> 0x7F (E4M3 has no infinity) -- FP8's element rule.
+* Decode ``value(q) * X`` in float32 (exact for the encoder's bytes), then the output dtype.
+  Decoders accept any byte: 0 is 2**-127, 0xFF is NaN (the spec's NaN scale).
+* Wire: q float8_e4m3fn ``[T, H]``; scales uint8 ``[T, ceil(H/32)]``, byte j = block j (view it as
+  ``torch.float8_e8m0fnu`` for libraries that take that dtype). 1.03125 bytes per element.
+
+NVFP4 (per token, per block of 16 channels, plus one float32 per tensor)
+-----------------------------------------------------------------------
+FP4 E2M1 elements (values 0, 0.5, 1, 1.5, 2, 3, 4, 6), one E4M3 block scale ``s`` per 16
+channels (the last block may be partial) and a float32 per-tensor *encode* scale ``g``, NVIDIA's
+two-level recipe as TensorRT-LLM and vLLM quantize activations (``SFScaleVal`` there).
+
+* ``g`` is passed in (``global_scale``; a calibrated value, e.g. one per expert) or computed from
+  the tensor: ``g = 2688 / amax`` (2688 = 448 * 6, TensorRT-LLM's ``(448 * 6) / max|x|``) over the
+  tensor's finite elements, rounded to float32 and clamped to [2**-100, 2**100]; passed-in values
+  must lie in that range too. The range keeps every product and quotient below normal and finite.
+* Per block: ``amax`` over finite elements; ``s = e4m3(min((amax / 6) * g, 448))`` (each operation
+  rounded to float32, then RNE to E4M3: the recipe's round-to-nearest ``__nv_fp8_e4m3`` cast,
+  not a round-up, so the block maximum may saturate at 6 by up to 1/16); ``s`` is stored with its
+  sign bit 0 (UE4M3 and E4M3 agree).
+* ``enc = g / value(s)`` (0 when ``s`` is 0: the block is all zeros), ``q = e2m1(x * enc)``: RNE
+  with saturation to +-6 (a product that overflows to inf, possible only with a passed-in ``g``
+  far too large for the data, saturates too). E2M1 has no NaN or infinity: a non-finite input gets the code 0x8
+  ("negative zero"), and a number never does (anything rounding to zero is +0). moelink's decoder
+  turns 0x8 into NaN; any other NVFP4 consumer reads a zero. Non-finite inputs do not take part
+  in either ``amax``.
+* Decode ``value(q) * (value(s) / g)`` in float32 (the block's decode multiplier is one rounded
+  division), then the output dtype. Decoders take any block scale byte.
+* Wire: payload uint8 ``[T, ceil(H/2)]``, byte i = channel 2i (low nibble) | channel 2i+1 (high
+  nibble), 0 past the end; block scales float8_e4m3fn ``[T, ceil(H/16)]``; ``g`` float32 ``[1]``
+  (4 bytes per tensor, not per token). 0.5625 bytes per element.
 
 LogFMT-nBit, n in {8, 9, 10} (per token, per tile of 128 channels)
 ------------------------------------------------------------------
@@ -111,12 +161,17 @@ against a float64 oracle, ``logfmt_encode_exact``).
 
 from __future__ import annotations
 
-from . import common, fp8, fp32, logfmt
+from . import common, fp8, fp32, logfmt, minifloat, mxfp8, nvfp4
 from .common import CODEC_GROUP
 from .fp8 import (FP8_FORMATS, FP8_SCALE_FLOOR, Fp8Format, float_to_fp8_code, fp8_code_to_float, fp8_dequantize,
                   fp8_num_groups, fp8_quantize, fp8_scale_shape, ue8m0_pack, ue8m0_unpack)
 from .logfmt import (LOGFMT_BITS, LOGFMT_HEADER_BYTES, LOGFMT_MAX_LOG2_RANGE, LogfmtLayout, logfmt_decode,
                      logfmt_encode, logfmt_encode_exact, logfmt_layout, logfmt_unpack)
+from .mxfp8 import (MXFP8_BLOCK, MXFP8_MIN_SCALE_BYTE, MXFP8_SCALE_MODES, mxfp8_dequantize, mxfp8_num_blocks,
+                    mxfp8_quantize, mxfp8_scale_bytes, mxfp8_scale_value)
+from .nvfp4 import (NVFP4_BLOCK, NVFP4_GLOBAL_NUMERATOR, NVFP4_GLOBAL_SCALE_RANGE, NVFP4_NON_FINITE,
+                    check_global_scale, float_to_fp4_code, fp4_code_to_float, nvfp4_block_scales, nvfp4_dequantize,
+                    nvfp4_global_scale, nvfp4_num_blocks, nvfp4_quantize, nvfp4_row_bytes, nvfp4_unpack)
 
 __all__ = [
     "CODEC_GROUP",
@@ -140,4 +195,26 @@ __all__ = [
     "logfmt_decode",
     "logfmt_unpack",
     "logfmt_encode_exact",
+    "MXFP8_BLOCK",
+    "MXFP8_MIN_SCALE_BYTE",
+    "MXFP8_SCALE_MODES",
+    "mxfp8_num_blocks",
+    "mxfp8_scale_bytes",
+    "mxfp8_scale_value",
+    "mxfp8_quantize",
+    "mxfp8_dequantize",
+    "NVFP4_BLOCK",
+    "NVFP4_GLOBAL_NUMERATOR",
+    "NVFP4_GLOBAL_SCALE_RANGE",
+    "NVFP4_NON_FINITE",
+    "check_global_scale",
+    "float_to_fp4_code",
+    "fp4_code_to_float",
+    "nvfp4_block_scales",
+    "nvfp4_global_scale",
+    "nvfp4_num_blocks",
+    "nvfp4_row_bytes",
+    "nvfp4_unpack",
+    "nvfp4_quantize",
+    "nvfp4_dequantize",
 ]
