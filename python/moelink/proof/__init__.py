@@ -41,12 +41,17 @@ class Report:
     def failed(self) -> List[CaseResult]:
         return [r for r in self.results if r.status == "fail"]
 
+    @property
+    def bench_failed(self) -> List[dict]:
+        """Benchmark points that failed or whose outputs after the timed replays were wrong."""
+        return [b for b in self.bench if "error" in b or b.get("check") != "ok"]
+
     def counts(self) -> dict:
         return {s: sum(r.status == s for r in self.results) for s in ("pass", "fail", "skip")}
 
     def as_json(self) -> dict:
         return {"meta": self.meta, "counts": self.counts(), "results": [dataclasses.asdict(r) for r in self.results],
-                "bench": self.bench}
+                "bench": self.bench, "bench_failed": len(self.bench_failed)}
 
     def text(self) -> str:
         lines = [f"moelink one-GPU proof: target {self.meta['target']}, seed {self.meta['seed']}"]
@@ -71,12 +76,14 @@ def _wait_timeout(target: str, module) -> float:
 
 def run_proof(target: str, ranks: Sequence[int], *, seed: Optional[int] = None, paths=None,
               only: Optional[str] = None, timeouts: bool = True, bench: bool = False,
-              log: Callable[[str], None] = print) -> Report:
+              log: Callable[[str], None] = print, backend=None, big: Optional[bool] = None) -> Report:
     """Runs every path's cases at each rank count, then (``timeouts``) the forced timeouts and a
     normal case after them, then (``bench``) the benchmark. ``only`` keeps cases whose
-    "path/case" name contains it. Never raises for a failing case: the report holds it."""
+    "path/case" name contains it. Never raises for a failing case: the report holds it.
+    ``backend`` overrides the target's (tests drive the GPU control flow on a simulated device);
+    ``big`` chooses GPU-sized cases (default: on the cuda target) or CI-sized ones."""
     seed = int(time.time()) % 100000 if seed is None else seed
-    backend = make_backend(target)
+    backend = backend or make_backend(target)
     timeout_s = _wait_timeout(target, backend.module)
     meta = {"target": target, "seed": seed, "ranks": list(ranks), "wait_timeout_s": timeout_s,
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": list(os.getloadavg())}
@@ -88,7 +95,7 @@ def run_proof(target: str, ranks: Sequence[int], *, seed: Optional[int] = None, 
     index = 0
     try:
         for num_ranks in ranks:
-            group = RankGroup(backend, num_ranks, wait_s)
+            group = RankGroup(backend, num_ranks, wait_s, big=big)
             try:
                 for path in (paths or PATHS):
                     planned = list(path.cases(group))

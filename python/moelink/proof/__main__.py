@@ -27,6 +27,7 @@ def _parse(argv):
     ap.add_argument("--only", default=None, help="run only cases whose 'path/case' contains this text")
     ap.add_argument("--no-timeouts", action="store_true", help="skip the forced timeouts")
     ap.add_argument("--bench", action="store_true", help="also run the benchmark (GPU only)")
+    ap.add_argument("--small", action="store_true", help="CI-sized cases also on the GPU (a quick smoke run)")
     ap.add_argument("--out", default=None, help="folder for proof-<target>.txt/.json")
     return ap.parse_args(argv)
 
@@ -58,7 +59,8 @@ def main(argv=None) -> int:
         return 3
     from . import run_proof
     report = run_proof(target, ranks, seed=args.seed, only=args.only, timeouts=not args.no_timeouts,
-                       bench=args.bench and target == "cuda", log=lambda line: print(line, flush=True))
+                       bench=args.bench and target == "cuda", big=False if args.small else None,
+                       log=lambda line: print(line, flush=True))
     text = report.text()
     print(text.splitlines()[-1], flush=True)
     if args.out:
@@ -67,7 +69,9 @@ def main(argv=None) -> int:
         (out / f"proof-{target}.txt").write_text(text + "\n")
         (out / f"proof-{target}.json").write_text(json.dumps(report.as_json(), indent=1, default=str) + "\n")
         print(f"moelink.proof: wrote {out / f'proof-{target}.txt'} and .json", flush=True)
-    return 1 if report.failed else 0
+    if report.bench_failed:
+        print(f"moelink.proof: {len(report.bench_failed)} benchmark point(s) failed", flush=True)
+    return 1 if report.failed or report.bench_failed else 0
 
 
 if __name__ == "__main__":

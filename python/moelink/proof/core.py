@@ -64,8 +64,11 @@ class RankGroup:
 
     WINDOW_ALIGN = 1 << 12
 
-    def __init__(self, backend: Backend, num_ranks: int, wait_s: float):
+    def __init__(self, backend: Backend, num_ranks: int, wait_s: float, big: Optional[bool] = None):
         self.backend = backend
+        # GPU-sized cases (thousands of tokens, DeepSeek's hidden) or CI-sized ones; GPU-sized by
+        # default on the cuda target only.
+        self.big = backend.target == "cuda" if big is None else big
         self.num_ranks = num_ranks
         self.wait_s = wait_s  # host deadline of one phase (well past the device deadline)
         self._windows: Dict[str, tuple] = {}  # kind -> (Mem, stride, [bases])

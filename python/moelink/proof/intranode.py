@@ -40,31 +40,31 @@ def _sms(group: RankGroup, requested) -> int:
 
 
 def cases(group: RankGroup) -> List[Case]:
-    r, gpu = group.num_ranks, group.target == "cuda"
-    n = 2048 if gpu else 96
+    r, gpu, big = group.num_ranks, group.target == "cuda", group.big
+    n = 2048 if big else 96
     w_small = 4 if r > 4 else 2  # host: W < R at 4 ranks (several peers per warp)
     c = [
-        Case("random-bf16", dict(tokens=n, hidden=1024 if gpu else 128, topk=8, experts_per_rank=4, num_sms="fit",
+        Case("random-bf16", dict(tokens=n, hidden=1024 if big else 128, topk=8, experts_per_rank=4, num_sms="fit",
                                  exact=True)),
         Case("deepseek-shape", dict(tokens=n, hidden=7168, topk=8, experts_per_rank=8, num_sms="fit", exact=True,
                                     max_tokens=True)),
-        Case("wrap-tiny-queues", dict(tokens=4 * n if gpu else 200, hidden=256 if gpu else 64, topk=4,
-                                      experts_per_rank=2, num_sms=2 if not gpu else 4, queue=r, send_chunk=1,
+        Case("wrap-tiny-queues", dict(tokens=4 * n if big else 200, hidden=256 if big else 64, topk=4,
+                                      experts_per_rank=2, num_sms=4 if big else 2, queue=r, send_chunk=1,
                                       sub_channels=1, exact=True, min_wraps=8)),
-        Case("maps-one-sub-channel", dict(tokens=n, hidden=512 if gpu else 64, topk=6, experts_per_rank=3, num_sms="fit",
+        Case("maps-one-sub-channel", dict(tokens=n, hidden=512 if big else 64, topk=6, experts_per_rank=3, num_sms="fit",
                                           sub_channels=1, exact=True)),
-        Case("fp8-payload", dict(tokens=n, hidden=2048 if gpu else 256, topk=8, experts_per_rank=2, num_sms="fit",
+        Case("fp8-payload", dict(tokens=n, hidden=2048 if big else 256, topk=8, experts_per_rank=2, num_sms="fit",
                                  fp8=True, exact=True)),
-        Case("worst-cached-align", dict(tokens=n, hidden=256 if gpu else 64, topk=4, experts_per_rank=2, num_sms="fit",
+        Case("worst-cached-align", dict(tokens=n, hidden=256 if big else 64, topk=4, experts_per_rank=2, num_sms="fit",
                                         worst=True, cached=True, expert_alignment=128, exact=True)),
-        Case("skew-empty-bias", dict(tokens=n, hidden=256 if gpu else 64, topk=8, experts_per_rank=4, num_sms="fit",
+        Case("skew-empty-bias", dict(tokens=n, hidden=256 if big else 64, topk=8, experts_per_rank=4, num_sms="fit",
                                      skew=True, empty_rank=True, bias="pair", exact=False)),
     ]
     if not gpu:
         c.append(Case("maps-few-warps", dict(tokens=n, hidden=64, topk=4, experts_per_rank=2, num_sms=2,
                                              block_warps=w_small, queue=16, exact=True)))
     else:
-        c.append(Case("sms-2", dict(tokens=n // 2, hidden=1024, topk=8, experts_per_rank=4, num_sms=2, exact=True)))
+        c.append(Case("sms-2", dict(tokens=n // 2, hidden=1024 if big else 128, topk=8, experts_per_rank=4, num_sms=2, exact=True)))
     return c
 
 

@@ -14,7 +14,7 @@ name = "layout"
 
 
 def cases(group: RankGroup):
-    big = group.target == "cuda"
+    big = group.big
     ranks = group.num_ranks
     out = [
         Case("int64-one-node", dict(tokens=4096 if big else 300, topk=8, experts_per_rank=4, dtype="int64",
