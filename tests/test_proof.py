@@ -184,3 +184,15 @@ def test_abort_binding_without_a_gpu():
     cuda.abort.raise_if_aborted("x")  # nothing recorded: no error
     with pytest.raises(errors.GPUUnavailable, match="no usable CUDA device"):
         cuda.proof.malloc(16)
+
+
+@pytest.mark.skipif(_backend.cuda_available(), reason="a GPU is usable here")
+def test_device_check_says_plainly_that_there_is_no_gpu(tmp_path):
+    """tools/device_check.sh without a GPU: the inventory, a clear 'no GPU' and exit status 2, the
+    summary written; nothing built or run."""
+    proc = subprocess.run(["bash", os.path.join(ROOT, "tools", "device_check.sh"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHON=sys.executable))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no GPU on this machine" in proc.stdout and "GPU: none" in proc.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == [] and "torch" in summary["inventory"]

@@ -3,8 +3,8 @@
     python -m moelink.proof --target cuda --ranks 2,4,8 --bench --out device-results
     python -m moelink.proof --target host --ranks 2,4
 
-Writes <out>/proof-<target>.txt and <out>/proof-<target>.json (when --out is given) and prints
-the text as it goes. Exit status: 0 all passed, 1 a case failed, 2 the target is unavailable
+Writes <out>/proof-<target>.txt and <out>/proof-<target>.json (bench-<target>.* with
+--bench-only) when --out is given, and prints the text as it goes. Exit status: 0 all passed, 1 a case failed, 2 the target is unavailable
 (no GPU: the message says why), 3 bad arguments.
 """
 
@@ -27,6 +27,7 @@ def _parse(argv):
     ap.add_argument("--only", default=None, help="run only cases whose 'path/case' contains this text")
     ap.add_argument("--no-timeouts", action="store_true", help="skip the forced timeouts")
     ap.add_argument("--bench", action="store_true", help="also run the benchmark (GPU only)")
+    ap.add_argument("--bench-only", action="store_true", help="only the benchmark (writes bench-<target>.txt/.json)")
     ap.add_argument("--small", action="store_true", help="CI-sized cases also on the GPU (a quick smoke run)")
     ap.add_argument("--out", default=None, help="folder for proof-<target>.txt/.json")
     return ap.parse_args(argv)
@@ -58,17 +59,19 @@ def main(argv=None) -> int:
         print(f"moelink.proof: --ranks expects counts >= 1, got {args.ranks!r}", file=sys.stderr)
         return 3
     from . import run_proof
-    report = run_proof(target, ranks, seed=args.seed, only=args.only, timeouts=not args.no_timeouts,
-                       bench=args.bench and target == "cuda", big=False if args.small else None,
+    bench = (args.bench or args.bench_only) and target == "cuda"
+    report = run_proof(target, [] if args.bench_only else ranks, seed=args.seed, only=args.only,
+                       timeouts=not args.no_timeouts, bench=bench, big=False if args.small else None,
                        log=lambda line: print(line, flush=True))
     text = report.text()
     print(text.splitlines()[-1], flush=True)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"proof-{target}.txt").write_text(text + "\n")
-        (out / f"proof-{target}.json").write_text(json.dumps(report.as_json(), indent=1, default=str) + "\n")
-        print(f"moelink.proof: wrote {out / f'proof-{target}.txt'} and .json", flush=True)
+        stem = f"{'bench' if args.bench_only else 'proof'}-{target}"
+        (out / f"{stem}.txt").write_text(text + "\n")
+        (out / f"{stem}.json").write_text(json.dumps(report.as_json(), indent=1, default=str) + "\n")
+        print(f"moelink.proof: wrote {out / stem}.txt and .json", flush=True)
     if report.bench_failed:
         print(f"moelink.proof: {len(report.bench_failed)} benchmark point(s) failed", flush=True)
     return 1 if report.failed or report.bench_failed else 0

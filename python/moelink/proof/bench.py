@@ -115,7 +115,11 @@ def _point(group: RankGroup, tokens: int, hidden: int, topk: int, experts: int, 
                               max_tokens=True, exact=True), seed=1234 + R)
     xs, idx, weights, _ = _inputs(case, R)
     want = reference.intranode_dispatch(xs, idx, experts, weights)
-    expected = reference.intranode_combine([w.recv_x for w in want], want, [x.shape[0] for x in xs])
+    # The experts return the rows they received, so token t comes back as x[t] times the number of
+    # ranks it went to: at most 8 copies of one bf16 value, whose float32 sum is exact, so this is
+    # the reference's combine bit for bit (and cheap enough for 8 ranks of 4096 x 7168).
+    expected = [(x.float() * reference.dispatch_layout(i, experts, R).is_token_in_rank.sum(1, keepdim=True)).to(torch.bfloat16)
+                for x, i in zip(xs, idx)]
     queue, chunk, W = 256, 6, im.GPU_BLOCK_WARPS
     rows_out: List[dict] = []
     with group.scratch() as mem:
@@ -179,7 +183,7 @@ def _timed(group, mem, k, want, expected, R, hidden, topk, experts, tokens, num_
         if op == "dispatch":
             ok = all(torch.equal(k[r]["rx"].get(), want[r].recv_x) for r in range(R))
         else:
-            ok = all(_close(k[r]["out"].get(), expected[r]) for r in range(R))
+            ok = all(torch.equal(k[r]["out"].get().view(torch.int16), expected[r].view(torch.int16)) for r in range(R))
         moved = sum(w.num_recv_tokens for w in want) * hidden * 2
         rows.append(dict(op=op, ranks=R, tokens=tokens, hidden=hidden, topk=topk, experts=experts, num_sms=num_sms,
                          sub_channels=S, us=ms * 1e3, method=method, replays=REPLAYS,
@@ -187,14 +191,6 @@ def _timed(group, mem, k, want, expected, R, hidden, topk, experts, tokens, num_
                          link_gbps=sum(link) / (WARMUP + REPLAYS) / R / (ms * 1e-3) / 1e9,
                          check="ok" if ok else "MISMATCH"))
     return rows
-
-
-def _close(got, expected) -> bool:
-    try:
-        reference.assert_combine_close(got, None, expected)
-        return True
-    except AssertionError:
-        return False
 
 
 def intranode_bench(backend, log) -> List[dict]:

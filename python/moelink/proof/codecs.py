@@ -18,7 +18,7 @@ _DTYPE = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def cases(group: RankGroup):
-    tokens = 1024 if group.big else 48
+    tokens = 256 if group.big else 48  # the reference is plain torch: keep it quick
     return [
         Case("fp8-e4m3-float32", dict(codec="fp8", fmt="e4m3", scale="float32", tokens=tokens, hidden=7168)),
         Case("fp8-e5m2-ue8m0-partial", dict(codec="fp8", fmt="e5m2", scale="ue8m0", tokens=tokens, hidden=2880)),
