@@ -37,6 +37,12 @@ void check(cudaError_t err, const std::string& what) {
                                          cudaGetErrorString(err) + ")");
 }
 
+// cudaMemset on device memory and cudaMemcpy from pageable host memory may return before the
+// device has finished (the DMA from the staging buffer is still in flight); both run on the legacy
+// stream, which the harness's non-blocking streams do not wait for. Waiting for the legacy stream
+// makes them complete before a kernel on any stream can read the bytes.
+void settle(const std::string& what) { check(cudaStreamSynchronize(cudaStreamLegacy), what + " (cudaStreamSynchronize)"); }
+
 template <typename T>
 T* handle(uintptr_t h) {
   return reinterpret_cast<T*>(h);
@@ -141,18 +147,24 @@ void bind_cuda_proof(py::module_& parent) {
       py::arg("bytes"), "cudaMalloc; returns the device address (256-byte aligned).");
   m.def("free", [](uintptr_t p) { check(cudaFree(handle<void>(p)), "cudaFree"); }, py::arg("ptr"));
   m.def(
-      "memset", [](uintptr_t p, int value, size_t bytes) { check(cudaMemset(handle<void>(p), value, bytes), "cudaMemset"); },
-      py::arg("ptr"), py::arg("value"), py::arg("bytes"), "Synchronous with respect to the host.",
+      "memset",
+      [](uintptr_t p, int value, size_t bytes) {
+        check(cudaMemset(handle<void>(p), value, bytes), "cudaMemset");
+        settle("cudaMemset");
+      },
+      py::arg("ptr"), py::arg("value"), py::arg("bytes"), "Returns once the bytes are set on the device.",
       release_gil());
   m.def(
       "copy",
       [](uintptr_t dst, uintptr_t src, size_t bytes) {
-        if (bytes > 0) check(cudaMemcpy(handle<void>(dst), handle<const void>(src), bytes, cudaMemcpyDefault), "cudaMemcpy");
+        if (bytes == 0) return;
+        check(cudaMemcpy(handle<void>(dst), handle<const void>(src), bytes, cudaMemcpyDefault), "cudaMemcpy");
+        settle("cudaMemcpy");
       },
       py::arg("dst"), py::arg("src"), py::arg("bytes"),
       "cudaMemcpy with cudaMemcpyDefault (unified addressing picks the direction): device memory and host "
-      "memory (a CPU tensor's data_ptr()) in any combination. Waits for the legacy stream, not for the "
-      "non-blocking streams the harness launches on: synchronise those first.",
+      "memory (a CPU tensor's data_ptr()) in any combination; returns once the bytes are in place. It "
+      "does not wait for the non-blocking streams the harness launches on: synchronise those first.",
       release_gil());
 
   // ---- streams and events ----

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from ..errors import CudaError
 from .backend import Backend, Mem, check_coresident
 
 __all__ = ["Case", "CaseResult", "Skip", "RankGroup", "run_case"]
@@ -121,9 +122,15 @@ class RankGroup:
         (naming the rank) if any failed. On the GPU the step is first probed: grids that cannot be
         co-resident are refused with a message (they would wait on each other forever)."""
         if check_fit and self.target == "cuda":
-            kernels = self.backend.probe(launchers)
-            self.coresidency[name] = check_coresident(f"{name} at {self.num_ranks} ranks", kernels,
-                                                      self.backend.info["sm_count"])
+            try:
+                kernels = self.backend.probe(launchers)
+            except CudaError as exc:
+                # Stream capture refused a launch (the probe's limitation, not the kernels'): run
+                # unprobed; a grid that cannot be resident still fails, by CommTimeout.
+                self.coresidency[name] = {"probe_failed": str(exc)}
+            else:
+                self.coresidency[name] = check_coresident(f"{name} at {self.num_ranks} ranks", kernels,
+                                                          self.backend.info["sm_count"])
         errors = self.backend.run_phase(name, launchers, self.wait_s)
         failed = {r: e for r, e in errors.items() if e is not None}
         if failed:

@@ -176,6 +176,7 @@ def _run(group: RankGroup, case: Case, absent: Optional[str] = None) -> Dict:
     cnodes = [_native(group, r, c_shape, windows, counters[r]) for r in range(R)]
     V = probe.virtual_channels
     want = reference.intranode_dispatch(xs, idx, experts, weights, expert_alignment=alignment, num_worst_tokens=worst)
+    group.coresidency.clear()
     details = {"num_sms": num_sms, "block_warps": warps, "sub_channels": sub, "queue": queue,
                "capacity": probe.queue_capacity, "virtual_channels": V}
 
@@ -282,6 +283,8 @@ def _run(group: RankGroup, case: Case, absent: Optional[str] = None) -> Dict:
             else:
                 assert_combine_close(got, got_w, expected[r], context=f"rank {r}")
         details["combine_bytes"] = _check_bytes(group, plain, counts, R, 2 * hidden + 4 * topk, "combine", back=True)
+    if group.coresidency:  # GPU: each step's grids, registers, shared memory and SMs needed
+        details["coresidency"] = dict(group.coresidency)
     details["summary"] = (f"sms={num_sms} W={warps} S={sub} cap={probe.queue_capacity} wraps={details['max_wraps']:.1f} "
                           f"rows={sum(w.num_recv_tokens for w in want)}")
     return details
