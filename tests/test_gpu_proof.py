@@ -22,7 +22,8 @@ from moelink import _backend
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not _backend.cuda_available(), reason="needs a GPU and moelink's CUDA extension")]
 
-PYTHON_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+# Where this process imports moelink from (the source tree in place, or site-packages).
+PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(_backend.__file__)))
 
 
 def _env(timeout_s: str) -> dict:

@@ -15,13 +15,16 @@ import threading
 import pytest
 import torch
 
+import moelink
 import moelink.proof as proof
 from moelink import _backend, _host, errors, runtime
 from moelink.proof import bench
 from moelink.proof.backend import Backend, CudaBackend, check_coresident
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PYTHON_DIR = os.path.join(ROOT, "python")
+# Where this process imports moelink from (the source tree in place, site-packages in CI): the CLI
+# subprocesses must run the same build.
+PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(moelink.__file__)))
 
 
 def _seed() -> int:
