@@ -30,6 +30,8 @@ void bind_intranode(py::module_& m);
 void bind_internode(py::module_& m);
 void bind_layout(py::module_& m);
 void bind_nccl(py::module_& m);  // cuda_nccl.cpp: GPU only, not a bind_*.cpp
+void bind_cuda_abort(py::module_& m);  // cuda_abort.cpp: the GPU AbortRecord
+void bind_cuda_proof(py::module_& m);  // cuda_proof.cpp: the one-GPU proof's streams and memory
 void bind_selftest(py::module_& m);
 
 namespace {
@@ -84,4 +86,6 @@ PYBIND11_MODULE(_cuda, m) {
   bind_internode(m);
   bind_codecs(m);
   bind_nccl(m);
+  bind_cuda_abort(m);
+  bind_cuda_proof(m);
 }
