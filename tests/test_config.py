@@ -134,8 +134,12 @@ def test_hint_argument_checks():
     with pytest.raises(errors.InvalidArgument, match="ranks_per_node"):
         c.get_nvl_buffer_size_hint(1024, 8, ranks_per_node=0)
     assert c.get_rdma_buffer_size_hint(1024, 8) == 0
-    with pytest.raises(NotImplementedError):
-        c.get_rdma_buffer_size_hint(1024, 16, ranks_per_node=8)
+    two_nodes = c.get_rdma_buffer_size_hint(1024, 16, ranks_per_node=8)
+    assert two_nodes > c.get_rdma_buffer_size_hint(512, 16, ranks_per_node=8) > 0
+    assert c.get_rdma_buffer_size_hint(1024, 16, ranks_per_node=4) > two_nodes  # more nodes, more queues
+    assert c.get_nvl_buffer_size_hint(1024, 16, ranks_per_node=8) >= c.get_nvl_buffer_size_hint(1024, 8)
+    with pytest.raises(errors.InvalidArgument, match="ranks_per_node: expected a divisor of num_ranks = 16"):
+        c.get_rdma_buffer_size_hint(1024, 16, ranks_per_node=3)
 
 
 CPP_PROGRAM = r"""

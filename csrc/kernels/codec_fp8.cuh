@@ -145,7 +145,7 @@ MOELINK_CODEC_INLINE void store_fp8_scale(const Fp8QuantizeArgs& args, int64_t t
 }
 
 template <Fp8Format F, Fp8ScaleFormat S>
-MOELINK_CODEC_KERNEL void fp8_quantize_kernel(Fp8QuantizeArgs args) {
+MOELINK_CODEC_KERNEL void MOELINK_LAUNCH_BOUNDS(kThreads) fp8_quantize_kernel(Fp8QuantizeArgs args) {
   const int64_t groups = num_groups(args.hidden);
   const size_t elem = element_bytes(args.x_dtype);
   const auto x_row = [&](int64_t token) MOELINK_CODEC_LAMBDA { return static_cast<const char*>(args.x) + token * args.x_row_stride * elem; };
@@ -186,7 +186,7 @@ MOELINK_CODEC_INLINE float load_fp8_scale(const Fp8DequantizeArgs& args, int64_t
 }
 
 template <Fp8Format F, Fp8ScaleFormat S>
-MOELINK_CODEC_KERNEL void fp8_dequantize_kernel(Fp8DequantizeArgs args) {
+MOELINK_CODEC_KERNEL void MOELINK_LAUNCH_BOUNDS(kThreads) fp8_dequantize_kernel(Fp8DequantizeArgs args) {
   const size_t elem = element_bytes(args.out_dtype);
   const auto out_row = [&](int64_t token) MOELINK_CODEC_LAMBDA { return static_cast<char*>(args.out) + token * args.out_row_stride * elem; };
   for_each_tile(

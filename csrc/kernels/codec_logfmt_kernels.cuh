@@ -12,7 +12,7 @@ namespace moelink::kernels::codec {
 // ---- standalone kernels -----------------------------------------------------------------------
 
 template <int kBits>
-MOELINK_CODEC_KERNEL void logfmt_encode_kernel(LogfmtEncodeArgs args) {
+MOELINK_CODEC_KERNEL void MOELINK_LAUNCH_BOUNDS(kThreads) logfmt_encode_kernel(LogfmtEncodeArgs args) {
   const LogfmtRowLayout layout = logfmt_row_layout(args.hidden, kBits);
   const size_t elem = element_bytes(args.x_dtype);
   const auto x_row = [&](int64_t token) MOELINK_CODEC_LAMBDA { return static_cast<const char*>(args.x) + token * args.x_row_stride * elem; };
@@ -51,7 +51,7 @@ MOELINK_CODEC_KERNEL void logfmt_encode_kernel(LogfmtEncodeArgs args) {
 }
 
 template <int kBits>
-MOELINK_CODEC_KERNEL void logfmt_decode_kernel(LogfmtDecodeArgs args) {
+MOELINK_CODEC_KERNEL void MOELINK_LAUNCH_BOUNDS(kThreads) logfmt_decode_kernel(LogfmtDecodeArgs args) {
   const LogfmtRowLayout layout = logfmt_row_layout(args.hidden, kBits);
   const size_t elem = element_bytes(args.out_dtype);
   const auto out_row = [&](int64_t token) MOELINK_CODEC_LAMBDA { return static_cast<char*>(args.out) + token * args.out_row_stride * elem; };

@@ -108,7 +108,7 @@ MOELINK_CODEC_INLINE void mxfp8_dequantize_block(const uint8_t* q, int count, ui
 // ---- standalone kernels -----------------------------------------------------------------------
 
 template <Mxfp8ScaleMode M>
-MOELINK_CODEC_KERNEL void mxfp8_quantize_kernel(Mxfp8QuantizeArgs args) {
+MOELINK_CODEC_KERNEL void MOELINK_LAUNCH_BOUNDS(kThreads) mxfp8_quantize_kernel(Mxfp8QuantizeArgs args) {
   const size_t elem = element_bytes(args.x_dtype);
   const auto x_row = [&](int64_t token) MOELINK_CODEC_LAMBDA { return static_cast<const char*>(args.x) + token * args.x_row_stride * elem; };
   for_each_tile(
@@ -144,7 +144,7 @@ MOELINK_CODEC_KERNEL void mxfp8_quantize_kernel(Mxfp8QuantizeArgs args) {
 
 // A template only so that a header may define it in every translation unit that includes it.
 template <typename = void>
-MOELINK_CODEC_KERNEL void mxfp8_dequantize_kernel(Mxfp8DequantizeArgs args) {
+MOELINK_CODEC_KERNEL void MOELINK_LAUNCH_BOUNDS(kThreads) mxfp8_dequantize_kernel(Mxfp8DequantizeArgs args) {
   const size_t elem = element_bytes(args.out_dtype);
   const auto out_row = [&](int64_t token) MOELINK_CODEC_LAMBDA { return static_cast<char*>(args.out) + token * args.out_row_stride * elem; };
   for_each_tile(

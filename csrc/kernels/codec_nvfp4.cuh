@@ -133,7 +133,7 @@ MOELINK_CODEC_INLINE void nvfp4_dequantize_block(const uint8_t* packed, int coun
 
 // A template only so that a header may define it in every translation unit that includes it.
 template <typename = void>
-MOELINK_CODEC_KERNEL void nvfp4_quantize_kernel(Nvfp4QuantizeArgs args) {
+MOELINK_CODEC_KERNEL void MOELINK_LAUNCH_BOUNDS(kThreads) nvfp4_quantize_kernel(Nvfp4QuantizeArgs args) {
   const size_t elem = element_bytes(args.x_dtype);
   const float g = *args.global_scale;
   const auto x_row = [&](int64_t token) MOELINK_CODEC_LAMBDA { return static_cast<const char*>(args.x) + token * args.x_row_stride * elem; };
@@ -163,7 +163,7 @@ MOELINK_CODEC_KERNEL void nvfp4_quantize_kernel(Nvfp4QuantizeArgs args) {
 
 // A template only so that a header may define it in every translation unit that includes it.
 template <typename = void>
-MOELINK_CODEC_KERNEL void nvfp4_dequantize_kernel(Nvfp4DequantizeArgs args) {
+MOELINK_CODEC_KERNEL void MOELINK_LAUNCH_BOUNDS(kThreads) nvfp4_dequantize_kernel(Nvfp4DequantizeArgs args) {
   const size_t elem = element_bytes(args.out_dtype);
   const float g = *args.global_scale;
   const auto out_row = [&](int64_t token) MOELINK_CODEC_LAMBDA { return static_cast<char*>(args.out) + token * args.out_row_stride * elem; };

@@ -100,6 +100,9 @@ class ScaleOutWindows:
         return self.windows.counters()
 
     def reset_counters(self) -> None:
+        """Zeroes the byte counters once the NIC delivered what earlier calls posted (so that their
+        last puts are not counted against the next call)."""
+        self.wait_idle()
         self.windows.reset_counters()
 
     def close(self) -> None:
