@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 
 __all__ = ["Row", "Mode", "MODE_MODULES", "all_modes", "get_mode"]
 
-MODE_MODULES = ("intranode",)  # "internode", "low_latency": added with their modules
+MODE_MODULES = ("intranode", "internode")
 
 
 @dataclasses.dataclass(frozen=True)
