@@ -13,6 +13,9 @@
 
 namespace moelink::kernels::internode {
 
+// Messages a forwarder warp reads between reports of its progress to the coordinator.
+constexpr int kProgressBatch = 8;
+
 MOELINK_HOST_DEVICE size_t forward_smem_bytes(const InternodeShape& s) {
   return static_cast<size_t>(s.num_nodes) * sizeof(uint64_t) * static_cast<size_t>(s.block_warps);
 }
@@ -104,8 +107,12 @@ MOELINK_DEVICE_NOINLINE void forward(const InternodeDispatchArgs& args, const In
         }
         if (lane == 0) args.forward_head[static_cast<int64_t>(first + m) * lr + j] = at;
       }
-      syncwarp();  // every lane is done with the message before the coordinator may free it
-      if (lane == 0) st_release<Scope::kBlock>(progress + static_cast<int64_t>(warp) * nodes + n, static_cast<uint64_t>(m + 1));
+      // Progress for the coordinator, every few messages (and before waiting for more): each
+      // publication costs the warp a collective, each credit a network signal.
+      if (m + 1 == count || (m + 1) % kProgressBatch == 0 || starts[n] + static_cast<uint64_t>(m) + 1 >= available) {
+        syncwarp();  // every lane is done with the messages before the coordinator may free them
+        if (lane == 0) st_release<Scope::kBlock>(progress + static_cast<int64_t>(warp) * nodes + n, static_cast<uint64_t>(m + 1));
+      }
     }
   }
   for (int i = 0; i < served; ++i) senders[i].publish();
