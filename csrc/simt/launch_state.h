@@ -123,6 +123,7 @@ class Launch {
   void back_off(unsigned idle_rounds);
   std::string describe_deadlock() const;
   std::string describe_timeout(const Fiber& expired, uint64_t now) const;
+  void record_timeout(const Fiber& expired, uint64_t now) const;  // into last_timeout()
   static unsigned bucket_of(const void* addr);
   uint64_t next_random();
 

@@ -21,6 +21,8 @@ thread_local Launch* t_launch = nullptr;
 
 namespace {
 
+thread_local TimeoutInfo t_last_timeout;
+
 constexpr unsigned kMaxThreadsPerBlock = 1024;           // as on every CUDA GPU
 constexpr size_t kMaxDynamicSmemBytes = 227 * 1024;      // Hopper's per-block opt-in maximum
 constexpr uint64_t kMinPollInterval = 256;               // dispatches between sweeps of parked waits
@@ -123,6 +125,7 @@ Launch::~Launch() {
 }
 
 void Launch::run() {
+  t_last_timeout = TimeoutInfo{};
   t_launch = this;
   t_fuzz_memory_ops = (random_ && fuzz_threshold_ > 0) ? 1 : 0;
   // The main stack only starts the first fiber; from then on each fiber that stops picks its
@@ -284,6 +287,7 @@ void Launch::poll_parked() {
       unpark(fiber);
     } else if (now - w.since_ns > timeout_ns_) {
       error_.emplace(ErrorKind::kCommTimeout, describe_timeout(*fiber, now));
+      record_timeout(*fiber, now);
       return;
     }
   }
@@ -328,6 +332,23 @@ std::string Launch::describe_timeout(const Fiber& expired, uint64_t now) const {
           arch::cmp_text(w.cmp) + " " + as_text(w.value);
   if (parked_.size() > 1) text += " (" + std::to_string(parked_.size() - 1) + " other threads were waiting too)";
   return text + " [MOELINK_TIMEOUT_S=" + std::to_string(timeout_ns_ / 1000000000.0) + "]";
+}
+
+void Launch::record_timeout(const Fiber& expired, uint64_t now) const {
+  TimeoutInfo info;
+  info.valid = true;
+  info.kernel = config_.kernel_name;
+  info.rank = config_.rank >= 0 ? config_.rank : expired.wait.site.rank;
+  info.peer = expired.wait.site.peer;
+  info.channel = expired.wait.site.channel;
+  info.what = expired.wait.site.what ? expired.wait.site.what : "?";
+  info.waited_ns = now - expired.wait.since_ns;
+  for (const Fiber* fiber : parked_) {
+    if (fiber->wait.site.peer >= 0) info.peers_waited.push_back(fiber->wait.site.peer);
+  }
+  std::sort(info.peers_waited.begin(), info.peers_waited.end());
+  info.peers_waited.erase(std::unique(info.peers_waited.begin(), info.peers_waited.end()), info.peers_waited.end());
+  t_last_timeout = std::move(info);
 }
 
 void Launch::fail(ErrorKind kind, const std::string& message) {
@@ -419,6 +440,8 @@ void* static_smem(const void* site, size_t bytes, size_t align) {
   block.static_smem.emplace_back(site, storage);
   return storage;
 }
+
+TimeoutInfo last_timeout() { return t_last_timeout; }
 
 uint64_t now_ns() {
   timespec ts;

@@ -47,19 +47,27 @@ class Buffer:
             raise argument_error(InvalidType, "group", "a torch.distributed ProcessGroup", type(group).__name__)
         self.group = group
         self.rank, self.group_size = group.rank(), group.size()
-        self.num_nvl_bytes = _validate.integer("num_nvl_bytes", num_nvl_bytes, minimum=1)
-        self.num_rdma_bytes = _validate.integer("num_rdma_bytes", num_rdma_bytes, minimum=0)
-        self.low_latency_mode = bool(low_latency_mode)
-        self.explicitly_destroy = bool(explicitly_destroy)
-        self.ranks_per_node = self.group_size if ranks_per_node is None else ranks_per_node
-        _validate.integer("ranks_per_node", self.ranks_per_node, minimum=1)
-        if self.num_rdma_bytes > 0 or self.low_latency_mode or self.ranks_per_node != self.group_size:
-            raise InvalidArgument("Buffer: only the intranode normal mode exists so far (num_rdma_bytes=0, "
-                                  "low_latency_mode=False, one node); internode and low-latency are not implemented")
         if dist.get_backend(group) != "gloo":
             raise GPUUnavailable(f"group: moelink's GPU transport (NCCL windows) is not built yet; the host target "
                                  f"needs a gloo group, got backend '{dist.get_backend(group)}'")
-        self._windows = bootstrap_host_windows(group, self.num_nvl_bytes, ranks_per_node=self.ranks_per_node)
+        # Argument errors travel in the bootstrap's first exchange: every rank raises, none waits.
+        error = None
+        try:
+            self.num_nvl_bytes = _validate.integer("num_nvl_bytes", num_nvl_bytes, minimum=1)
+            self.num_rdma_bytes = _validate.integer("num_rdma_bytes", num_rdma_bytes, minimum=0)
+            self.low_latency_mode = bool(low_latency_mode)
+            self.explicitly_destroy = bool(explicitly_destroy)
+            self.ranks_per_node = self.group_size if ranks_per_node is None else ranks_per_node
+            _validate.integer("ranks_per_node", self.ranks_per_node, minimum=1)
+            if self.num_rdma_bytes > 0 or self.low_latency_mode or self.ranks_per_node != self.group_size:
+                raise InvalidArgument("Buffer: only the intranode normal mode exists so far (num_rdma_bytes=0, "
+                                      "low_latency_mode=False, one node); internode and low-latency are not implemented")
+        except MoelinkError as exc:
+            error = exc
+        self._windows = bootstrap_host_windows(
+            group, self.num_nvl_bytes if error is None else 1, ranks_per_node=None if error else self.ranks_per_node,
+            agree=None if error else dict(num_rdma_bytes=self.num_rdma_bytes, low_latency_mode=self.low_latency_mode),
+            local_error=error)
         self._window_table = torch.tensor(self._windows.node_window_ptrs(), dtype=torch.int64)
         self._nvl_counter = self._windows.counter_ptr("nvl")
         self._epoch = 0
@@ -91,9 +99,12 @@ class Buffer:
         return _intranode.Node(rank=self.rank, num_ranks=self.group_size, window_table=self._window_table,
                                window_bytes=self.num_nvl_bytes, epoch=self._epoch, nvl_counter=self._nvl_counter)
 
-    def _poison(self, op: str, exc: BaseException) -> None:
+    def _poison(self, op: str, exc: BaseException) -> BaseException:
+        """Marks the Buffer unusable and returns the exception to raise: the windows publish this
+        rank's failure and, for a CommTimeout, name the root cause (moelink._host_windows)."""
         self._unusable = (f"{op} (operation {self._epoch}) failed with {type(exc).__name__}, and peers may be "
                           f"mid-operation on the shared windows; create a new Buffer. Cause: {exc}")
+        return self._windows.explain_failure(exc, sequence=self._epoch)
 
     # ---- configuration ---------------------------------------------------------------------------
 
@@ -158,8 +169,7 @@ class Buffer:
         try:
             recv_x, recv_topk_idx, recv_topk_weights, handle = _intranode.dispatch(node, call)
         except MoelinkError as exc:
-            self._poison("dispatch", exc)
-            raise
+            raise self._poison("dispatch", exc)
         # With num_worst_tokens the GPU path never brings the counts to the host (that is the point
         # of the mode), so, as in DeepEP, the list is empty on every target.
         per_expert = [] if num_worst_tokens else handle.num_recv_tokens_per_expert_list
@@ -180,8 +190,7 @@ class Buffer:
         try:
             combined_x, combined_topk_weights = _intranode.combine(node, call)
         except MoelinkError as exc:
-            self._poison("combine", exc)
-            raise
+            raise self._poison("combine", exc)
         return combined_x, combined_topk_weights, EventOverlap()
 
     # ---- diagnostics -----------------------------------------------------------------------------
