@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "runtime/errors.h"
+#include "simt/fiber_sanitizer.h"
 #include "simt/runtime.h"
 
 namespace moelink::simt {
@@ -49,6 +50,7 @@ struct Fiber {
 
   uint64_t collective_result = 0;  // written by the lane that completes a warp collective
   int blocked_barrier = -1;        // barrier id while blocked on a barrier, for diagnostics
+  sanitizer::Context san;          // ASan/TSan view of this fiber (empty in normal builds)
 };
 
 // One warp collective that some lanes of `mask` have reached.
@@ -105,6 +107,8 @@ class Launch {
   [[noreturn]] void finish_current();
   void fuzz_point();
   std::string where(const Fiber& fiber) const;  // "kernel 'x' rank 0 block 1 thread 3"
+  // For the first fiber to start: where the launching thread's stack bounds go (once), else null.
+  sanitizer::Context* thread_context_to_capture();
 
   const LaunchConfig& config() const { return config_; }
   bool poisons_shared_memory() const { return random_; }
@@ -116,7 +120,7 @@ class Launch {
   void push_runnable(Fiber* fiber);
   Fiber* pop_runnable();
   Fiber* next_fiber();  // nullptr: the launch finished or failed
-  void enter(Fiber* fiber, void** save_sp);
+  void enter(Fiber* fiber, void** save_sp, Fiber* from);  // from: nullptr = the launching thread
   void unpark(Fiber* fiber);
   void drain_dirty_buckets();
   void poll_parked();
@@ -145,6 +149,8 @@ class Launch {
 
   Fiber* current_ = nullptr;
   void* scheduler_sp_ = nullptr;  // run()'s own stack while fibers run
+  sanitizer::Context thread_san_;  // the launching thread as the sanitizers see it
+  bool capture_thread_stack_ = false;
   std::optional<Error> error_;
 
   bool random_ = false;

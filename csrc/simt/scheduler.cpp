@@ -30,6 +30,7 @@ constexpr uint64_t kMinPollInterval = 256;               // dispatches between s
 // Fresh fibers start here, on their own stack.
 void fiber_entry() {
   Launch* launch = t_launch;
+  sanitizer::started(launch->thread_context_to_capture());
   std::string failure;
   try {
     launch->body(launch->body_arg);
@@ -111,12 +112,14 @@ Launch::Launch(const LaunchConfig& config, void (*body_fn)(void*), void* arg)
     fiber.block = &blocks_[b];
     fiber.stack_low = stacks_[i];
     fiber.sp = prepare_stack(fiber.stack_low, stack_size, i, &fiber_entry);
+    sanitizer::create(fiber.san, fiber.stack_low, stack_size);
     runq_.push_back(&fiber);
   }
   live_ = fibers_.size();
 }
 
 Launch::~Launch() {
+  for (Fiber& fiber : fibers_) sanitizer::destroy(fiber.san);
   for (Block& block : blocks_) {
     std::free(block.dynamic_smem);
     for (auto& entry : block.static_smem) std::free(entry.second);
@@ -131,8 +134,10 @@ void Launch::run() {
   // The main stack only starts the first fiber; from then on each fiber that stops picks its
   // successor and switches to it directly. Control comes back here once every fiber finished,
   // or a failure stopped the launch.
+  sanitizer::adopt_thread(thread_san_);
+  capture_thread_stack_ = true;
   if (Fiber* first = next_fiber()) {
-    enter(first, &scheduler_sp_);
+    enter(first, &scheduler_sp_, nullptr);
   }
   t_launch = nullptr;
   t_identity = nullptr;
@@ -172,11 +177,20 @@ Fiber* Launch::next_fiber() {
   return nullptr;
 }
 
-void Launch::enter(Fiber* fiber, void** save_sp) {
+void Launch::enter(Fiber* fiber, void** save_sp, Fiber* from) {
   current_ = fiber;
   fiber->state = FiberState::kRunning;
   t_identity = &fiber->id;
+  sanitizer::Context& self = from != nullptr ? from->san : thread_san_;
+  sanitizer::before_switch(self, from != nullptr && from->state == FiberState::kDone, fiber->san);
   moelink_simt_switch(save_sp, fiber->sp);
+  sanitizer::resumed(self);  // `from` again (a finished fiber never gets here)
+}
+
+sanitizer::Context* Launch::thread_context_to_capture() {
+  if (!capture_thread_stack_) return nullptr;
+  capture_thread_stack_ = false;
+  return &thread_san_;
 }
 
 void Launch::suspend() {
@@ -194,10 +208,12 @@ void Launch::suspend() {
     return;
   }
   if (next == nullptr) {
-    moelink_simt_switch(&self->sp, scheduler_sp_);  // finished or failed: back to run()
+    // Finished or failed: back to run(), and no fiber of this launch ever resumes.
+    sanitizer::before_switch(self->san, /*from_exits=*/true, thread_san_);
+    moelink_simt_switch(&self->sp, scheduler_sp_);
     return;
   }
-  enter(next, &self->sp);
+  enter(next, &self->sp, self);
   // Resumed: whoever switched here has made this fiber current again.
 }
 
