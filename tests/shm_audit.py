@@ -12,10 +12,12 @@ import os
 from typing import Optional
 
 
-def dev_shm_names() -> list[str]:
-    """Every moelink name in /dev/shm (there should never be one)."""
+def dev_shm_names(tag: Optional[str] = None) -> list[str]:
+    """moelink names of ``tag`` in /dev/shm (there should never be one; without a tag, every
+    moelink name, which on a shared machine includes other users' runs of older versions)."""
+    prefix = f"moelink-{tag}-" if tag else "moelink"
     try:
-        return sorted(n for n in os.listdir("/dev/shm") if n.startswith("moelink"))
+        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
     except FileNotFoundError:
         return []
 

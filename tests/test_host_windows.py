@@ -29,12 +29,12 @@ SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 def _clean(tag):
     """Nothing of ``tag`` anywhere: no name in /dev/shm, no process holding a segment."""
-    return shm_audit.dev_shm_names() == [] and shm_audit.holders(tag) == {}
+    return shm_audit.dev_shm_names(tag) == [] and shm_audit.holders(tag) == {}
 
 
 def _clean_here(tag):
     """This process holds no segment of ``tag`` and /dev/shm has no moelink name."""
-    return shm_audit.dev_shm_names() == [] and shm_audit.descriptors(tag=tag) == shm_audit.mappings(tag=tag) == []
+    return shm_audit.dev_shm_names(tag) == [] and shm_audit.descriptors(tag=tag) == shm_audit.mappings(tag=tag) == []
 
 
 # --- one process: segments -------------------------------------------------------------------
@@ -62,7 +62,7 @@ def test_segment_is_a_sealed_private_memfd_shared_by_descriptor():
         assert not seg.is_shareable and shm_audit.descriptors(tag=tag) == []
         assert ctypes.string_at(other.data_ptr, 7) == b"moelink"  # mappings outlive the descriptor
         other.close()
-        assert shm_audit.dev_shm_names() == []
+        assert shm_audit.dev_shm_names(tag) == []
     assert shm_audit.mappings(tag=tag) == [] and shm_audit.descriptors(tag=tag) == []
 
 

@@ -92,6 +92,9 @@ class RootCause:
         return f"root cause: rank {self.rank} {self.state}{via}"
 
 
+_ALIVE_ABSENT = "is alive but did not take part"
+
+
 def _process_state(pid: int) -> str:
     """What /proc says about a peer's process (same machine, same pid namespace on the host target)."""
     try:
@@ -103,7 +106,7 @@ def _process_state(pid: int) -> str:
         return f"has exited (process {pid} is a zombie)"
     if state in ("T", "t"):
         return f"is stopped (SIGSTOP or a debugger; process {pid})"
-    return f"is alive but did not take part: it never entered the operation or is stalled (process {pid})"
+    return f"{_ALIVE_ABSENT}: it never entered the operation or is stalled (process {pid})"
 
 
 class NodeWindows:
@@ -183,18 +186,33 @@ class NodeWindows:
                 out[r] = record
         return out
 
-    def root_cause(self, peer: int, grace_s: Optional[float] = None) -> RootCause:
-        """Follows the records from ``peer`` (the rank this one waited on) to the rank that waits on
-        nobody. A live, running root without a record may be a peer whose own wait expires just
-        after ours: it gets ``grace_s`` (default: a tenth of the deadline, at most 1 s) to publish."""
+    def root_cause(self, peer: int, also=(), grace_s: Optional[float] = None) -> RootCause:
+        """Follows the records from ``peer`` (the rank whose wait expired) and from the ranks in
+        ``also`` (the others this rank was waiting on) to a rank that waits on nobody. A conclusive
+        root (exited, stopped, failed on its own) wins over a live rank that published nothing;
+        such a live root may be a peer whose own wait expires just after ours, so it gets
+        ``grace_s`` (default: a tenth of the deadline, at most 1 s) to publish. Still nothing
+        conclusive: a dead or stopped rank anywhere among the mapped ones is named."""
         if grace_s is None:
             grace_s = min(1.0, 0.1 * _deadline_s()[0])
+        starts = [peer] + [p for p in also if p != peer and p != self.rank and 0 <= p < self.num_ranks]
         give_up = time.monotonic() + grace_s
         while True:
-            cause = self._follow(peer)
-            if "is alive but did not take part" not in cause.state or time.monotonic() >= give_up:
-                return cause
+            causes = [self._follow(p) for p in starts]
+            conclusive = [c for c in causes if not c.state.startswith(_ALIVE_ABSENT)]
+            if conclusive:
+                return conclusive[0]
+            if time.monotonic() >= give_up:
+                break
             time.sleep(min(0.01, grace_s))
+        for r in self.mapped_ranks():
+            if r == self.rank or r in causes[0].chain:
+                continue
+            state = _process_state(self.native.header(r)["owner_pid"])
+            if not state.startswith(_ALIVE_ABSENT):
+                return RootCause(r, (r,), f"{state}; rank {causes[0].rank}, which this rank waited on, is alive and "
+                                          "published no failure")
+        return causes[0]
 
     def _follow(self, peer: int) -> RootCause:
         chain = [peer]
@@ -220,10 +238,13 @@ class NodeWindows:
             return exc
         info = _host.simt.last_timeout() if isinstance(exc, CommTimeout) else None
         peer = info["peer"] if info and 0 <= info["peer"] < self.num_ranks else -1
-        self.publish_failure(f"{type(exc).__name__}: {exc}", peer, sequence)
-        if peer < 0 or peer == self.rank:
+        # A wait on this rank's own window (room in its own queue) says nothing: the others do.
+        waited = [p for p in ([peer] + list(info["peers_waited"] if info else [])) if 0 <= p < self.num_ranks]
+        others = [p for p in waited if p != self.rank]
+        self.publish_failure(f"{type(exc).__name__}: {exc}", others[0] if others else -1, sequence)
+        if not others:
             return exc
-        cause = self.root_cause(peer)
+        cause = self.root_cause(others[0], also=others[1:])
         return CommTimeout(f"{exc}\n  {cause.describe()}")
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -308,7 +329,8 @@ def bootstrap_host_windows(
         error = exc
     mine = dict(args=[repr(data_bytes), repr(rpn), bool(nic_maps_remote), agree or {}],
                 error=None if error is None else f"{type(error).__name__}: {error}")
-    arguments = _rendezvous.exchange(group, "arguments", mine, deadline_s, what="host windows bootstrap")
+    arguments = _rendezvous.exchange(group, "arguments", mine, deadline_s, what="host windows bootstrap",
+                                     later_steps=("publish", "map"))
     if error is not None:
         raise error
     bad = _failures(arguments, "error")
@@ -330,7 +352,7 @@ def bootstrap_host_windows(
         fault("created")
         segment = None if native is None else [native.owner_pid, native.descriptor, native.name, native.segment_bytes]
         published = _rendezvous.exchange(group, "publish", dict(segment=segment, error=error), deadline_s,
-                                         what="host windows bootstrap")
+                                         what="host windows bootstrap", later_steps=("map",))
         failures = _failures(published, "error")
         if failures:
             raise InvalidArgument("host windows: creating the segments failed on " + "; ".join(failures))

@@ -5,11 +5,13 @@ no pickle, so a peer's message can never run code here), or raises
 :class:`moelink.errors.CommTimeout` naming the step and the ranks that did not send in time. It is
 an all-to-all of point-to-point messages, not a gloo collective: a collective offers neither a
 deadline shorter than the group's timeout (30 min by default) nor a way to tell who is missing,
-whereas ``Work.wait(timeout)`` on each receive does both, per peer:
+whereas a receive per peer with a deadline does both:
 
 - a peer that never arrives (not started, stalled, stuck in an earlier step) is *missing* once the
-  deadline passes (gloo then closes the connection to it: the group is unusable afterwards, as it
-  is anyway with a rank missing);
+  deadline passes. The receives from all peers are waited for at once (a thread per peer, all
+  done by the deadline): gloo answers an expired wait by closing every connection of the group,
+  so a wait must not expire while another peer's message is still on its way. After a timeout
+  the group's connections are closed, as with any gloo timeout;
 - a peer whose process died is *lost* as soon as gloo sees the connection drop, and the step fails
   without waiting for the deadline for it.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import threading
 import time
 from typing import Any, Optional
 
@@ -43,11 +46,17 @@ _counters: dict[int, int] = {}  # id(group) -> exchanges started on it
 _abandoned: list = []  # works that were still pending when their step ended
 
 
-def next_tag_base(group) -> int:
-    """Tags for the next exchange on ``group``: every rank calls this the same number of times."""
+def next_tag_base(group, ahead: int = 0, advance: bool = True) -> int:
+    """Tags of the exchange ``ahead`` places after the next one on ``group`` (every rank runs the
+    same exchanges in the same order, so the counters agree); ``advance`` consumes the next one."""
     count = _counters.get(id(group), 0)
-    _counters[id(group)] = count + 1
-    return _TAG_BASE + (count % _TAG_SLOTS) * _TAG_STRIDE
+    if advance:
+        _counters[id(group)] = count + 1
+    return _TAG_BASE + ((count + ahead) % _TAG_SLOTS) * _TAG_STRIDE
+
+
+def _skip(group, steps: int) -> None:
+    _counters[id(group)] = _counters.get(id(group), 0) + steps
 
 
 def _prune_abandoned() -> None:
@@ -62,24 +71,28 @@ def _gloo_text(exc: BaseException) -> str:
 
 
 def _wait(work, deadline: float) -> Optional[str]:
-    """None once ``work`` completed before ``deadline``, "missing" on timeout, "lost: <why>" if the
-    connection failed."""
-    left = max(0.001, deadline - time.monotonic())
+    """None once ``work`` completed before ``deadline``, "missing" if it did not, "lost: <why>" if
+    its connection failed."""
     try:
-        work.wait(timeout=datetime.timedelta(seconds=left))
+        work.wait(timeout=datetime.timedelta(seconds=max(0.001, deadline - time.monotonic())))
         return None
     except RuntimeError as exc:  # gloo reports both as RuntimeError (DistBackendError)
         text = str(exc)
-        if "imed out" in text or "timeout" in text.lower():
+        # "Timed out waiting": this wait expired. "Application timeout caused pair closure": gloo
+        # closed every connection because another wait of this exchange expired first.
+        if "Timed out" in text or "Application timeout" in text:
             return "missing"
         return "lost: " + _gloo_text(exc)
 
 
-def exchange(group, step: str, item: Any, deadline_s: float, *, what: str = "bootstrap") -> list:
+def exchange(group, step: str, item: Any, deadline_s: float, *, what: str = "bootstrap", later_steps=()) -> list:
     """Every rank's ``item`` (JSON-serialisable), in group-rank order. Collective over ``group``.
 
     Raises CommTimeout when a peer's item did not arrive within ``deadline_s`` seconds of this
-    call, or its connection dropped; the message names ``what``, the step and those ranks."""
+    call, or its connection dropped; the message names ``what``, the step and those ranks.
+    ``later_steps``: the exchanges of the same protocol still to come. A rank that fails here
+    sends its peers, in place of its messages for those steps, the ranks it found missing: a peer
+    already waiting in a later step learns the root cause at once instead of naming this rank."""
     rank, size = group.rank(), group.size()
     tag = next_tag_base(group)
     _prune_abandoned()
@@ -92,64 +105,99 @@ def exchange(group, step: str, item: Any, deadline_s: float, *, what: str = "boo
     body_tensor = torch.frombuffer(body, dtype=torch.uint8)
     start = time.monotonic()
     deadline = start + deadline_s
-    peers = [p for p in range(size) if p != rank]
-    global_rank = {p: dist.get_global_rank(group, p) for p in peers}
     failed: dict[int, str] = {}
-    sends, header_works = [], {}
-    headers = {p: torch.zeros(2, dtype=torch.int64) for p in peers}
-    for p in peers:
+
+    def talk(p: int) -> None:
+        """Everything with peer ``p``: our message out, its message in."""
+        dst = dist.get_global_rank(group, p)
+        works = []
         try:  # gloo refuses at once to post on a connection it already closed
-            sends.append((p, dist.isend(header, global_rank[p], group=group, tag=tag)))
-            sends.append((p, dist.isend(body_tensor, global_rank[p], group=group, tag=tag + 1)))
-            header_works[p] = dist.irecv(headers[p], global_rank[p], group=group, tag=tag)
+            works.append(dist.isend(header, dst, group=group, tag=tag))
+            works.append(dist.isend(body_tensor, dst, group=group, tag=tag + 1))
+            incoming = torch.zeros(2, dtype=torch.int64)
+            works.append(dist.irecv(incoming, dst, group=group, tag=tag))
+            status = _wait(works[-1], deadline)
+            if status is None:
+                length, magic = (int(v) for v in incoming)
+                if magic != _MAGIC or not 0 < length <= 1 << 24:
+                    status = f"lost: malformed message header ({length}, {magic:#x})"
+            if status is None:
+                buffer = torch.empty(length, dtype=torch.uint8)
+                works.append(dist.irecv(buffer, dst, group=group, tag=tag + 1))
+                status = _wait(works[-1], deadline)
+            if status is None:
+                try:
+                    out[p] = json.loads(bytes(buffer.numpy()).decode())
+                except (UnicodeDecodeError, ValueError) as exc:
+                    status = f"lost: malformed message ({exc})"
+            if status is None:  # it received ours too, or its own failure will say why not
+                for work in works[:2]:
+                    _wait(work, deadline + 1.0)
         except RuntimeError as exc:
-            failed[p] = "lost: " + _gloo_text(exc)
-    bodies: dict[int, tuple] = {}
-    for p, work in header_works.items():  # post each body's receive as soon as its header is in
-        status = _wait(work, deadline)
+            status = "lost: " + _gloo_text(exc)
         if status is not None:
             failed[p] = status
-            _abandoned.append(work)
-            continue
-        length, magic = (int(v) for v in headers[p])
-        if magic != _MAGIC or not 0 < length <= 1 << 24:
-            failed[p] = f"lost: malformed message header ({length}, {magic:#x})"
-            continue
-        buffer = torch.empty(length, dtype=torch.uint8)
-        try:
-            bodies[p] = (buffer, dist.irecv(buffer, global_rank[p], group=group, tag=tag + 1))
-        except RuntimeError as exc:
-            failed[p] = "lost: " + _gloo_text(exc)
-    for p, (buffer, work) in bodies.items():
-        status = _wait(work, deadline)
-        if status is not None:
-            failed[p] = status
-            _abandoned.append(work)
-            continue
-        try:
-            out[p] = json.loads(bytes(buffer.numpy()).decode())
-        except (UnicodeDecodeError, ValueError) as exc:
-            failed[p] = f"lost: malformed message ({exc})"
-    # Peers that answered are receiving: our sends to them complete. Sends to the others cannot.
-    for p, work in sends:
-        if p in failed or _wait(work, deadline + 1.0) is not None:
-            _abandoned.append(work)
-    if failed:
-        raise CommTimeout(_describe(what, step, rank, size, failed, time.monotonic() - start, deadline_s))
+        _abandoned.extend(w for w in works if not w.is_completed())
+
+    # One thread per peer, all waiting at once: a message that arrives before the deadline is
+    # taken before any wait can expire (an expired wait makes gloo close every connection).
+    threads = [threading.Thread(target=talk, args=(p,), name=f"moelink-{what}-{step}-{p}", daemon=True)
+               for p in range(size) if p != rank]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gave_up = {p: out[p]["aborted"] for p in range(size)
+               if p != rank and isinstance(out[p], dict) and isinstance(out[p].get("aborted"), dict)}
+    if failed or gave_up:
+        missing = _root_missing(rank, failed, gave_up)
+        message = _describe(what, step, rank, size, failed, gave_up, missing, time.monotonic() - start, deadline_s)
+        _give_up(group, rank, size, step, later_steps, missing, message)
+        raise CommTimeout(message)
     return out
 
 
-def _describe(what: str, step: str, rank: int, size: int, failed: dict, elapsed: float, deadline_s: float) -> str:
-    missing = sorted(p for p, s in failed.items() if s == "missing")
+def _root_missing(rank: int, failed: dict, gave_up: dict) -> list:
+    """The ranks nobody heard from: those this rank missed or lost, and those the ranks that gave up
+    missed, less every rank known to be alive (it sent, or it gave up)."""
+    suspects = set(failed)
+    for notice in gave_up.values():
+        suspects.update(int(r) for r in notice.get("missing", []) if isinstance(r, int))
+    return sorted(suspects - set(gave_up) - {rank})
+
+
+def _give_up(group, rank: int, size: int, step: str, later_steps, missing: list, message: str) -> None:
+    """Sends every peer, as this rank's message for each later step, why it stopped here."""
+    notice = json.dumps({"aborted": {"rank": rank, "step": step, "missing": missing, "text": message[:500]}})
+    payload = bytearray(notice.encode())
+    for ahead, _ in enumerate(later_steps):
+        tag = next_tag_base(group, ahead=ahead, advance=False)
+        header = torch.tensor([len(payload), _MAGIC], dtype=torch.int64)
+        body = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        for p in range(size):
+            if p == rank:
+                continue
+            try:
+                dst = dist.get_global_rank(group, p)
+                _abandoned.append(dist.isend(header, dst, group=group, tag=tag))
+                _abandoned.append(dist.isend(body, dst, group=group, tag=tag + 1))
+            except RuntimeError:  # that connection is gone: nobody is waiting there
+                pass
+    _skip(group, len(later_steps))  # as far as the ranks that finish the protocol will be
+
+
+def _describe(what: str, step: str, rank: int, size: int, failed: dict, gave_up: dict, missing: list,
+              elapsed: float, deadline_s: float) -> str:
+    timed_out = sorted(p for p, s in failed.items() if s == "missing")
     lost = {p: s[len("lost: "):] for p, s in failed.items() if s != "missing"}
     parts = []
-    if missing:
-        parts.append(f"no message within {deadline_s:g} s from ranks {missing} (not started, stalled, or still "
+    if timed_out:
+        parts.append(f"no message within {deadline_s:g} s from ranks {timed_out} (not started, stalled, or still "
                      f"in an earlier step)")
     if lost:
         listing = "; ".join(f"rank {p}: {why}" for p, why in sorted(lost.items()))
         parts.append(f"connection lost to ranks {sorted(lost)} (process gone?): {listing}")
+    for p, notice in sorted(gave_up.items()):
+        parts.append(f"rank {p} gave up at step '{notice.get('step', '?')}', missing ranks {notice.get('missing', '?')}")
     return (f"{what} step '{step}' on rank {rank} of {size}: " + "; ".join(parts) +
-            f" (after {elapsed:.2f} s) [MOELINK_TIMEOUT_S={deadline_s:g}]; missing ranks: "
-            f"{sorted(failed)}")
-
+            f" (after {elapsed:.2f} s) [MOELINK_TIMEOUT_S={deadline_s:g}]; missing ranks: {missing}")
