@@ -85,6 +85,7 @@ class RootCause:
     rank: int
     chain: tuple
     state: str
+    conclusive: bool = True  # False: a live rank that published nothing, or a cycle of waits
 
     def describe(self) -> str:
         hops = " -> ".join(f"rank {r}" for r in self.chain)
@@ -199,36 +200,39 @@ class NodeWindows:
         give_up = time.monotonic() + grace_s
         while True:
             causes = [self._follow(p) for p in starts]
-            conclusive = [c for c in causes if not c.state.startswith(_ALIVE_ABSENT)]
+            conclusive = [c for c in causes if c.conclusive]
             if conclusive:
                 return conclusive[0]
             if time.monotonic() >= give_up:
                 break
             time.sleep(min(0.01, grace_s))
         for r in self.mapped_ranks():
-            if r == self.rank or r in causes[0].chain:
+            if r == self.rank:
                 continue
             state = _process_state(self.native.header(r)["owner_pid"])
             if not state.startswith(_ALIVE_ABSENT):
-                return RootCause(r, (r,), f"{state}; rank {causes[0].rank}, which this rank waited on, is alive and "
-                                          "published no failure")
-        return causes[0]
+                return RootCause(r, (r,), f"{state}; rank {peer}, which this rank waited on, said nothing conclusive")
+        absent = [c for c in causes if c.state.startswith(_ALIVE_ABSENT)]
+        return (absent or causes)[0]
 
     def _follow(self, peer: int) -> RootCause:
         chain = [peer]
         while True:
             current = chain[-1]
             if not self.native.is_mapped(current):
-                return RootCause(current, tuple(chain), "(its window is not mapped here, so its state is unknown)")
+                return RootCause(current, tuple(chain), "(its window is not mapped here, so its state is unknown)",
+                                 conclusive=False)
             record = self.failure(current)
             if record is None:
-                return RootCause(current, tuple(chain), _process_state(self.native.header(current)["owner_pid"]))
+                state = _process_state(self.native.header(current)["owner_pid"])
+                return RootCause(current, tuple(chain), state, conclusive=not state.startswith(_ALIVE_ABSENT))
             if record.peer < 0:
                 first = record.text.strip().splitlines()[0] if record.text.strip() else "?"
                 return RootCause(current, tuple(chain), f"failed on its own: {first[:300]}")
-            if record.peer in chain or record.peer == self.rank:
+            if record.peer in chain or record.peer == self.rank:  # leads back here: says nothing more
                 hops = chain + [record.peer]
-                return RootCause(current, tuple(chain), "waits in a cycle: " + " -> ".join(map(str, hops)))
+                return RootCause(current, tuple(chain), "waits in a cycle: " + " -> ".join(map(str, hops)),
+                                 conclusive=False)
             chain.append(record.peer)
 
     def explain_failure(self, exc: BaseException, sequence: int = 0) -> BaseException:

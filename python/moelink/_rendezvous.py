@@ -16,9 +16,8 @@ whereas a receive per peer with a deadline does both:
   without waiting for the deadline for it.
 
 Messages of one call carry tags of their own (a per-group counter every rank advances in step),
-so a late rank's messages from an abandoned step are never taken for those of a later one. Works
-that never complete (sends to a missing peer) are kept referenced until they finish, so gloo never
-writes from a freed buffer.
+so a late rank's messages from an abandoned step are never taken for those of a later one. Sends
+are released once the peer's next message proves they were received (see _unfinished_sends).
 """
 
 from __future__ import annotations
@@ -43,7 +42,16 @@ _TAG_BASE = 0x4D4C0000  # far above the small tags applications use
 _TAG_STRIDE = 8  # tags per exchange: header and body
 _TAG_SLOTS = 0x7FFF
 _counters: dict[int, int] = {}  # id(group) -> exchanges started on it
-_abandoned: list = []  # works that were still pending when their step ended
+# Sends are never waited for with a timeout (an expired gloo wait closes every connection of the
+# group, and a peer may stall between our message and its next receive). A peer's message of a
+# later exchange proves it finished the earlier ones, hence received our sends of those: they are
+# then complete, and waited for (at once) to release them. Until then they stay referenced here,
+# so gloo never reads a freed buffer: at most one exchange's sends per peer, plus the notices.
+_unfinished_sends: dict = {}  # (id(group), peer) -> [works]
+# Receives from peers that never answered, kept referenced for the same reason (bounded).
+_abandoned: list = []
+_ABANDONED_KEPT = 256
+_NOTICE_WINDOW_S = 0.25  # waits run this much past the deadline, so that notices can go out
 
 
 def next_tag_base(group, ahead: int = 0, advance: bool = True) -> int:
@@ -59,8 +67,18 @@ def _skip(group, steps: int) -> None:
     _counters[id(group)] = _counters.get(id(group), 0) + steps
 
 
-def _prune_abandoned() -> None:
-    _abandoned[:] = [w for w in _abandoned if not w.is_completed()]
+def _abandon(works) -> None:
+    _abandoned.extend(works)
+    del _abandoned[:-_ABANDONED_KEPT]
+
+
+def _release_sends(group, peer: int) -> None:
+    """``peer`` sent us a message of a newer exchange: our earlier sends to it are complete."""
+    for work in _unfinished_sends.pop((id(group), peer), []):
+        try:
+            work.wait()
+        except RuntimeError:  # its connection failed after delivery, or before (then it gave up)
+            pass
 
 
 def _gloo_text(exc: BaseException) -> str:
@@ -95,7 +113,6 @@ def exchange(group, step: str, item: Any, deadline_s: float, *, what: str = "boo
     already waiting in a later step learns the root cause at once instead of naming this rank."""
     rank, size = group.rank(), group.size()
     tag = next_tag_base(group)
-    _prune_abandoned()
     out: list = [None] * size
     out[rank] = item
     if size == 1:
@@ -105,18 +122,24 @@ def exchange(group, step: str, item: Any, deadline_s: float, *, what: str = "boo
     body_tensor = torch.frombuffer(body, dtype=torch.uint8)
     start = time.monotonic()
     deadline = start + deadline_s
-    failed: dict[int, str] = {}
+
+    # Every wait runs a little past the deadline: this rank decides at the deadline who is missing
+    # and tells its peers (below) while the connections are still open; only then can a gloo wait
+    # expire, which closes every connection of the group.
+    wait_until = deadline + _NOTICE_WINDOW_S
 
     def talk(p: int) -> None:
         """Everything with peer ``p``: our message out, its message in."""
         dst = dist.get_global_rank(group, p)
         works = []
         try:  # gloo refuses at once to post on a connection it already closed
-            works.append(dist.isend(header, dst, group=group, tag=tag))
-            works.append(dist.isend(body_tensor, dst, group=group, tag=tag + 1))
+            sends = [dist.isend(header, dst, group=group, tag=tag), dist.isend(body_tensor, dst, group=group, tag=tag + 1)]
             incoming = torch.zeros(2, dtype=torch.int64)
             works.append(dist.irecv(incoming, dst, group=group, tag=tag))
-            status = _wait(works[-1], deadline)
+            status = _wait(works[-1], wait_until)
+            if status is None:
+                _release_sends(group, p)
+            _unfinished_sends.setdefault((id(group), p), []).extend(sends)
             if status is None:
                 length, magic = (int(v) for v in incoming)
                 if magic != _MAGIC or not 0 < length <= 1 << 24:
@@ -124,35 +147,40 @@ def exchange(group, step: str, item: Any, deadline_s: float, *, what: str = "boo
             if status is None:
                 buffer = torch.empty(length, dtype=torch.uint8)
                 works.append(dist.irecv(buffer, dst, group=group, tag=tag + 1))
-                status = _wait(works[-1], deadline)
+                status = _wait(works[-1], wait_until)
             if status is None:
                 try:
-                    out[p] = json.loads(bytes(buffer.numpy()).decode())
+                    received[p] = json.loads(bytes(buffer.numpy()).decode())
                 except (UnicodeDecodeError, ValueError) as exc:
                     status = f"lost: malformed message ({exc})"
-            if status is None:  # it received ours too, or its own failure will say why not
-                for work in works[:2]:
-                    _wait(work, deadline + 1.0)
         except RuntimeError as exc:
             status = "lost: " + _gloo_text(exc)
         if status is not None:
-            failed[p] = status
-        _abandoned.extend(w for w in works if not w.is_completed())
+            failures[p] = status
+            _abandon(works)
 
-    # One thread per peer, all waiting at once: a message that arrives before the deadline is
-    # taken before any wait can expire (an expired wait makes gloo close every connection).
-    threads = [threading.Thread(target=talk, args=(p,), name=f"moelink-{what}-{step}-{p}", daemon=True)
-               for p in range(size) if p != rank]
-    for t in threads:
+    received: dict = {}
+    failures: dict = {}
+    threads = {p: threading.Thread(target=talk, args=(p,), name=f"moelink-{what}-{step}-{p}", daemon=True)
+               for p in range(size) if p != rank}
+    for t in threads.values():
         t.start()
-    for t in threads:
-        t.join()
+    for t in threads.values():
+        t.join(max(0.0, deadline - time.monotonic()))
+    # The verdict at the deadline: what arrived, what failed, who has not answered.
+    failed = {p: failures[p] for p in threads if p in failures and p not in received}
+    failed.update({p: "missing" for p, t in threads.items() if p not in received and p not in failed and t.is_alive()})
+    for p, value in received.items():
+        out[p] = value
     gave_up = {p: out[p]["aborted"] for p in range(size)
                if p != rank and isinstance(out[p], dict) and isinstance(out[p].get("aborted"), dict)}
     if failed or gave_up:
         missing = _root_missing(rank, failed, gave_up)
         message = _describe(what, step, rank, size, failed, gave_up, missing, time.monotonic() - start, deadline_s)
         _give_up(group, rank, size, step, later_steps, missing, message)
+    for t in threads.values():  # all end by wait_until: none outlives the exchange
+        t.join()
+    if failed or gave_up:
         raise CommTimeout(message)
     return out
 
@@ -179,8 +207,8 @@ def _give_up(group, rank: int, size: int, step: str, later_steps, missing: list,
                 continue
             try:
                 dst = dist.get_global_rank(group, p)
-                _abandoned.append(dist.isend(header, dst, group=group, tag=tag))
-                _abandoned.append(dist.isend(body, dst, group=group, tag=tag + 1))
+                _unfinished_sends.setdefault((id(group), p), []).extend(
+                    [dist.isend(header, dst, group=group, tag=tag), dist.isend(body, dst, group=group, tag=tag + 1)])
             except RuntimeError:  # that connection is gone: nobody is waiting there
                 pass
     _skip(group, len(later_steps))  # as far as the ranks that finish the protocol will be
