@@ -168,8 +168,9 @@ def _fault_case(ctx, victim, op, sig_name, seed):
 
     def hold(name):  # the victim never goes past its target: the signal lands in it or right after
         if ctx.rank == victim and name == op:
-            with open(death_file + ".left", "w") as f:  # when the op ended, if the signal had not landed
+            with open(death_file + ".left.tmp", "w") as f:  # when the op ended, if the signal had not landed
                 f.write(repr(time.monotonic()))
+            os.rename(death_file + ".left.tmp", death_file + ".left")  # whole or absent, wherever the signal lands
             while True:
                 time.sleep(1.0)
 
