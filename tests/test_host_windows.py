@@ -364,11 +364,11 @@ def test_sigkill_leaves_nothing(group, step):
         group.run(_killed_at, victim, step, timeout=60, grace_s=10)
     assert info.value.rank == victim
     survivors = [o for r, o in enumerate(info.value.outcomes) if r != victim]
-    if step in ("done", "in use"):
-        assert all(o == "no error" for o in survivors), info.value.outcomes  # the bootstrap had ended
-    else:
-        for o in survivors:  # every survivor sees the lost connection: a CommTimeout naming the victim
-            assert isinstance(o, dict) and f"missing ranks: [{victim}]" in o["message"] and o["held"] == [], o
+    for o in survivors:
+        if step in ("done", "in use") and o == "no error":
+            continue  # the victim's last message reached this rank before the signal
+        # Every other survivor sees the lost connection: a CommTimeout naming the victim.
+        assert isinstance(o, dict) and f"missing ranks: [{victim}]" in o["message"] and o["held"] == [], o
     group.close()
     assert _clean(group.shm_tag)
 

@@ -11,6 +11,7 @@
 // Exit status: 0 all checks passed (TSan adds its own exit code if it reported anything),
 // 1 a check or a kernel failed, 2 bad usage.
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -119,13 +120,15 @@ void run_rank(Shared& s, int rank) {
   const int channels = o.num_sms / 2, ranks = o.ranks, row_bytes = o.hidden * 2;
   const LaunchContext ctx{0, rank};
   uint64_t nvl_bytes = 0, epoch = 0;
-  if (o.plant_race) {
-    // A plain store to this rank's barrier slot in the next rank's window, which that rank's
-    // notify kernel reads with an acquire from one of its fibers: the race TSan must report.
+  if (o.plant_race && rank == 0 && ranks > 1) {
+    // A plain store to rank 0's barrier slot in rank 1's window, which rank 1's notify kernel
+    // polls with acquire loads from one of its fibers. Rank 0 then holds back its own release for
+    // a second, so rank 1 reads the plain store's value: nothing orders the two accesses, which
+    // is the race TSan must report from inside the kernel.
     const IntranodeShape shape{ranks, channels, o.queue, row_bytes, 0, o.topk, o.experts_per_rank};
-    auto* slot = reinterpret_cast<uint64_t*>(static_cast<char*>(s.windows[(rank + 1) % ranks]) +
-                                             IntranodeLayout::of(shape).barrier) + rank;
+    auto* slot = reinterpret_cast<uint64_t*>(static_cast<char*>(s.windows[1]) + IntranodeLayout::of(shape).barrier);
     *slot = 0;
+    std::this_thread::sleep_for(std::chrono::seconds(1));
   }
   for (int iteration = 0; iteration < o.iterations; ++iteration) {
     // notify
