@@ -159,6 +159,9 @@ class Launch {
   uint64_t timeout_ns_ = 0;
 };
 
+// Clears last_timeout() for the launch starting on this thread (diagnostics.cpp).
+void reset_last_timeout();
+
 // The launch running on this OS thread (nullptr outside a launch).
 extern thread_local Launch* t_launch __attribute__((tls_model("initial-exec")));
 
