@@ -20,6 +20,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import _host, _validate, runtime
+from ._pool import OutputPool
 from .config import Config
 from .errors import InvalidArgument, InvalidShape, InvalidType, argument_error
 
@@ -135,6 +136,11 @@ class Node:
     window_bytes: int
     epoch: int  # the Buffer's operation count, for messages (the kernels keep their own in the window)
     nvl_counter: int
+    pool: Optional[OutputPool] = None  # the Buffer's output pool (None: fresh tensors)
+
+    def empty(self, shape, dtype) -> torch.Tensor:
+        """An output tensor: from the Buffer's pool (no page faults once warm) or fresh."""
+        return self.pool.empty(shape, dtype) if self.pool is not None else torch.empty(shape, dtype=dtype)
 
     def shape(self, op: str, config: Config, row_bytes: int, num_scales: int, num_topk: int,
               experts_per_rank: int, sub_channels: Optional[int] = None):
@@ -325,15 +331,21 @@ def run_dispatch(plan: DispatchPlan):
     else:
         # A cached dispatch returns as many rows as the handle's dispatch did (padded or not).
         rows = handle.num_output_rows if handle is not None else num_recv
-    # Every received row is overwritten by the kernel; only num_worst_tokens padding is zeroed.
-    recv_x = torch.empty((rows, x.shape[1]), dtype=x.dtype)
+    # Every received row is overwritten by the kernel (payload, scales, every top-k slot); only the
+    # num_worst_tokens padding is filled here. Outputs come from the Buffer's pool.
+    recv_x = node.empty((rows, x.shape[1]), x.dtype)
     recv_x[num_recv:].zero_()
     recv_scales = None
     if num_scales:
-        recv_scales = torch.empty((rows, num_scales), dtype=call.x_scales.dtype)
+        recv_scales = node.empty((rows, num_scales), call.x_scales.dtype)
         recv_scales[num_recv:].zero_()
-    recv_topk_idx = torch.full((rows, num_topk), -1, dtype=torch.int64) if num_topk else None
-    recv_topk_weights = torch.zeros((rows, num_topk), dtype=torch.float32) if call.topk_weights is not None else None
+    recv_topk_idx = recv_topk_weights = None
+    if num_topk:
+        recv_topk_idx = node.empty((rows, num_topk), torch.int64)
+        recv_topk_idx[num_recv:] = -1
+    if call.topk_weights is not None:
+        recv_topk_weights = node.empty((rows, num_topk), torch.float32)
+        recv_topk_weights[num_recv:] = 0
     recv_src_idx = torch.empty(num_recv, dtype=torch.int32)
     send_head = torch.empty((num_tokens, ranks), dtype=torch.int32)
     _host.intranode.dispatch(
@@ -346,7 +358,9 @@ def run_dispatch(plan: DispatchPlan):
                                 send_head, per_expert, plan.sub_channels, rank=node.rank, num_ranks=ranks,
                                 num_rows=rows)
     if recv_topk_idx is not None and call.topk_idx_dtype != torch.int64:
-        recv_topk_idx = recv_topk_idx.to(call.topk_idx_dtype)
+        narrow = node.empty(tuple(recv_topk_idx.shape), call.topk_idx_dtype)
+        narrow.copy_(recv_topk_idx)
+        recv_topk_idx = narrow
     payload = recv_x if recv_scales is None else (recv_x, recv_scales)
     return payload, recv_topk_idx, recv_topk_weights, handle
 
@@ -413,8 +427,8 @@ def run_combine(plan: CombinePlan):
     num_topk = 0 if call.topk_weights is None else call.topk_weights.shape[1]
     hidden = x.shape[1]
     num_tokens = handle.is_token_in_rank.shape[0]
-    combined_x = torch.empty((num_tokens, hidden), dtype=torch.bfloat16)
-    combined_weights = torch.empty((num_tokens, num_topk), dtype=torch.float32) if num_topk else None
+    combined_x = node.empty((num_tokens, hidden), torch.bfloat16)
+    combined_weights = node.empty((num_tokens, num_topk), torch.float32) if num_topk else None
     # Rows past the received ones (num_worst_tokens padding) are never read: the kernels address
     # rows through recv_channel_start.
     _host.intranode.combine(

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from . import _backend, _intranode, _validate
 from ._host_windows import bootstrap_host_windows
 from ._interop import accepts_arrays
+from ._pool import OutputPool
 from .config import DEFAULT_NUM_SMS, Config, get_combine_config, get_dispatch_config
 from .errors import BufferUnusable, GPUUnavailable, InvalidArgument, InvalidType, argument_error
 from .event import EventOverlap
@@ -76,12 +77,16 @@ class Buffer:
             self._window_ptrs = self._windows.node_window_ptrs()
             self._nvl_counter = self._windows.counter_ptr("nvl")
         self._epoch = 0
+        # Outputs (recv_x, combined_x, ...) come from here and are reused once the caller dropped
+        # them, so a steady-state call takes no page faults (moelink._pool).
+        self._pool = OutputPool()
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
     def destroy(self) -> None:
         """Releases the windows. The Buffer is unusable afterwards. Idempotent."""
         self._unusable = self._unusable or "the Buffer was destroyed"
+        self._pool.clear()
         if self._windows is not None and not self._windows.closed:
             self._windows.close()
 
@@ -105,7 +110,8 @@ class Buffer:
         if self._unusable is not None:
             raise BufferUnusable(f"{op}: this Buffer cannot be used: {self._unusable}")
         return _intranode.Node(rank=self.rank, num_ranks=self.group_size, window_ptrs=self._window_ptrs,
-                               window_bytes=self.num_nvl_bytes, epoch=self._epoch + 1, nvl_counter=self._nvl_counter)
+                               window_bytes=self.num_nvl_bytes, epoch=self._epoch + 1, nvl_counter=self._nvl_counter,
+                               pool=self._pool)
 
     @contextlib.contextmanager
     def _operation(self, op: str) -> Iterator[None]:
