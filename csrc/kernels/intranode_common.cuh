@@ -65,7 +65,26 @@ struct Queue {
   MOELINK_DEVICE int slot(uint64_t position) const { return static_cast<int>(position % static_cast<uint64_t>(capacity)); }
 };
 
-// One sender warp's end of a queue (every lane calls every member, lane 0 does the signalling).
+// The lanes of a warp that do its work (arch.cuh: work_lanes): every lane on the GPU, one fiber
+// on the host. `leader` is the lowest of them, the one that signals; `rank` the caller's index
+// among them and `count` how many there are, for splitting a loop by hand.
+struct WarpLanes {
+  uint32_t mask;
+  int leader, rank, count;
+  MOELINK_DEVICE static WarpLanes of(uint32_t mask) {
+    const unsigned lane = lane_id();
+    return {mask, lowest_bit(mask), popcount(mask & ((1u << lane) - 1u)), popcount(mask)};
+  }
+  MOELINK_DEVICE bool mine() const { return (mask >> lane_id()) & 1u; }
+  MOELINK_DEVICE bool leads() const { return static_cast<int>(lane_id()) == leader; }
+  // The rank among the workers of lane `lane` (one of them).
+  MOELINK_DEVICE int rank_of(int lane) const { return popcount(mask & ((1u << lane) - 1u)); }
+  // The leader's value of `v`, on every worker.
+  template <typename T>
+  MOELINK_DEVICE T from_leader(T v) const { return shfl(mask, v, leader); }
+};
+
+// One sender warp's end of a queue (every working lane calls every member, the leader signals).
 // Tokens are written into reserve()d slots and made visible by commit(), which releases the tail
 // every `send_chunk` tokens; reserve() publishes what is queued before it waits for room, so the
 // receiver can always make progress. With a doorbell, every publication also bumps it (the
@@ -78,14 +97,16 @@ struct QueueSender {
   uint64_t* byte_counter;     // null when the queue is this rank's own (no link crossed)
   uint64_t* doorbell;         // the receiver warp's data doorbell, or null
   WaitSite room;
+  uint32_t lanes;             // the lanes that call the members (WarpLanes::mask)
 
   MOELINK_DEVICE static QueueSender open(const IntranodeContext& node, const Queue& queue, int dst, int v,
                                          int send_chunk, int64_t slot_bytes, uint64_t* doorbell,
-                                         const char* room_what) {
+                                         const char* room_what, uint32_t lanes = kFullMask) {
     QueueSender s;
     s.queue = queue;
+    s.lanes = lanes;
     // The tail was last written by this rank (earlier calls drained the queue): it is the start.
-    s.start = shfl(kFullMask, lane_id() == 0 ? ld_acquire(queue.tail) : uint64_t{0}, 0);
+    s.start = s.from_leader(s.leads() ? ld_acquire(queue.tail) : uint64_t{0});
     s.tail = s.published = s.head_seen = s.start;
     s.send_chunk = send_chunk < queue.capacity ? send_chunk : queue.capacity;
     s.slot_bytes = slot_bytes;
@@ -95,6 +116,8 @@ struct QueueSender {
     return s;
   }
 
+  MOELINK_DEVICE bool leads() const { return elect_one(lanes); }
+  MOELINK_DEVICE uint64_t from_leader(uint64_t v) const { return shfl(lanes, v, lowest_bit(lanes)); }
   MOELINK_DEVICE bool full() const { return tail - head_seen >= static_cast<uint64_t>(queue.capacity); }
 
   // The slot for the next token, once the receiver has freed it.
@@ -102,14 +125,14 @@ struct QueueSender {
     if (full()) {
       publish();
       const uint64_t needed = tail - static_cast<uint64_t>(queue.capacity) + 1;
-      head_seen = shfl(kFullMask, lane_id() == 0 ? wait_until(queue.head, Cmp::kGe, needed, room) : uint64_t{0}, 0);
+      head_seen = from_leader(leads() ? wait_until(queue.head, Cmp::kGe, needed, room) : uint64_t{0});
     }
     return queue.slot(tail);
   }
 
   // Whether a slot is free now, without waiting (for warps that serve several queues).
   MOELINK_DEVICE bool has_room() {
-    if (full()) head_seen = shfl(kFullMask, lane_id() == 0 ? ld_acquire(queue.head) : uint64_t{0}, 0);
+    if (full()) head_seen = from_leader(leads() ? ld_acquire(queue.head) : uint64_t{0});
     return !full();
   }
 
@@ -119,8 +142,8 @@ struct QueueSender {
   }
 
   MOELINK_DEVICE void publish() {
-    syncwarp();  // every lane's slot writes precede lane 0's release
-    if (lane_id() == 0 && tail != published) {
+    syncwarp(lanes);  // every working lane's slot writes precede the leader's release
+    if (leads() && tail != published) {
       st_release(queue.tail, tail);
       if (doorbell != nullptr) red_add_release(doorbell, uint64_t{1});
       if (byte_counter != nullptr) atomic_add(byte_counter, (tail - published) * static_cast<uint64_t>(slot_bytes));
