@@ -170,28 +170,55 @@ MOELINK_DEVICE uint64_t operation_epoch(const IntranodeContext& node, const Intr
   return ld_relaxed(window_at<uint64_t>(node, node.rank, layout.control)) + 1;
 }
 
+// A thread's index among the working threads of its block (the work_lanes of every warp) and how
+// many there are: the block's threads on the GPU, one per warp on the host.
+struct BlockWorkers {
+  int index, count;
+  MOELINK_DEVICE static BlockWorkers of(const WarpLanes& lanes) {
+    return {static_cast<int>(warp_id()) * lanes.count + lanes.rank, static_cast<int>(num_warps()) * lanes.count};
+  }
+};
+
 // Every block of the calling kernel returns once every rank of the node has entered operation
-// `epoch`, i.e. has finished every earlier operation on these windows.
+// `epoch`, i.e. has finished every earlier operation on these windows. Called by at least the
+// working lanes (work_lanes) of every warp; lanes that have left are fine.
 MOELINK_DEVICE void node_barrier(const IntranodeContext& node, const IntranodeLayout& layout, uint64_t epoch,
                                  const char* what) {
   const int ranks = node.shape.num_ranks;
-  for (int peer = static_cast<int>(thread_rank()); peer < ranks; peer += static_cast<int>(num_threads())) {
-    if (block_rank() == 0) st_release(window_at<uint64_t>(node, peer, layout.barrier) + node.rank, epoch);
-    wait_until(window_at<uint64_t>(node, node.rank, layout.barrier) + peer, Cmp::kGe, epoch,
-               WaitSite{what, node.rank, peer});
+  const WarpLanes lanes = WarpLanes::of(work_lanes(kFullMask));
+  if (lanes.mine()) {
+    const BlockWorkers workers = BlockWorkers::of(lanes);
+    for (int peer = workers.index; peer < ranks; peer += workers.count) {
+      if (block_rank() == 0) st_release(window_at<uint64_t>(node, peer, layout.barrier) + node.rank, epoch);
+      wait_until(window_at<uint64_t>(node, node.rank, layout.barrier) + peer, Cmp::kGe, epoch,
+                 WaitSite{what, node.rank, peer});
+    }
   }
   sync_block();
 }
 
-// Called by every thread of every block at the end of an operation's last kernel: the last block
-// to get here stores `epoch` as completed, so the next operation's kernels see it.
-MOELINK_DEVICE void end_operation(const IntranodeContext& node, const IntranodeLayout& layout, uint64_t epoch) {
+// Called by every remaining thread of every block at the end of an operation's last kernel: the
+// last block to get here stores `epoch` as completed, so the next operation's kernels see it. With
+// `exit_what` (a one-copy combine, whose peers read this rank's window), that block first waits
+// until every rank of the node has finished reading (exit_barrier): only then may a caller write
+// its window again.
+MOELINK_DEVICE void end_operation(const IntranodeContext& node, const IntranodeLayout& layout, uint64_t epoch,
+                                  const char* exit_what = nullptr) {
   sync_block();
   if (thread_rank() == 0) {
     uint32_t* blocks_done = window_at<uint32_t>(node, node.rank, layout.control + IntranodeLayout::kBlocksDoneOffset);
     fence<Scope::kGpu>();  // this block's work before its count
     if (atomic_add<Scope::kGpu>(blocks_done, 1u) == num_blocks() - 1) {
       st_relaxed<Scope::kGpu>(blocks_done, 0u);
+      if (exit_what != nullptr) {
+        fence<Scope::kSys>();  // every block's reads of peer windows, before the peers learn of them
+        const int ranks = node.shape.num_ranks;
+        for (int peer = 0; peer < ranks; ++peer) st_release(window_at<uint64_t>(node, peer, layout.exit_barrier) + node.rank, epoch);
+        for (int peer = 0; peer < ranks; ++peer) {
+          wait_until(window_at<uint64_t>(node, node.rank, layout.exit_barrier) + peer, Cmp::kGe, epoch,
+                     WaitSite{exit_what, node.rank, peer});
+        }
+      }
       st_release<Scope::kGpu>(window_at<uint64_t>(node, node.rank, layout.control), epoch);
     }
   }

@@ -14,6 +14,7 @@
 #pragma once
 
 #include "kernels/intranode_common.cuh"
+#include "kernels/intranode_dispatch_direct.cuh"
 
 namespace moelink::kernels::intranode {
 
@@ -197,25 +198,32 @@ MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) dispatch_kernel(Disp
   const IntranodeLayout layout = IntranodeLayout::of(node.shape);
   const WarpMap map = node.shape.map();
   const uint64_t epoch = operation_epoch(node, layout);
+  MOELINK_DYNAMIC_SMEM(unsigned char, smem);
+  BulkStage stage = bulk_stage(smem + warp_id() * kBulkStageBytes);  // every lane, before any leaves
+  const WarpLanes lanes = WarpLanes::of(work_lanes(kFullMask));
+  if (!lanes.mine()) return;  // lanes with no work (host) leave; sync_block counts them as arrived
   if (args.barrier_first) {
     node_barrier(node, layout, epoch, "intranode dispatch: node barrier (peer has not entered this dispatch)");
   }
   const int channel = static_cast<int>(block_rank()) / 2;
   const WarpRole role = warp_role(map, node.shape.num_ranks, static_cast<int>(warp_id()));
-  MOELINK_DYNAMIC_SMEM(unsigned char, smem);
-  BulkStage stage = bulk_stage(smem + warp_id() * kBulkStageBytes);  // every lane, before any leaves
-  const WarpLanes lanes = WarpLanes::of(work_lanes(kFullMask));
-  if (!role.idle() && lanes.mine()) {
+  if (!role.idle()) {
     const int v = channel * map.sub_channels + role.sub;
     if (block_rank() % 2 == 0) {
+      const DirectRecvLayout region = DirectRecvLayout::of(node.shape, args.direct_rows, args.window_bytes);
       for (int dst = role.first_peer; dst < node.shape.num_ranks; dst += role.peer_stride) {
-        dispatch_send(args, layout, map, v, dst, tuning.send_chunk, lanes);
+        if (args.direct) {
+          direct_send(args, layout, region, v, dst, lanes);
+        } else {
+          dispatch_send(args, layout, map, v, dst, tuning.send_chunk, lanes);
+        }
       }
+    } else if (args.direct) {
+      direct_receive(args, layout, v, role, lanes);
     } else {
       dispatch_receive(args, layout, map, v, role, stage, lanes);
     }
   }
-  if (!lanes.mine()) return;  // lanes with no work (host) leave; sync_block counts them as arrived
   end_operation(node, layout, epoch);
 }
 
