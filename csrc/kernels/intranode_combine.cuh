@@ -14,7 +14,6 @@
 #pragma once
 
 #include "kernels/bf16x8.cuh"
-#include "kernels/intranode_combine_direct.cuh"
 #include "kernels/intranode_common.cuh"
 
 namespace moelink::kernels::intranode {
@@ -225,16 +224,6 @@ MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) combine_kernel(Combi
   node_barrier(node, layout, epoch, "intranode combine: node barrier (peer has not entered this combine)");
   const int channel = static_cast<int>(block_rank()) / 2;
   const int warp = static_cast<int>(warp_id());
-  if (args.direct) {
-    MOELINK_DYNAMIC_SMEM(unsigned char, smem);
-    int32_t* slots = reinterpret_cast<int32_t*>(smem + combine_starts_bytes(node.shape)) +
-                     static_cast<int64_t>(warp) * map.tokens_per_warp * node.shape.num_ranks;
-    direct_combine(args, lanes, slots, [&](int64_t token, const auto& row_of) {
-      reduce_row(args, token, node.shape.num_ranks, row_of, lanes);
-    });
-    end_operation(node, layout, epoch, "intranode combine: peers reading this rank's combine input (closing barrier)");
-    return;
-  }
   if (block_rank() % 2 == 0) {
     const WarpRole role = warp_role(map, node.shape.num_ranks, warp);
     if (!role.idle()) combine_send(args, layout, map, channel * map.sub_channels + role.sub, role, tuning.send_chunk, lanes);

@@ -9,14 +9,12 @@
 // region, while a peer may still read it.
 #pragma once
 
-#include "kernels/intranode_common.cuh"
+#include "kernels/intranode_combine.cuh"
 
 namespace moelink::kernels::intranode {
 
 // `slots`: this warp's scratch of at least R int32 (combine_smem_bytes).
-template <typename ReduceRow>
-MOELINK_DEVICE void direct_combine(const CombineArgs& args, const WarpLanes& lanes, int32_t* slots,
-                                   const ReduceRow& reduce_row) {
+MOELINK_DEVICE void direct_combine(const CombineArgs& args, const WarpLanes& lanes, int32_t* slots) {
   const IntranodeContext& node = args.node;
   const IntranodeShape& shape = node.shape;
   const int ranks = shape.num_ranks, channels = shape.virtual_channels();
@@ -47,10 +45,10 @@ MOELINK_DEVICE void direct_combine(const CombineArgs& args, const WarpLanes& lan
       slots[d] = row;
     }
     syncwarp(lanes.mask);  // every working lane's rows, before any lane reads them
-    reduce_row(token, [&](int d) -> const char* {
+    reduce_row(args, token, ranks, [&](int d) -> const char* {
       return slots[d] < 0 ? nullptr
                           : window_at<char>(node, d, input.base + input.row) + static_cast<int64_t>(slots[d]) * shape.row_bytes;
-    });
+    }, lanes);
     if (args.combined_topk_weights != nullptr) {
       const LaneRange k_share = lane_range(lanes.mask, shape.num_topk);
       for (int64_t k = k_share.begin; k < k_share.end; k += k_share.step) {
@@ -68,6 +66,22 @@ MOELINK_DEVICE void direct_combine(const CombineArgs& args, const WarpLanes& lan
     pulled = warp_reduce_sum(lanes.mask, pulled);
     if (lanes.leads() && pulled > 0) atomic_add(node.nvl_bytes, static_cast<uint64_t>(pulled));
   }
+}
+
+// The one-copy combine's own kernel: the grid of combine_kernel, every block reducing.
+MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) combine_direct_kernel(CombineArgs args) {
+  const IntranodeContext& node = args.node;
+  const IntranodeLayout layout = IntranodeLayout::of(node.shape);
+  const WarpMap map = node.shape.map();
+  const uint64_t epoch = operation_epoch(node, layout);
+  const WarpLanes lanes = WarpLanes::of(work_lanes(kFullMask));
+  if (!lanes.mine()) return;  // lanes with no work (host) leave; sync_block counts them as arrived
+  node_barrier(node, layout, epoch, "intranode combine: node barrier (peer has not entered this combine)");
+  MOELINK_DYNAMIC_SMEM(unsigned char, smem);
+  int32_t* slots = reinterpret_cast<int32_t*>(smem + combine_starts_bytes(node.shape)) +
+                   static_cast<int64_t>(warp_id()) * map.tokens_per_warp * node.shape.num_ranks;
+  direct_combine(args, lanes, slots);
+  end_operation(node, layout, epoch, "intranode combine: peers reading this rank's combine input (closing barrier)");
 }
 
 }  // namespace moelink::kernels::intranode

@@ -14,7 +14,6 @@
 #pragma once
 
 #include "kernels/intranode_common.cuh"
-#include "kernels/intranode_dispatch_direct.cuh"
 
 namespace moelink::kernels::intranode {
 
@@ -210,16 +209,9 @@ MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) dispatch_kernel(Disp
   if (!role.idle()) {
     const int v = channel * map.sub_channels + role.sub;
     if (block_rank() % 2 == 0) {
-      const DirectRecvLayout region = DirectRecvLayout::of(node.shape, args.direct_rows, args.window_bytes);
       for (int dst = role.first_peer; dst < node.shape.num_ranks; dst += role.peer_stride) {
-        if (args.direct) {
-          direct_send(args, layout, region, v, dst, lanes);
-        } else {
-          dispatch_send(args, layout, map, v, dst, tuning.send_chunk, lanes);
-        }
+        dispatch_send(args, layout, map, v, dst, tuning.send_chunk, lanes);
       }
-    } else if (args.direct) {
-      direct_receive(args, layout, v, role, lanes);
     } else {
       dispatch_receive(args, layout, map, v, role, stage, lanes);
     }

@@ -94,4 +94,32 @@ MOELINK_DEVICE void direct_receive(const DispatchArgs& args, const IntranodeLayo
   }
 }
 
+// The one-copy dispatch's own kernel (its register budget is not shared with the queue path's):
+// the grid, warp map and epochs of dispatch_kernel.
+MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) dispatch_direct_kernel(DispatchArgs args) {
+  const IntranodeContext& node = args.node;
+  const IntranodeLayout layout = IntranodeLayout::of(node.shape);
+  const WarpMap map = node.shape.map();
+  const uint64_t epoch = operation_epoch(node, layout);
+  const WarpLanes lanes = WarpLanes::of(work_lanes(kFullMask));
+  if (!lanes.mine()) return;  // lanes with no work (host) leave; sync_block counts them as arrived
+  if (args.barrier_first) {
+    node_barrier(node, layout, epoch, "intranode dispatch: node barrier (peer has not entered this dispatch)");
+  }
+  const int channel = static_cast<int>(block_rank()) / 2;
+  const WarpRole role = warp_role(map, node.shape.num_ranks, static_cast<int>(warp_id()));
+  if (!role.idle()) {
+    const int v = channel * map.sub_channels + role.sub;
+    if (block_rank() % 2 == 0) {
+      const DirectRecvLayout region = DirectRecvLayout::of(node.shape, args.direct_rows, args.window_bytes);
+      for (int dst = role.first_peer; dst < node.shape.num_ranks; dst += role.peer_stride) {
+        direct_send(args, layout, region, v, dst, lanes);
+      }
+    } else {
+      direct_receive(args, layout, v, role, lanes);
+    }
+  }
+  end_operation(node, layout, epoch);
+}
+
 }  // namespace moelink::kernels::intranode

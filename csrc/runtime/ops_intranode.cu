@@ -4,7 +4,9 @@
 #include <string>
 
 #include "kernels/intranode_combine.cuh"
+#include "kernels/intranode_combine_direct.cuh"
 #include "kernels/intranode_dispatch.cuh"
+#include "kernels/intranode_dispatch_direct.cuh"
 #include "kernels/intranode_notify.cuh"
 #include "runtime/errors.h"
 
@@ -79,6 +81,11 @@ void intranode_dispatch(const DispatchArgs& args, const LaunchContext& ctx, int 
                                         str(args.window_bytes) + " bytes");
     }
   }
+  if (args.direct) {
+    MOELINK_LAUNCH_COOPERATIVE(ctx, "intranode_dispatch_direct", k::dispatch_direct_kernel, grid_of(args.node.shape),
+                               threads_of(args.node.shape), 0, args);
+    return;
+  }
   MOELINK_LAUNCH_COOPERATIVE(ctx, "intranode_dispatch", k::dispatch_kernel, grid_of(args.node.shape),
                              threads_of(args.node.shape), intranode_dispatch_smem_bytes(args.node.shape), args,
                              k::DispatchTuning{send_chunk});
@@ -90,6 +97,11 @@ void intranode_combine(const CombineArgs& args, const LaunchContext& ctx, int se
   if (send_chunk < 1) invalid("intranode combine", "send chunk must be >= 1");
   if (args.direct && (args.send_row_start == nullptr || args.direct_rows < 0)) {
     invalid("intranode combine", "a one-copy combine needs send_row_start and direct_rows >= 0");
+  }
+  if (args.direct) {
+    MOELINK_LAUNCH_COOPERATIVE(ctx, "intranode_combine_direct", k::combine_direct_kernel, grid_of(args.node.shape),
+                               threads_of(args.node.shape), intranode_combine_smem_bytes(args.node.shape), args);
+    return;
   }
   MOELINK_LAUNCH_COOPERATIVE(ctx, "intranode_combine", k::combine_kernel, grid_of(args.node.shape),
                              threads_of(args.node.shape), intranode_combine_smem_bytes(args.node.shape), args,
