@@ -161,4 +161,6 @@ def test_a_steady_state_call_takes_no_page_faults(group):
     for (faults, allocations), (fresh_faults, _) in zip(pooled, fresh):
         assert allocations == 0, "a steady-state call allocated pooled storage"
         assert faults < pages / 20, f"{faults} page faults per call with the pool (recv_x alone is {pages} pages)"
-        assert fresh_faults > pages / 2, f"the check cannot fail: only {fresh_faults} faults without the pool"
+        # (without the pool glibc maps recv_x afresh per call; how many of its pages fault varies with
+        # what the allocator and the kernel reuse, but always many times what the pool's calls take)
+        assert fresh_faults > 5 * max(faults, 100), f"the check cannot fail: {fresh_faults} faults without the pool"
