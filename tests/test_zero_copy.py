@@ -46,7 +46,6 @@ def _expert(rows: torch.Tensor) -> torch.Tensor:
 def _same_as_queue_paths(ctx, seed, case):
     world, rank = ctx.world_size, ctx.rank
     runtime.set_schedule(case.get("schedule", "deterministic"))
-    warps = runtime.block_warps()
     if "block_warps" in case:
         runtime.set_block_warps(case["block_warps"])
     try:
@@ -112,7 +111,7 @@ def _same_as_queue_paths(ctx, seed, case):
             assert_combine_close(direct[0], direct[1], expected, context=f"rank {rank}")
             return m
     finally:
-        runtime.set_block_warps(warps)
+        runtime.set_block_warps(None)
         runtime.set_schedule("deterministic")
 
 
@@ -153,7 +152,7 @@ def _errors(ctx):
     n = 6000  # everything to rank 0: it receives n * world rows, more than the queues' window holds
     topk = torch.zeros(n, 2, dtype=torch.int64)
     config = moelink.Config(2, 2, 16)
-    sub = moelink._host.intranode.default_sub_channels(world, runtime.block_warps(), 1, 16)
+    sub = moelink._host.intranode.default_sub_channels(world, runtime.block_warps(world), 1, 16)
     def queues(**shape):  # exactly what a queue-based call of this shape needs
         return moelink.config.intranode_window_bytes(num_ranks=world, num_channels=1, queue_tokens=16, row_bytes=32,
                                                      num_scales=0, sub_channels=sub, **shape)
@@ -203,3 +202,21 @@ def test_size_hint_covers_both_regions():
     assert moelink.config.combine_input_bytes(num_ranks=4, rows=8192, hidden=7168, num_topk=8) < plain
     with pytest.raises(errors.InvalidArgument, match="num_max_zero_copy_recv_tokens"):
         c.get_nvl_buffer_size_hint(14336, 4, num_max_zero_copy_recv_tokens=-1)
+
+
+def test_host_block_size_defaults_to_one_warp_per_rank(monkeypatch):
+    monkeypatch.setattr(runtime, "_block_warps", None)
+    monkeypatch.delenv("MOELINK_HOST_BLOCK_WARPS", raising=False)
+    gpu = moelink._host.intranode.GPU_BLOCK_WARPS
+    assert [runtime.block_warps(r) for r in (1, 2, 4, 8, 16, 64)] == [1, 2, 4, 8, 16, gpu]
+    assert runtime.block_warps() == gpu
+    runtime.set_block_warps(3)
+    assert runtime.block_warps(8) == 3
+    runtime.set_block_warps(None)
+    monkeypatch.setenv("MOELINK_HOST_BLOCK_WARPS", "5")
+    assert runtime.block_warps(8) == 5
+    runtime.set_block_warps(None)
+    monkeypatch.setenv("MOELINK_HOST_BLOCK_WARPS", "x")
+    with pytest.raises(errors.InvalidArgument, match="MOELINK_HOST_BLOCK_WARPS"):
+        runtime.block_warps(4)
+    runtime.set_block_warps(None)

@@ -157,7 +157,7 @@ class Node:
         default); raises before anything runs if the warp map or the window does not fit (the
         queues, or only the counters for a one-copy call: ``check_queues=False``)."""
         channels, queue = config.num_sms // 2, config.num_max_nvl_chunked_recv_tokens
-        warps = runtime.block_warps()
+        warps = runtime.block_warps(self.num_ranks)
         if sub_channels is None:
             sub_channels = _host.intranode.default_sub_channels(self.num_ranks, warps, channels, queue)
         native = _host.intranode.Node(
