@@ -147,6 +147,7 @@ class Launch {
   uint64_t dispatches_since_poll_ = 0;
   static constexpr unsigned kCanaryInterval = 64;  // switches between samples of a stack canary
   unsigned switches_since_canary_ = 0;
+  long saved_timer_slack_ = -1;  // the thread's timer slack before back_off lowered it, or -1
   Stats stats_;
 
   Fiber* current_ = nullptr;
