@@ -11,6 +11,7 @@
 // so a sender never overwrites a row that is still needed; a round reads at most round_tokens
 // rows of a queue, hence capacity >= round_tokens (WarpMap). With more ranks than warps a sender
 // warp serves several peers at once, waiting on its room doorbell, never on one peer.
+// The one-copy form (CombineArgs::direct) is combine_direct_kernel, intranode_combine_direct.cuh.
 #pragma once
 
 #include "kernels/bf16x8.cuh"

@@ -10,7 +10,8 @@
 // therefore: by sender rank, then virtual channel, then token index, i.e. by sender, then token.
 // With more ranks than warps a warp serves several peers: a sender one after the other (a
 // receiver never waits on anything but data, so room always comes), a receiver all at once,
-// waiting on its data doorbell.
+// waiting on its data doorbell. On the host each warp's work runs on one fiber (work_lanes).
+// The one-copy form (DispatchArgs::direct) is dispatch_direct_kernel, intranode_dispatch_direct.cuh.
 #pragma once
 
 #include "kernels/intranode_common.cuh"
