@@ -203,14 +203,26 @@ MOELINK_DEVICE void node_barrier(const IntranodeContext& node, const IntranodeLa
     // Parameter words travel beside the barrier (double-buffered by epoch parity: a rank can be at
     // most one operation ahead of a peer still comparing, see ops_intranode.h).
     const int64_t parity = static_cast<int64_t>(epoch & 1u) * ranks;
-    for (int peer = workers.index; peer < ranks; peer += workers.count) {
-      if (block_rank() == 0) {
+    if (block_rank() == 0) {
+      for (int peer = workers.index; peer < ranks; peer += workers.count) {
         uint64_t* mine = window_at<uint64_t>(node, peer, layout.agreement) + (parity + node.rank) * kAgreementWords;
         for (int w = 0; w < kAgreementWords; ++w) mine[w] = node.agreement[w];
         st_release(window_at<uint64_t>(node, peer, layout.barrier) + node.rank, epoch);  // orders the words too
       }
+    }
+  }
+  // Every peer has this rank's store before any thread may fail a comparison (a failed check
+  // ends the launch: peers it had not reached yet would wait for it until their deadline).
+  sync_block();
+  if (lanes.mine()) {
+    const BlockWorkers workers = BlockWorkers::of(lanes);
+    const int64_t parity = static_cast<int64_t>(epoch & 1u) * ranks;
+    for (int peer = workers.index; peer < ranks; peer += workers.count) {
       wait_until(window_at<uint64_t>(node, node.rank, layout.barrier) + peer, Cmp::kGe, epoch,
                  WaitSite{what, node.rank, peer});
+      // Block 0 compares, after its own stores (the sync_block above); the other blocks only wait
+      // (everything they read from peers is range-checked where it is used).
+      if (block_rank() != 0) continue;
       const uint64_t* theirs = window_at<const uint64_t>(node, node.rank, layout.agreement) + (parity + peer) * kAgreementWords;
       for (int w = 0; w < kAgreementWords; ++w) {
         const uint64_t value = theirs[w];
