@@ -152,7 +152,7 @@ class Node:
 
     def empty(self, shape, dtype) -> torch.Tensor:
         """An output tensor: from the Buffer's pool (no page faults once warm) or fresh."""
-        return self.pool.empty(shape, dtype) if self.pool is not None else torch.empty(shape, dtype=dtype)
+        return _validate.allocate(self.pool, shape, dtype)
 
     def shape(self, op: str, config: Config, row_bytes: int, num_scales: int, num_topk: int,
               experts_per_rank: int, sub_channels: Optional[int] = None, check_queues: bool = True,
@@ -250,8 +250,8 @@ class DispatchCall:
             raise argument_error(InvalidShape, "x", "rows of a positive multiple of 16 bytes", f"{hidden} x {x.dtype}")
         if not isinstance(config, Config):
             raise argument_error(InvalidType, "config", "a moelink.Config", type(config).__name__)
-        _validate.integer("expert_alignment", expert_alignment, minimum=1)
-        _validate.integer("num_worst_tokens", num_worst_tokens, minimum=0)
+        _validate.integer("expert_alignment", expert_alignment, minimum=1, maximum=_validate.INT32_MAX)
+        _validate.integer("num_worst_tokens", num_worst_tokens, minimum=0, maximum=_validate.INT32_MAX)
         if not isinstance(zero_copy, bool):
             raise argument_error(InvalidType, "zero_copy", "a bool", type(zero_copy).__name__)
 

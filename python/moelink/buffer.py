@@ -226,6 +226,9 @@ class Buffer:
             tensor = self._windows.view(self.rank, offset, count * element, dtype)
         if size is None:
             return tensor
+        if not isinstance(size, (tuple, list)) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0
+                                                      for d in size):
+            raise argument_error(InvalidType, "size", "a torch.Size (or a tuple of ints >= 0)", repr(size))
         shape = torch.Size(size)
         if shape.numel() > tensor.numel():
             raise argument_error(InvalidArgument, "size", f"at most {tensor.numel()} elements of {dtype} from byte "
@@ -256,7 +259,7 @@ class Buffer:
         return EventOverlap()
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, config: Optional[Config] = None) -> int:
-        return (config or self.get_dispatch_config(self.group_size)).get_nvl_buffer_size_hint(hidden_bytes, self.group_size)
+        return (config if config is not None else self.get_dispatch_config(self.group_size)).get_nvl_buffer_size_hint(hidden_bytes, self.group_size)
 
     # ---- layout ----------------------------------------------------------------------------------
 
@@ -302,7 +305,7 @@ class Buffer:
         num_max_zero_copy_recv_tokens=M)``; when it has none, every rank raises InvalidArgument and
         the Buffer stays usable. Same results, bit for bit (docs/semantics.md).
         """
-        config = config or self.get_dispatch_config(self.group_size)
+        config = config if config is not None else self.get_dispatch_config(self.group_size)
         if handle is not None:
             self._handles.check(handle, self._handle_type)
         call = _intranode.DispatchCall.validate(
@@ -339,7 +342,7 @@ class Buffer:
         each rank reads every copy of its tokens straight from the window of the rank that holds it
         (one copy less), and no rank returns before every peer finished reading its buffer. Same
         results, bit for bit."""
-        config = config or self.get_combine_config(self.group_size)
+        config = config if config is not None else self.get_combine_config(self.group_size)
         self._handles.check(handle, self._handle_type)
         call = _intranode.CombineCall.validate(x, handle, topk_weights, bias, config, self.group_size, zero_copy)
         plan = self._mode.plan_combine(self._node("combine"), call)
