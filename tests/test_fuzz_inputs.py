@@ -197,6 +197,11 @@ def _buffer_case(ctx, seed, cases):
             fresh()
             return moelink.autograd.dispatch(buffer, **a)
 
+        def autograd_combine(**a):
+            fresh()
+            a["handle"] = forged(a["handle"]) if isinstance(a["handle"], int) else a["handle"]
+            return moelink.autograd.combine(buffer, **a)
+
         def local_tensor(**a):
             fresh()
             return buffer.get_local_buffer_tensor(**a)
@@ -224,6 +229,8 @@ def _buffer_case(ctx, seed, cases):
               offset=0), failures, cases)
         _fuzz("autograd.dispatch", rng, autograd_dispatch,
               dict(x=x.float().requires_grad_(), topk_idx=topk, topk_weights=weights, num_experts=4), failures, cases)
+        _fuzz("autograd.combine", rng, autograd_combine, dict(x=recv.float().requires_grad_(), handle=4, config=cfg),
+              failures, cases)
     finally:
         buffer.destroy()
         other.destroy()
