@@ -10,11 +10,11 @@ namespace moelink::transport {
 enum class ScaleOutKind : int32_t {
   kNone = 0,      // no scale-out window (one node)
   kHostNic = 1,   // host target: `queue` is this rank's host::NicRing
-  kLoopback = 2,  // one-GPU proof: `queue` is a device table of every rank's window (char* [num_ranks])
-  kGin = 3,       // NCCL GIN (GPU target): `queue` is the device address of this rank's
-                  // transport::nccl::GinDeviceState (transport/nccl/gin_state.h: the device
-                  // communicator, the window handle, credit counters); `window` is this rank's own
-                  // scale-out window (an NCCL symmetric window) through its LSA pointer
+  kLoopback = 2,  // one-GPU proof (both targets): `queue` is a table of every rank's window
+                  // (char* [num_ranks]) in memory the kernels can read
+  kGin = 3,       // NCCL GIN (GPU target): `queue` is this rank's host::NicRing in device memory,
+                  // consumed by the GIN pump kernel (transport/nccl/gin_pump.h); `window` is this
+                  // rank's own scale-out window (an NCCL symmetric window) through its LSA pointer
 };
 
 struct ScaleOut {
