@@ -126,3 +126,18 @@ def test_bootstrap_without_gpu_fails_on_every_rank(group):
 def test_gin_between_two_nodes():
     pytest.skip("needs two nodes with an RDMA NIC NCCL's GIN can use (docs/gpu-transport.md §2.7); "
                 "the one-GPU proof runs the same kernels over the loopback instead")
+
+
+def test_a_gin_launch_without_a_live_transport_is_refused_before_any_cuda_call():
+    """The GPU launcher looks the ring up before it starts the pump: an unknown ring (a destroyed
+    transport) is InvalidArgument naming the rank, with no CUDA call made (so this runs here)."""
+    shape = dict(num_nodes=2, ranks_per_node=1, num_channels=1, block_warps=cuda.intranode.GPU_BLOCK_WARPS,
+                 nvl_queue_tokens=64, rdma_queue_tokens=128, row_bytes=64, num_scales=0, num_topk=2,
+                 experts_per_rank=1)
+    sizes = cuda.internode.layout(**shape)
+    fake = 1 << 40  # never dereferenced: the launch is refused first
+    ctx = cuda.internode.Context(rank=1, **shape, nvl_windows=[fake], net_kind=nccl.SCALE_OUT_KIND_GIN,
+                                 net_window=fake, net_window_bytes=sizes["rdma_bytes"],
+                                 num_signals=sizes["num_signals"], net_queue=fake + 4096)
+    with pytest.raises(errors.InvalidArgument, match="rank 1: the work queue is not one of a live GIN transport"):
+        cuda.internode.notify(ctx, 0, 0, 0, 1, 0, 0, 0)
