@@ -56,6 +56,16 @@ void bind_gin(py::module_& m) {
       py::arg("ring"), "Test hook: whether a ring is registered for with_gin_pump.");
 
 #if MOELINK_HAVE_NCCL
+  m.def(
+      "check_gin",
+      [](const nccl::Windows& windows, uint32_t num_signals, int ranks_per_node, bool all_to_all, int queue_depth) {
+        int type = 0;
+        py::dict d = plan_dict(nccl::check_gin(windows, num_signals, ranks_per_node, all_to_all, queue_depth, &type));
+        d["gin_type"] = type;
+        return d;
+      },
+      py::arg("windows"), py::arg("num_signals"), py::arg("ranks_per_node"), py::arg("all_to_all"),
+      py::arg("queue_depth"), "The GIN transport's local checks (no collective): its plan and NCCL's backend.");
   using G = nccl::GinTransport;
   py::class_<G>(m, "GinTransport", py::module_local(),
                 "One rank's GIN device communicator, work queue and pump (csrc/transport/nccl/gin_transport.h).")

@@ -9,7 +9,9 @@ the internode path use it: ``data_bytes``, ``num_signals``, :meth:`handle`, :met
 
 Bootstrap (collective over ``group``; every step ends with an exchange of outcomes, so one failing
 rank makes every rank raise the same error class): the NCCL windows
-(:func:`moelink._nccl_windows.bootstrap_nccl_windows`), then the GIN transport. Nothing of this
+(:func:`moelink._nccl_windows.bootstrap_nccl_windows`), the GIN transport's local checks (plan,
+signals, a GIN backend: ``check_gin``), then the transport itself (``ncclDevCommCreate`` is
+collective: every rank enters it only once every rank passed the checks). Nothing of this
 has run on a GPU yet: the host-side checks (library symbols, version, the plan, argument errors,
 no-GPU errors) are tested without one; the device communicator, the ring, the pump and the
 teardown are untested (docs/gpu-transport.md §2.7 lists the checks for the first cluster).
@@ -108,15 +110,21 @@ def bootstrap_gin_scaleout(group: Optional[dist.ProcessGroup], data_bytes: int, 
     if group is None:
         group = dist.group.WORLD
     windows = bootstrap_nccl_windows(group, data_bytes, device=device, timeout_s=timeout_s)
-    native, local = None, None
+    native, local, nccl = None, None, _nccl_module()
     try:
+        # The local checks first, exchanged, so no rank enters ncclDevCommCreate (a collective)
+        # while another already knows it cannot.
         try:
             depth = queue_depth_from_env()
-            native = _nccl_module().GinTransport(windows.native, num_signals, ranks_per_node, all_to_all, depth,
-                                                 windows.timeout_s)
+            nccl.check_gin(windows.native, num_signals, ranks_per_node, all_to_all, depth)
         except MoelinkError as exc:
             local = exc
-        _raise_if_failed("GIN transport", [o for o in _gather(group, _outcome(local))], local)
+        _raise_if_failed("GIN transport checks", _gather(group, _outcome(local)), local)
+        try:
+            native = nccl.GinTransport(windows.native, num_signals, ranks_per_node, all_to_all, depth, windows.timeout_s)
+        except MoelinkError as exc:
+            local = exc
+        _raise_if_failed("GIN transport", _gather(group, _outcome(local)), local)
         return GinScaleOut(windows, native, num_signals)
     except BaseException:
         if native is not None:

@@ -22,6 +22,8 @@ using nccl::GinDeviceState;
 
 // One slice of a flush: ~0.5 ms at Hopper's clocks, so a deadline is noticed within a slice.
 inline constexpr uint64_t kFlushSliceCycles = uint64_t{1} << 20;
+// Entries between publications of `completed` while the ring never runs dry.
+inline constexpr uint64_t kPublishEvery = 256;
 
 struct Pump {
   const GinDeviceState& st;
@@ -145,6 +147,12 @@ MOELINK_DEVICE void run_pump(const GinDeviceState& st, host::NicRing* ring) {
     }
     if (!pump.post(entry)) return;
     ++position;
+    // Also publish every kPublishEvery entries while the ring stays full, so a kernel waiting in
+    // flush() (or for ring room) does not wait for the ring to run dry.
+    if (position % kPublishEvery == 0) {
+      if (pump.outstanding > 0 && !pump.flush(-1)) return;
+      arch::st_release<arch::Scope::kGpu>(&ring->completed, position);
+    }
   }
 }
 

@@ -78,25 +78,34 @@ const char* gin_type_name(int type) {
 
 }  // namespace
 
-GinTransport::GinTransport(Windows& windows, uint32_t num_signals, int ranks_per_node, bool all_to_all,
-                           int queue_depth, double timeout_s)
-    : windows_(windows), num_signals_(num_signals) {
+GinPlan check_gin(const Windows& windows, uint32_t num_signals, int ranks_per_node, bool all_to_all, int queue_depth,
+                  int* gin_type) {
   const LsaTeam lsa = windows.lsa_team();
-  plan_ = plan_gin(windows.num_ranks(), lsa.size, ranks_per_node, all_to_all, queue_depth);
+  const GinPlan plan = plan_gin(windows.num_ranks(), lsa.size, ranks_per_node, all_to_all, queue_depth);
   if (num_signals == 0 || uint64_t{8} * num_signals > windows.data_bytes()) {
     bad("num_signals", "at least 1 and at most data_bytes / 8 = " + std::to_string(windows.data_bytes() / 8), num_signals);
   }
-  const Library& lib = windows.library();
   const ncclCommProperties_t& props = windows.properties();
-  const bool rail = plan_.connection == GinConnection::kRail;
-  gin_type_ = static_cast<int>(rail ? props.railedGinType : props.ginType);
-  if (gin_type_ == NCCL_GIN_TYPE_NONE) {
+  const bool rail = plan.connection == GinConnection::kRail;
+  const int type = static_cast<int>(rail ? props.railedGinType : props.ginType);
+  if (type == NCCL_GIN_TYPE_NONE) {
     throw Error(ErrorKind::kNcclError,
                 windows.where("GIN transport") + ": NCCL offers no GIN backend for a " + (rail ? "RAIL" : "FULL") +
                     " connection (ginType " + gin_type_name(props.ginType) + ", railedGinType " +
                     gin_type_name(props.railedGinType) + "): it needs an RDMA NIC usable by NCCL, GDAKI "
                     "(mlx5, GPUDirect) or the proxy backend; NCCL_DEBUG=INFO says why it chose none");
   }
+  if (gin_type != nullptr) *gin_type = type;
+  return plan;
+}
+
+GinTransport::GinTransport(Windows& windows, uint32_t num_signals, int ranks_per_node, bool all_to_all,
+                           int queue_depth, double timeout_s)
+    : windows_(windows), num_signals_(num_signals) {
+  plan_ = check_gin(windows, num_signals, ranks_per_node, all_to_all, queue_depth, &gin_type_);
+  const LsaTeam lsa = windows.lsa_team();
+  const Library& lib = windows.library();
+  const bool rail = plan_.connection == GinConnection::kRail;
   try {
     ncclDevCommRequirements_t reqs = NCCL_DEV_COMM_REQUIREMENTS_INITIALIZER;
     reqs.ginForceEnable = true;

@@ -43,6 +43,14 @@ GinPlan plan_gin(int num_ranks, int lsa_size, int ranks_per_node, bool all_to_al
 
 #if MOELINK_HAVE_NCCL
 
+// Steps 1-2 alone, local (no collective): the plan, the signal count against the window, and a
+// GIN backend for the planned connection; returns the plan and NCCL's backend (ncclGinType_t),
+// throws as the constructor would. moelink._gin runs it on every rank and exchanges the outcomes
+// before any rank enters ncclDevCommCreate, so a rank that cannot take part never leaves the
+// others waiting in the collective until its deadline.
+GinPlan check_gin(const Windows& windows, uint32_t num_signals, int ranks_per_node, bool all_to_all, int queue_depth,
+                  int* gin_type);
+
 class GinTransport {
  public:
   GinTransport(Windows& windows, uint32_t num_signals, int ranks_per_node, bool all_to_all, int queue_depth,
