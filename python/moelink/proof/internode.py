@@ -53,7 +53,7 @@ def cases(group: RankGroup) -> List[Case]:
         c.append(Case("two-per-node", dict(tokens=n, hidden=1024 if big else 128, topk=6, experts_per_rank=3, rpn=2,
                                            num_sms="fit", exact=True)))
     c += [
-        Case("wrap-tiny-queues", dict(tokens=2 * n if big else 96, hidden=256 if big else 64, topk=4, experts_per_rank=2,
+        Case("wrap-tiny-queues", dict(tokens=2 * n if big else 192, hidden=256 if big else 64, topk=4, experts_per_rank=2,
                                       rpn=1 if r < 4 else 2, num_sms=2, block_warps=4, nvl_queue=1, rdma_queue=1, nvl_chunk=1,
                                       rdma_chunk=1, exact=True, min_wraps=4)),
         Case("fp8-cached", dict(tokens=n, hidden=1024 if big else 128, topk=4, experts_per_rank=2, rpn=1,
