@@ -19,6 +19,9 @@ Environment:
   MOELINK_BUILD_JOBS=N    parallel compiles (default: CPU count)
   CUDA_HOME               use $CUDA_HOME/bin/nvcc rather than the nvcc on PATH
   CXX, CC                 C++ compiler, and the C compiler that assembles .S (default g++, gcc)
+  MOELINK_SANITIZE=LIST   sanitizer build of moelink._host alone: "address,undefined" or "thread"
+                          (-O1 -g1, its own objects and output in build/sanitize-<list>/, never
+                          in place; tools/sanitize.py builds it and runs tests under it)
 """
 
 from __future__ import annotations
@@ -77,6 +80,33 @@ def _terminal():
 
 
 _TERMINAL = _terminal()
+# --- sanitizer variant -----------------------------------------------------------------------
+
+SANITIZERS = {"address,undefined", "address", "undefined", "thread"}
+
+
+def sanitize_variant() -> str | None:
+    """MOELINK_SANITIZE, validated: None for the normal build."""
+    value = os.environ.get("MOELINK_SANITIZE", "").strip()
+    if not value:
+        return None
+    if value not in SANITIZERS:
+        raise SystemExit(f"moelink: MOELINK_SANITIZE={value!r}: want one of {sorted(SANITIZERS)}")
+    return value
+
+
+def sanitize_dir(variant: str) -> Path:
+    return ROOT / "build" / ("sanitize-" + variant.replace(",", "-"))
+
+
+def sanitize_flags(variant: str) -> tuple[list[str], list[str]]:
+    """(compile flags replacing -O3 -DNDEBUG, link flags) of a sanitizer build. UBSan stops at the
+    first error (-fno-sanitize-recover); vptr is off because the module's hidden visibility gives
+    its classes their own type info, which vptr checks would take for a mismatch."""
+    flags = ["-O1", "-g1", "-fno-omit-frame-pointer", f"-fsanitize={variant}"]  # -g1: line tables for reports
+    if "undefined" in variant:
+        flags += ["-fno-sanitize-recover=undefined", "-fno-sanitize=vptr"]
+    return flags, [f"-fsanitize={variant}"]
 
 
 def log(message: str) -> None:
@@ -212,7 +242,18 @@ class BuildExt(build_ext):
     """Compiles each source with the command its suffix and extension call for, in parallel,
     caches objects per extension, then links with setuptools' linker."""
 
+    def finalize_options(self):
+        super().finalize_options()
+        variant = sanitize_variant()
+        if variant:  # never in place, never over the normal objects
+            self.inplace = False
+            self.build_temp = str(sanitize_dir(variant) / "temp")
+            self.build_lib = str(sanitize_dir(variant) / "lib")
+
     def build_extensions(self):
+        if sanitize_variant():
+            super().build_extensions()
+            return
         if not self.builds_cuda():
             # A previous CUDA build must not leak into this (host-only) wheel.
             cuda_so = Path(self.get_ext_fullpath("moelink._cuda"))
@@ -309,7 +350,10 @@ class BuildExt(build_ext):
             keep = ["-keep", "-keep-dir", str(cls.keep_dir(obj))]
             return [cuda.nvcc, *ccbin, *NVCCFLAGS, *keep, *gencode, *includes, *defines, *out]
         language = ["-x", "c++"] if src.suffix == ".cu" else []  # host build of a kernel TU
-        return [os.environ.get("CXX", "g++"), *CXXFLAGS, *includes, *defines, *language, *out]
+        flags = CXXFLAGS
+        if variant := sanitize_variant():
+            flags = [f for f in CXXFLAGS if f not in ("-O3", "-DNDEBUG")] + sanitize_flags(variant)[0]
+        return [os.environ.get("CXX", "g++"), *flags, *includes, *defines, *language, *out]
 
     def write_ptxas_report(self, ext, out_dir: Path) -> None:
         """build/ptxas-report.txt and the packaged copy: every .cu's report, `# <source>` first."""
@@ -330,13 +374,17 @@ def extensions() -> list[Extension]:
     python_includes = {sysconfig.get_paths()["include"], sysconfig.get_paths()["platinclude"]}
     includes = ["csrc", pybind11.get_include(), *sorted(python_includes)]
     exts = []
+    variant = sanitize_variant()
     if (ROOT / "csrc/bindings/host_module.cpp").is_file():
+        link = ["-pthread", *HIDE_STATIC_LIBS, *(sanitize_flags(variant)[1] if variant else [])]
         exts.append(Extension("moelink._host", sources=glob(BOTH + HOST_ONLY), language="c++",
-                              include_dirs=includes, depends=glob(HEADERS),
-                              extra_link_args=["-pthread", *HIDE_STATIC_LIBS]))
+                              include_dirs=includes, depends=glob(HEADERS), extra_link_args=link))
     else:
         log("csrc/bindings/host_module.cpp missing: skipping moelink._host")
 
+    if variant:
+        log(f"MOELINK_SANITIZE={variant}: moelink._host only, into {sanitize_dir(variant).relative_to(ROOT)}/")
+        return exts
     cuda = Cuda.find()
     if cuda:
         nccl = [str(cuda.nccl / "include")] if cuda.nccl else []

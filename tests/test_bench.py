@@ -52,11 +52,13 @@ def test_small_run_reports_json_with_checks_passed():
     proc = _run_bench(*_SMALL, "--json")
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     top = json.loads(proc.stdout)  # progress goes to stderr: stdout is the JSON alone
-    assert top["schema"] == 2 and top["skipped_modes"] == {} and set(top["modes"]) == {"intranode"}
+    assert top["schema"] == 2 and top["skipped_modes"] == {} and set(top["modes"]) == {"intranode", "internode"}
     assert set(top["legend"]) >= {"ms per call", "GB/s per rank", "/baseline", "/memcpy", "memcpy floor",
                                   "minor faults per call", "switches per call", "load", "baseline"}
     for key in ("load_average_before", "load_average_after", "cpus", "command", "date", "elapsed_s"):
         assert key in top, key
+    # --mode all (the default) runs every mode; the internode one is checked in its own test.
+    assert top["modes"]["internode"]["correct"] is True
     report = top["modes"]["intranode"]
 
     assert report["correct"] is True
@@ -204,7 +206,7 @@ def test_sweep_writes_json_tables_and_plots_or_says_why_not(tmp_path, monkeypatc
     out = tmp_path / "sweep"
     proc = _run_bench("--ranks", "2", "--tokens", "32", "--hidden", "256", "--iters", "1", "--warmup", "0",
                       "--floor-seconds", "0.05", "--sweep", "--sweep-axes", "tokens,sms", "--sweep-tokens", "16,32",
-                      "--sweep-sms", "2,4", "--out", str(out), timeout=240)
+                      "--sweep-sms", "2,4", "--mode", "intranode", "--out", str(out), timeout=240)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     result = json.loads((out / "sweep.json").read_text())
     axes = result["modes"]["intranode"]

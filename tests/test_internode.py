@@ -97,11 +97,22 @@ def _dispatch_and_combine(ctx, seed, case):
     expected_rdma = _expected_network_bytes(in_rank, world, rpn, rank, sizes["dispatch_slot_bytes"],
                                             sizes["notify_bytes"])
     assert moved["rdma"] == expected_rdma, f"rdma bytes {moved['rdma']} != {expected_rdma}"
+    # NVL side: as a forwarder this rank writes one NVL slot per (message, other local rank that gets it).
+    epr, node = num_experts // world, rank // rpn
+    nvl_copies = 0
+    for src in range(rank % rpn, world, rpn):
+        for j in range(node * rpn, (node + 1) * rpn):
+            if j != rank:
+                nvl_copies += int(((idx[src] >= j * epr) & (idx[src] < (j + 1) * epr)).any(dim=1).sum())
+    assert moved["nvl"] == nvl_copies * sizes["nvl_slot_bytes"], f"nvl bytes {moved['nvl']}"
 
     if case.get("cached"):
         again = buffer.dispatch(x, handle=handle, topk_idx=topk_idx, topk_weights=topk_weights, config=config)
         assert torch.equal(again[0] if not isinstance(again[0], tuple) else again[0][0], got_x[:m]), "cached recv_x"
         assert torch.equal(again[1], recv_idx[:m]) and torch.equal(again[2], recv_w[:m]), "cached top-k"
+        bare = buffer.dispatch(x, handle=handle, config=config)  # DeepEP's benchmarked form: no top-k at all
+        assert torch.equal(bare[0] if not isinstance(bare[0], tuple) else bare[0][0], got_x[:m]), "cached, no top-k"
+        assert bare[1] is None and bare[2] is None
     if case.get("fp8"):
         return m
 
@@ -131,6 +142,10 @@ def _dispatch_and_combine(ctx, seed, case):
             on_my_node |= ((idx[src] >= dst * epr) & (idx[src] < (dst + 1) * epr)).any(dim=1)
         partials += int(on_my_node.sum())
     assert moved["rdma"] == partials * sizes["partial_slot_bytes"], f"combine rdma bytes {moved['rdma']}"
+    # Each row goes back over NVL to the forwarder it came through, unless that is this rank.
+    own_local = rank % rpn
+    via_others = int((all_dispatched[rank].recv_src_rank[:m] % rpn != own_local).sum())
+    assert moved["nvl"] == via_others * (hidden * 2 + 4 * topk_idx.shape[1]), f"combine nvl bytes {moved['nvl']}"
     assert_combine_close(combined_x, combined_w, expected, context=f"rank {rank}", partials=nodes)
     return m
 

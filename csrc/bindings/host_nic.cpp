@@ -26,6 +26,8 @@ void bind_nic(py::module_& m) {
       .def_property_readonly("num_signals", &HostNic::num_signals)
       .def_property_readonly("entries_done", &HostNic::entries_done)
       .def_property_readonly("is_closed", &HostNic::is_closed)
+      .def_property_readonly("busy_ns", &HostNic::busy_ns, "ns spent delivering since reset_busy()")
+      .def("reset_busy", &HostNic::reset_busy)
       .def("error", &HostNic::error, "Empty, or why the NIC stopped consuming its queue.")
       .def("wait_idle", &HostNic::wait_idle, py::arg("timeout_s"),
            "Waits until every entry posted so far is done; False on timeout or a stopped NIC.", release_gil())

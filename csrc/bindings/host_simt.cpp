@@ -15,6 +15,23 @@ void bind_simt(py::module_& parent) {
         "'deterministic' or 'random:<seed>[:<p>]' (initially MOELINK_SIMT_SCHEDULE).");
   m.def("schedule", &simt::schedule);
   m.def("stack_bytes", &simt::stack_bytes);
+  m.def(
+      "last_timeout",
+      []() -> py::object {
+        const simt::TimeoutInfo t = simt::last_timeout();
+        if (!t.valid) return py::none();
+        py::dict d;
+        d["kernel"] = t.kernel;
+        d["rank"] = t.rank;
+        d["peer"] = t.peer;
+        d["channel"] = t.channel;
+        d["what"] = t.what;
+        d["waited_s"] = static_cast<double>(t.waited_ns) / 1e9;
+        d["peers_waited"] = t.peers_waited;
+        return d;
+      },
+      "The facts of the calling thread's last launch if it timed out (kernel, rank, peer, channel, what, waited_s, "
+      "peers_waited), else None.");
   m.def("stats", [] {
     const simt::Stats s = simt::stats();
     py::dict d;

@@ -1,4 +1,4 @@
-// moelink._host.transport: shared-memory segments and host windows (csrc/transport/host/).
+// moelink._host.transport: shared-memory segments (memfd) and host windows (csrc/transport/host/).
 //
 // Pointers are returned as integers (uintptr), like every pointer crossing this boundary. They
 // stay valid until the owning object is closed or collected; the Python layer
@@ -37,23 +37,34 @@ py::dict counters(const HostWindows& w, int rank) {
   return out;
 }
 
+py::object failure_dict(const std::optional<transport::host::FailureRecord>& record) {
+  if (!record) return py::none();
+  py::dict d;
+  d["rank"] = record->rank;
+  d["peer"] = record->peer;
+  d["sequence"] = record->sequence;
+  d["time_ns"] = record->time_ns;
+  d["text"] = record->text;
+  return d;
+}
+
 void bind_segment(py::module_& t) {
   py::class_<ShmSegment>(t, "ShmSegment",
-                         "One POSIX shared-memory object mapped read/write (csrc/transport/host/shm_segment.h).")
+                         "Anonymous shared memory (memfd) shared by file descriptor (csrc/transport/host/shm_segment.h).")
       .def_static("create", &ShmSegment::create, py::arg("nbytes"), py::arg("tag") = "",
-                  "New zero-filled segment, O_CREAT|O_EXCL, mode 0600, name '/moelink-[tag-]<128 random bits>'.")
-      .def_static("open", &ShmSegment::open, py::arg("name"), py::arg("nbytes"),
-                  "Maps an existing segment; it must be ours (same uid, mode 0600) and exactly nbytes long.")
-      .def_static("unlink_name", &ShmSegment::unlink_name, py::arg("name"),
-                  "Removes a name; False if it was already gone.")
+                  "New zero-filled, size-sealed memfd 'moelink-[tag-]<128 random bits>', mode 0600, kept open.")
+      .def_static("open", &ShmSegment::open, py::arg("pid"), py::arg("fd"), py::arg("name"), py::arg("nbytes"),
+                  "Maps the segment process `pid` holds as descriptor `fd` (/proc/<pid>/fd/<fd>), after checking it "
+                  "is our memfd `name` (same uid, mode 0600, size-sealed, exactly nbytes long).")
       .def_property_readonly("name", &ShmSegment::name)
       .def_property_readonly("size", &ShmSegment::size)
       .def_property_readonly("data_ptr", [](const ShmSegment& s) { return address(s.data()); })
       .def_property_readonly("is_mapped", &ShmSegment::is_mapped)
       .def_property_readonly("is_creator", &ShmSegment::is_creator)
-      .def_property_readonly("is_linked", &ShmSegment::is_linked)
-      .def("unlink", &ShmSegment::unlink, "Unlinks the name; True if this call removed it.")
-      .def("close", &ShmSegment::close, "Unmaps (a creator unlinks a still-linked name first).")
+      .def_property_readonly("descriptor", &ShmSegment::descriptor)
+      .def_property_readonly("is_shareable", &ShmSegment::is_shareable)
+      .def("close_descriptor", &ShmSegment::close_descriptor, "No process can open it any more; mappings stay.")
+      .def("close", &ShmSegment::close, "Unmaps and closes the descriptor.")
       .def("__enter__", [](ShmSegment& s) -> ShmSegment& { return s; }, py::return_value_policy::reference)
       .def("__exit__", [](ShmSegment& s, py::args) { s.close(); })
       .def("__repr__", [](const ShmSegment& s) {
@@ -74,15 +85,25 @@ void bind_windows(py::module_& t) {
       .def_property_readonly("node", &HostWindows::node)
       .def_property_readonly("local_rank", &HostWindows::local_rank)
       .def_property_readonly("name", &HostWindows::name)
+      .def_property_readonly("owner_pid", &HostWindows::owner_pid)
+      .def_property_readonly("descriptor", &HostWindows::descriptor)
+      .def_property_readonly("is_shareable", &HostWindows::is_shareable)
+      .def_property_readonly("nic_maps_remote", &HostWindows::nic_maps_remote)
       .def_property_readonly("segment_bytes", &HostWindows::segment_bytes)
       .def_property_readonly("data_bytes", &HostWindows::data_bytes)
       .def_property_readonly("attach_expected", &HostWindows::attach_expected)
       .def_property_readonly("is_closed", &HostWindows::is_closed)
       .def("is_node_peer", &HostWindows::is_node_peer, py::arg("rank"))
       .def("is_mapped", &HostWindows::is_mapped, py::arg("rank"))
-      .def("attach", &HostWindows::attach, py::arg("peer"), py::arg("name"), py::arg("segment_bytes"),
-           "Maps a peer's segment after checking its header; True if this call unlinked its name.")
-      .def("unlink_own", &HostWindows::unlink_own, "Unlinks this rank's name if still linked.")
+      .def("attach", &HostWindows::attach, py::arg("peer"), py::arg("pid"), py::arg("fd"), py::arg("name"),
+           py::arg("segment_bytes"), "Maps a peer's segment (held by `pid` as `fd`) after checking it and its header.")
+      .def("close_descriptor", &HostWindows::close_descriptor,
+           "Closes the own segment's descriptor: nobody can open it any more.")
+      .def("publish_failure", &HostWindows::publish_failure, py::arg("text"), py::arg("peer"), py::arg("sequence"),
+           "Writes this rank's failure record once; False if one was already published.")
+      .def(
+          "failure", [](const HostWindows& w, int r) { return failure_dict(w.failure_of(r)); }, py::arg("rank"),
+          "The published failure record of a mapped rank as a dict (rank, peer, sequence, time_ns, text), or None.")
       .def(
           "peer_ptr",
           [](const HostWindows& w, int peer, std::size_t offset, std::size_t nbytes) {
@@ -136,10 +157,11 @@ void bind_windows(py::module_& t) {
             d["owner_pid"] = h->owner_pid;
             d["attach_expected"] = h->attach_expected.load();
             d["attach_count"] = h->attach_count.load();
+            d["failure_state"] = h->failure.state.load();
             return d;
           },
           py::arg("rank") = -1, "The header fields of a mapped rank's segment, as a dict.")
-      .def("close", &HostWindows::close, "Unmaps everything (unlinking a still-linked own name). Idempotent.")
+      .def("close", &HostWindows::close, "Unmaps everything and closes the own descriptor. Idempotent.")
       .def("__repr__", [](const HostWindows& w) {
         return "<HostWindows rank " + std::to_string(w.rank()) + "/" + std::to_string(w.num_ranks()) + " node " +
                std::to_string(w.node()) + " " + std::to_string(w.data_bytes()) + " bytes" +
@@ -154,6 +176,7 @@ void bind_transport(py::module_& m) {
   t.attr("WINDOW_HEADER_BYTES") = transport::host::kWindowHeaderBytes;
   t.attr("WINDOW_LAYOUT_VERSION") = transport::host::kWindowLayoutVersion;
   t.attr("SEGMENT_NAME_PREFIX") = std::string(transport::host::kSegmentNamePrefix);
+  t.attr("FAILURE_TEXT_BYTES") = transport::host::kFailureTextBytes;
   bind_segment(t);
   bind_windows(t);
 }

@@ -64,6 +64,13 @@ MOELINK_DEVICE_NOINLINE void rdma_send(const InternodeDispatchArgs& args, const 
         weights[k] = here && args.topk_weights != nullptr ? args.topk_weights[token * s.num_topk + k] : 0.0f;
       }
       if (lane < 4) reinterpret_cast<int32_t*>(slot + layout.slot_meta)[lane] = lane == 0 ? static_cast<int32_t>(token) : 0;
+      // Which ranks of the node get it: bit j of word j / 32, from the layout (lane per word).
+      const bool* ranks_row = args.is_token_in_rank + token * s.num_ranks() + node * s.ranks_per_node;
+      for (int word = lane; word < (s.ranks_per_node + 31) / 32; word += kWarpSize) {
+        uint32_t bits = 0;
+        for (int j = word * 32; j < s.ranks_per_node && j < word * 32 + 32; ++j) bits |= ranks_row[j] ? 1u << (j % 32) : 0u;
+        reinterpret_cast<uint32_t*>(slot + layout.slot_mask)[word] = bits;
+      }
       if (lane == 0) args.rdma_send_head[token * nodes + node] = static_cast<int32_t>(sender.tail - sender.start);
       sender.commit(ctx);
     }

@@ -13,6 +13,9 @@
 
 namespace moelink::kernels::internode {
 
+// Messages a forwarder warp reads between reports of its progress to the coordinator.
+constexpr int kProgressBatch = 8;
+
 MOELINK_HOST_DEVICE size_t forward_smem_bytes(const InternodeShape& s) {
   return static_cast<size_t>(s.num_nodes) * sizeof(uint64_t) * static_cast<size_t>(s.block_warps);
 }
@@ -60,14 +63,9 @@ MOELINK_DEVICE void forward_message(const InternodeDispatchArgs& args, const Int
   sender.commit();
 }
 
-// Whether the message's top-k names an expert of local rank j (ids are global, -1 elsewhere).
-MOELINK_DEVICE bool message_for(const InternodeContext& ctx, const InternodeLayout& layout, const char* message, int j) {
-  const InternodeShape& s = ctx.shape;
-  const int32_t* topk = reinterpret_cast<const int32_t*>(message + layout.slot_topk);
-  const int64_t first = static_cast<int64_t>(ctx.node() * s.ranks_per_node + j) * s.experts_per_rank;
-  bool hit = false;
-  for (int k = static_cast<int>(lane_id()); k < s.num_topk; k += kWarpSize) hit = hit || (topk[k] >= first && topk[k] < first + s.experts_per_rank);
-  return any(kFullMask, hit);
+// Whether the message goes to local rank j: its mask, written by the source from the layout.
+MOELINK_DEVICE bool message_for(const InternodeLayout& layout, const char* message, int j) {
+  return (reinterpret_cast<const uint32_t*>(message + layout.slot_mask)[j / 32] >> (j % 32)) & 1u;
 }
 
 MOELINK_DEVICE_NOINLINE void forward(const InternodeDispatchArgs& args, const InternodeLayout& layout, const InternodeRoles& roles,
@@ -103,14 +101,18 @@ MOELINK_DEVICE_NOINLINE void forward(const InternodeDispatchArgs& args, const In
       const char* message = ring + static_cast<int64_t>(position % static_cast<uint64_t>(s.rdma_queue_tokens)) * layout.dispatch_slot;
       for (int i = 0, j = warp; i < served; ++i, j += roles.forwarders) {
         int32_t at = -1;
-        if (message_for(ctx, layout, message, j)) {
+        if (message_for(layout, message, j)) {
           at = static_cast<int32_t>(senders[i].tail - senders[i].start);
           forward_message(args, layout, senders[i], message, j, src);
         }
         if (lane == 0) args.forward_head[static_cast<int64_t>(first + m) * lr + j] = at;
       }
-      syncwarp();  // every lane is done with the message before the coordinator may free it
-      if (lane == 0) st_release<Scope::kBlock>(progress + static_cast<int64_t>(warp) * nodes + n, static_cast<uint64_t>(m + 1));
+      // Progress for the coordinator, every few messages (and before waiting for more): each
+      // publication costs the warp a collective, each credit a network signal.
+      if (m + 1 == count || (m + 1) % kProgressBatch == 0 || starts[n] + static_cast<uint64_t>(m) + 1 >= available) {
+        syncwarp();  // every lane is done with the messages before the coordinator may free them
+        if (lane == 0) st_release<Scope::kBlock>(progress + static_cast<int64_t>(warp) * nodes + n, static_cast<uint64_t>(m + 1));
+      }
     }
   }
   for (int i = 0; i < served; ++i) senders[i].publish();

@@ -64,7 +64,9 @@
 // Wire format of one network message (dispatch_slot, 16-byte aligned pieces):
 //     row [row_bytes] | scales [a16(4P)] 4-byte words | topk [a16(4K)] i32 global expert ids,
 //     -1 for slots whose expert is not on the destination node | weights [a16(4K)] f32 (0 where
-//     topk is -1) | meta [16]: i32 token index on the source, 12 bytes zero
+//     topk is -1) | meta [16]: i32 token index on the source, 12 bytes zero | mask
+//     [a16(4 * ceil(L / 32))]: u32 words, bit j set if local rank j of the destination node gets
+//     the token (the layout's is_token_in_rank: cached dispatches carry no top-k ids)
 //   partial_slot: row [hidden * 2] bf16 partial sum | weights [a16(4K)] f32 partial sums
 //   notify message: i32 [C] tokens to that rank per channel | i32 [C] tokens to its node per
 //     channel | i32 [E] (token, slot) pairs for each of its experts, padded to 16 bytes
@@ -159,7 +161,7 @@ struct InternodeLayout {
   int64_t pos_rdma_sent, pos_rdma_taken, pos_comb_sent, pos_comb_taken;    // byte offsets of the positions
   int64_t notify_in, notify_out, rdma_recv, rdma_send, comb_recv, comb_send;  // byte offsets
   int64_t notify_bytes, dispatch_slot, partial_slot;     // sizes
-  int64_t slot_scales, slot_topk, slot_weights, slot_meta, partial_weights;  // offsets inside a slot
+  int64_t slot_scales, slot_topk, slot_weights, slot_meta, slot_mask, partial_weights;  // offsets inside a slot
   int64_t rdma_total_bytes;
   // NVL window
   int64_t nvl_barrier, nvl_notify_flag, nvl_tail, nvl_head, nvl_notify_in, nvl_queues, nvl_queue_bytes;
@@ -186,7 +188,8 @@ struct InternodeLayout {
     l.slot_topk = l.slot_scales + a16(4 * s.num_scales);
     l.slot_weights = l.slot_topk + a16(4 * k);
     l.slot_meta = l.slot_weights + a16(4 * k);
-    l.dispatch_slot = l.slot_meta + 16;
+    l.slot_mask = l.slot_meta + 16;
+    l.dispatch_slot = l.slot_mask + a16(4 * ((lr + 31) / 32));
     l.partial_weights = s.row_bytes;
     l.partial_slot = l.partial_weights + a16(4 * k);
     l.pos_rdma_sent = align(8 * l.num_signals > s.reserved_head_bytes ? 8 * l.num_signals : s.reserved_head_bytes);

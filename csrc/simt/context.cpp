@@ -77,6 +77,7 @@ class StackPool {
   }
 
   void release(std::vector<char*>& stacks) {
+    for (char* stack : stacks) sanitizer::forget_stack(stack, stack_bytes());
     std::lock_guard<std::mutex> lock(mutex_);
     free_.insert(free_.end(), stacks.begin(), stacks.end());
     stacks.clear();

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "runtime/errors.h"
+#include "simt/fiber_sanitizer.h"
 #include "simt/runtime.h"
 
 namespace moelink::simt {
@@ -49,6 +50,7 @@ struct Fiber {
 
   uint64_t collective_result = 0;  // written by the lane that completes a warp collective
   int blocked_barrier = -1;        // barrier id while blocked on a barrier, for diagnostics
+  sanitizer::Context san;          // ASan/TSan view of this fiber (empty in normal builds)
 };
 
 // One warp collective that some lanes of `mask` have reached.
@@ -105,6 +107,8 @@ class Launch {
   [[noreturn]] void finish_current();
   void fuzz_point();
   std::string where(const Fiber& fiber) const;  // "kernel 'x' rank 0 block 1 thread 3"
+  // For the first fiber to start: where the launching thread's stack bounds go (once), else null.
+  sanitizer::Context* thread_context_to_capture();
 
   const LaunchConfig& config() const { return config_; }
   bool poisons_shared_memory() const { return random_; }
@@ -116,13 +120,14 @@ class Launch {
   void push_runnable(Fiber* fiber);
   Fiber* pop_runnable();
   Fiber* next_fiber();  // nullptr: the launch finished or failed
-  void enter(Fiber* fiber, void** save_sp);
+  void enter(Fiber* fiber, void** save_sp, Fiber* from);  // from: nullptr = the launching thread
   void unpark(Fiber* fiber);
   void drain_dirty_buckets();
   void poll_parked();
   void back_off(unsigned idle_rounds);
   std::string describe_deadlock() const;
   std::string describe_timeout(const Fiber& expired, uint64_t now) const;
+  void record_timeout(const Fiber& expired, uint64_t now) const;  // into last_timeout()
   static unsigned bucket_of(const void* addr);
   uint64_t next_random();
 
@@ -144,6 +149,8 @@ class Launch {
 
   Fiber* current_ = nullptr;
   void* scheduler_sp_ = nullptr;  // run()'s own stack while fibers run
+  sanitizer::Context thread_san_;  // the launching thread as the sanitizers see it
+  bool capture_thread_stack_ = false;
   std::optional<Error> error_;
 
   bool random_ = false;
@@ -151,6 +158,9 @@ class Launch {
   uint64_t rng_state_ = 0;
   uint64_t timeout_ns_ = 0;
 };
+
+// Clears last_timeout() for the launch starting on this thread (diagnostics.cpp).
+void reset_last_timeout();
 
 // The launch running on this OS thread (nullptr outside a launch).
 extern thread_local Launch* t_launch __attribute__((tls_model("initial-exec")));

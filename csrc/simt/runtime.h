@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "arch/types.h"
 
@@ -81,6 +82,21 @@ struct Stats {
   uint64_t idle_sleeps = 0;     // back-off sleeps while everything waited on other processes
 };
 Stats stats();
+
+// The facts of the last wait timeout (kCommTimeout) of a launch on the calling OS thread, structured
+// for the layers that turn a timeout into a root cause (moelink._host_windows); valid == false if
+// the thread's latest launch did not time out.
+struct TimeoutInfo {
+  bool valid = false;
+  std::string kernel;
+  int rank = -1;      // the launch's rank, else the wait site's
+  int peer = -1;      // the expired wait's peer, -1 if it named none
+  int channel = -1;
+  std::string what;   // the wait site's description
+  uint64_t waited_ns = 0;
+  std::vector<int> peers_waited;  // distinct peers of every wait parked at that moment, ascending
+};
+TimeoutInfo last_timeout();
 
 // Fiber stack size in bytes (MOELINK_SIMT_STACK_KB, default 64 KiB).
 size_t stack_bytes();

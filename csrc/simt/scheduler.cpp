@@ -21,6 +21,7 @@ thread_local Launch* t_launch = nullptr;
 
 namespace {
 
+
 constexpr unsigned kMaxThreadsPerBlock = 1024;           // as on every CUDA GPU
 constexpr size_t kMaxDynamicSmemBytes = 227 * 1024;      // Hopper's per-block opt-in maximum
 constexpr uint64_t kMinPollInterval = 256;               // dispatches between sweeps of parked waits
@@ -28,6 +29,7 @@ constexpr uint64_t kMinPollInterval = 256;               // dispatches between s
 // Fresh fibers start here, on their own stack.
 void fiber_entry() {
   Launch* launch = t_launch;
+  sanitizer::started(launch->thread_context_to_capture());
   std::string failure;
   try {
     launch->body(launch->body_arg);
@@ -109,12 +111,14 @@ Launch::Launch(const LaunchConfig& config, void (*body_fn)(void*), void* arg)
     fiber.block = &blocks_[b];
     fiber.stack_low = stacks_[i];
     fiber.sp = prepare_stack(fiber.stack_low, stack_size, i, &fiber_entry);
+    sanitizer::create(fiber.san, fiber.stack_low, stack_size);
     runq_.push_back(&fiber);
   }
   live_ = fibers_.size();
 }
 
 Launch::~Launch() {
+  for (Fiber& fiber : fibers_) sanitizer::destroy(fiber.san);
   for (Block& block : blocks_) {
     std::free(block.dynamic_smem);
     for (auto& entry : block.static_smem) std::free(entry.second);
@@ -123,13 +127,16 @@ Launch::~Launch() {
 }
 
 void Launch::run() {
+  reset_last_timeout();
   t_launch = this;
   t_fuzz_memory_ops = (random_ && fuzz_threshold_ > 0) ? 1 : 0;
   // The main stack only starts the first fiber; from then on each fiber that stops picks its
   // successor and switches to it directly. Control comes back here once every fiber finished,
   // or a failure stopped the launch.
+  sanitizer::adopt_thread(thread_san_);
+  capture_thread_stack_ = true;
   if (Fiber* first = next_fiber()) {
-    enter(first, &scheduler_sp_);
+    enter(first, &scheduler_sp_, nullptr);
   }
   t_launch = nullptr;
   t_identity = nullptr;
@@ -169,11 +176,20 @@ Fiber* Launch::next_fiber() {
   return nullptr;
 }
 
-void Launch::enter(Fiber* fiber, void** save_sp) {
+void Launch::enter(Fiber* fiber, void** save_sp, Fiber* from) {
   current_ = fiber;
   fiber->state = FiberState::kRunning;
   t_identity = &fiber->id;
+  sanitizer::Context& self = from != nullptr ? from->san : thread_san_;
+  sanitizer::before_switch(self, from != nullptr && from->state == FiberState::kDone, fiber->san);
   moelink_simt_switch(save_sp, fiber->sp);
+  sanitizer::resumed(self);  // `from` again (a finished fiber never gets here)
+}
+
+sanitizer::Context* Launch::thread_context_to_capture() {
+  if (!capture_thread_stack_) return nullptr;
+  capture_thread_stack_ = false;
+  return &thread_san_;
 }
 
 void Launch::suspend() {
@@ -191,10 +207,12 @@ void Launch::suspend() {
     return;
   }
   if (next == nullptr) {
-    moelink_simt_switch(&self->sp, scheduler_sp_);  // finished or failed: back to run()
+    // Finished or failed: back to run(), and no fiber of this launch ever resumes.
+    sanitizer::before_switch(self->san, /*from_exits=*/true, thread_san_);
+    moelink_simt_switch(&self->sp, scheduler_sp_);
     return;
   }
-  enter(next, &self->sp);
+  enter(next, &self->sp, self);
   // Resumed: whoever switched here has made this fiber current again.
 }
 
@@ -284,6 +302,7 @@ void Launch::poll_parked() {
       unpark(fiber);
     } else if (now - w.since_ns > timeout_ns_) {
       error_.emplace(ErrorKind::kCommTimeout, describe_timeout(*fiber, now));
+      record_timeout(*fiber, now);
       return;
     }
   }
@@ -301,33 +320,6 @@ void Launch::back_off(unsigned idle_rounds) {
     timespec pause{0, static_cast<long>(2000u << doublings)};  // 2 us .. 64 us
     nanosleep(&pause, nullptr);
   }
-}
-
-std::string Launch::where(const Fiber& fiber) const {
-  std::string text = std::string("kernel '") + config_.kernel_name + "'";
-  if (config_.rank >= 0) text += " rank " + std::to_string(config_.rank);
-  text += " block " + std::to_string(fiber.id.block_rank) + " thread " + std::to_string(fiber.id.thread_rank);
-  return text;
-}
-
-std::string Launch::describe_timeout(const Fiber& expired, uint64_t now) const {
-  const DataWait& w = expired.wait;
-  auto as_text = [&](uint64_t bits) {
-    if (!w.value_signed) return std::to_string(w.value_bytes == 4 ? static_cast<uint32_t>(bits) : bits);
-    return std::to_string(w.value_bytes == 4 ? static_cast<int64_t>(static_cast<int32_t>(bits))
-                                             : static_cast<int64_t>(bits));
-  };
-  char addr[32];
-  std::snprintf(addr, sizeof addr, "%p", w.addr);
-  std::string text = where(expired) + ": waited " + std::to_string((now - w.since_ns) / 1000000) +
-                     " ms for " + (w.site.what ? w.site.what : "?");
-  if (w.site.rank >= 0 && config_.rank < 0) text += " (rank " + std::to_string(w.site.rank) + ")";
-  if (w.site.peer >= 0) text += " from peer " + std::to_string(w.site.peer);
-  if (w.site.channel >= 0) text += " on channel " + std::to_string(w.site.channel);
-  text += ": value at " + std::string(addr) + " is " + as_text(w.seen) + ", waited for " +
-          arch::cmp_text(w.cmp) + " " + as_text(w.value);
-  if (parked_.size() > 1) text += " (" + std::to_string(parked_.size() - 1) + " other threads were waiting too)";
-  return text + " [MOELINK_TIMEOUT_S=" + std::to_string(timeout_ns_ / 1000000000.0) + "]";
 }
 
 void Launch::fail(ErrorKind kind, const std::string& message) {

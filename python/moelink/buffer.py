@@ -18,12 +18,12 @@ import torch.distributed as dist
 
 import os
 
-from . import _backend, _internode, _intranode, _low_latency, _validate
+from . import _backend, _host_windows, _internode, _intranode, _low_latency, _rendezvous, _validate
 from ._host_windows import bootstrap_host_windows
 from ._scaleout import ScaleOutWindows
 from ._interop import accepts_arrays
 from .config import DEFAULT_NUM_SMS, Config, get_combine_config, get_dispatch_config
-from .errors import BufferUnusable, GPUUnavailable, InvalidArgument, InvalidType, argument_error
+from .errors import BufferUnusable, GPUUnavailable, InvalidArgument, InvalidType, MoelinkError, argument_error
 from .event import EventOverlap
 from .layout import get_dispatch_layout as _get_dispatch_layout
 from ._intranode import DispatchHandle
@@ -59,31 +59,39 @@ class Buffer:
         self._windows = None
         self._unusable: Optional[str] = None
         self.rank, self.group_size = group.rank(), group.size()
-        self.num_nvl_bytes = _validate.integer("num_nvl_bytes", num_nvl_bytes, minimum=0)
-        self.num_rdma_bytes = _validate.integer("num_rdma_bytes", num_rdma_bytes, minimum=0)
-        self.low_latency_mode = bool(low_latency_mode)
-        self.explicitly_destroy = bool(explicitly_destroy)
-        self.ranks_per_node = _ranks_per_node(ranks_per_node, self.group_size)
-        self.num_nodes = self.group_size // self.ranks_per_node
-        self._ll = None  # _low_latency.LowLatencyState of a low_latency_mode Buffer
-        if self.low_latency_mode:
-            _validate.integer("num_qps_per_rank", num_qps_per_rank, minimum=1)
-            if self.num_rdma_bytes == 0:
-                raise argument_error(InvalidArgument, "num_rdma_bytes", "> 0 with low_latency_mode=True "
-                                     "(Buffer.get_low_latency_rdma_size_hint gives a size)", 0)
-        if self.num_nodes > 1 and self.num_rdma_bytes == 0:
-            raise argument_error(InvalidArgument, "num_rdma_bytes",
-                                 f"> 0 for {self.num_nodes} nodes of {self.ranks_per_node} ranks (the internode path "
-                                 "needs a scale-out window; Config.get_rdma_buffer_size_hint gives its size)", 0)
         if dist.get_backend(group) != "gloo":
             raise GPUUnavailable(f"group: moelink's GPU transport (NCCL windows) is not wired into Buffer yet; the "
                                  f"host target needs a gloo group, got backend '{dist.get_backend(group)}'")
+        # Argument errors travel in the bootstrap's first exchange: every rank raises, none waits.
+        error = None
+        try:
+            self.num_nvl_bytes = _validate.integer("num_nvl_bytes", num_nvl_bytes, minimum=0)
+            self.num_rdma_bytes = _validate.integer("num_rdma_bytes", num_rdma_bytes, minimum=0)
+            self.low_latency_mode = bool(low_latency_mode)
+            self.explicitly_destroy = bool(explicitly_destroy)
+            self.ranks_per_node = _ranks_per_node(ranks_per_node, self.group_size)
+            self.num_nodes = self.group_size // self.ranks_per_node
+            if self.low_latency_mode:
+                _validate.integer("num_qps_per_rank", num_qps_per_rank, minimum=1)
+                if self.num_rdma_bytes == 0:
+                    raise argument_error(InvalidArgument, "num_rdma_bytes", "> 0 with low_latency_mode=True "
+                                         "(Buffer.get_low_latency_rdma_size_hint gives a size)", 0)
+            if self.num_nodes > 1 and self.num_rdma_bytes == 0:
+                raise argument_error(InvalidArgument, "num_rdma_bytes",
+                                     f"> 0 for {self.num_nodes} nodes of {self.ranks_per_node} ranks (the internode "
+                                     "path needs a scale-out window; Config.get_rdma_buffer_size_hint gives its size)", 0)
+        except MoelinkError as exc:
+            error = exc
+        agree = None if error else dict(num_rdma_bytes=self.num_rdma_bytes, low_latency_mode=self.low_latency_mode)
         self._scaleout = None
-        if self.num_nvl_bytes == 0:
-            _agree_on_no_window(group, self.ranks_per_node)
+        self._ll = None  # _low_latency.LowLatencyState of a low_latency_mode Buffer
+        if error is None and self.num_nvl_bytes == 0:
+            _agree_on_no_window(group, self.ranks_per_node, agree)
             self._window_ptrs, self._nvl_counter = None, 0
         else:
-            self._windows = bootstrap_host_windows(group, self.num_nvl_bytes, ranks_per_node=self.ranks_per_node)
+            self._windows = bootstrap_host_windows(
+                group, self.num_nvl_bytes if error is None else 1,
+                ranks_per_node=None if error else self.ranks_per_node, agree=agree, local_error=error)
             self._window_ptrs = self._windows.node_window_ptrs()
             self._nvl_counter = self._windows.counter_ptr("nvl")
         if self.num_nodes > 1 or self.low_latency_mode:
@@ -161,12 +169,22 @@ class Buffer:
         try:
             yield
         except BaseException as exc:
-            self._poison(op, exc)
-            raise
+            explained = self._poison(op, exc)
+            if explained is exc:
+                raise
+            raise explained from None
 
-    def _poison(self, op: str, exc: BaseException) -> None:
+    def _poison(self, op: str, exc: BaseException) -> BaseException:
+        """Marks the Buffer unusable and returns the exception to raise: the windows publish this
+        rank's failure and, for a CommTimeout, name the root cause (moelink._host_windows)."""
         self._unusable = (f"{op} (operation {self._epoch}) failed with {type(exc).__name__}, and peers may be "
                           f"mid-operation on the shared windows; create a new Buffer. Cause: {exc}")
+        # The scale-out windows map every rank (for the NIC), the NVL windows only the node's.
+        scaleout = getattr(self, "_scaleout", None)
+        windows = scaleout.windows if scaleout is not None else self._windows
+        if windows is None or windows.closed or not isinstance(exc, MoelinkError):
+            return exc
+        return windows.explain_failure(exc, sequence=self._epoch)
 
     # ---- DeepEP's accessors ----------------------------------------------------------------------
 
@@ -325,18 +343,22 @@ class Buffer:
             self._scaleout.reset_counters()
 
 
-def _agree_on_no_window(group: dist.ProcessGroup, ranks_per_node: int) -> None:
+def _agree_on_no_window(group: dist.ProcessGroup, ranks_per_node: int, agree: Optional[dict]) -> None:
     """A Buffer without an NVL window makes no segment, but its ranks still meet once, so a rank
-    that asked for a window does not wait alone. The item has the shape of the first collective of
-    bootstrap_host_windows, (data_bytes, ranks_per_node, nic_maps_remote, error), so that a rank
-    inside that bootstrap sees data_bytes differ and raises too, instead of hanging."""
-    mine = (0, ranks_per_node, False, None)
-    items = [None] * group.size()
-    dist.all_gather_object(items, mine, group=group)
+    that asked for a window does not wait alone: this is the first exchange of
+    bootstrap_host_windows, with data_bytes 0, so that a rank inside that bootstrap sees the
+    arguments differ and raises too, instead of waiting for the next step."""
+    deadline_s, error = _host_windows._deadline_s()
+    if error is not None:
+        raise error
+    mine = dict(args=[repr(0), repr(ranks_per_node), False, agree or {}], error=None)
+    items = _rendezvous.exchange(group, "arguments", mine, deadline_s, what="host windows bootstrap",
+                                 later_steps=("publish", "map"))
     if any(item != mine for item in items):
-        listing = ", ".join(f"rank {r}: {item[:2] if isinstance(item, tuple) else item}" for r, item in enumerate(items))
+        listing = ", ".join(f"rank {r}: {item.get('args') if isinstance(item, dict) else item}"
+                            for r, item in enumerate(items))
         raise argument_error(InvalidArgument, "num_nvl_bytes", "the same value on every rank",
-                             f"(num_nvl_bytes, ranks_per_node) {listing}")
+                             f"(num_nvl_bytes, ranks_per_node, ...) {listing}")
 
 
 RANKS_PER_NODE_ENV = "MOELINK_RANKS_PER_NODE"

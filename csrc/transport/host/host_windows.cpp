@@ -1,7 +1,10 @@
 #include "transport/host/host_windows.h"
 
+#include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstring>
 #include <new>
 #include <string>
 
@@ -25,7 +28,11 @@ const char* link_class_name(LinkClass link) { return link == LinkClass::kNvl ? "
 
 HostWindows::HostWindows(int rank, int num_ranks, int ranks_per_node, std::size_t data_bytes, std::string_view tag,
                          bool nic_maps_remote)
-    : rank_(rank), num_ranks_(num_ranks), ranks_per_node_(ranks_per_node), nic_maps_remote_(nic_maps_remote) {
+    : rank_(rank),
+      num_ranks_(num_ranks),
+      ranks_per_node_(ranks_per_node),
+      nic_maps_remote_(nic_maps_remote),
+      owner_pid_(::getpid()) {
   if (num_ranks < 1) invalid(expected_got("HostWindows num_ranks", ">= 1", std::to_string(num_ranks)));
   if (rank < 0 || rank >= num_ranks) {
     invalid(expected_got("HostWindows rank", "in [0, " + std::to_string(num_ranks) + ")", std::to_string(rank)));
@@ -48,12 +55,12 @@ HostWindows::HostWindows(int rank, int num_ranks, int ranks_per_node, std::size_
   h->owner_rank = rank;
   h->num_ranks = num_ranks;
   h->ranks_per_node = ranks_per_node;
-  h->owner_pid = static_cast<int32_t>(::getpid());
+  h->owner_pid = static_cast<int32_t>(owner_pid_);
   h->attach_expected.store(attach_expected_, std::memory_order_relaxed);
   h->attach_count.store(1, std::memory_order_relaxed);
   std::atomic_ref<uint64_t>(h->magic).store(kWindowMagic, std::memory_order_release);
-  // Alone on its node and unseen by any NIC: nobody else will ever open the name.
-  if (attach_expected_ == 1) segments_[rank].unlink();
+  // Alone on its node and unseen by any NIC: nobody else will ever open the segment.
+  if (attach_expected_ == 1) segments_[rank].close_descriptor();
 }
 
 HostWindows::~HostWindows() { close(); }
@@ -74,7 +81,7 @@ void HostWindows::check_rank(const char* what, int r) const {
   }
 }
 
-bool HostWindows::attach(int peer, const std::string& name, std::size_t segment_bytes) {
+void HostWindows::attach(int peer, pid_t pid, int fd, const std::string& name, std::size_t segment_bytes) {
   check_open("attach");
   if (peer < 0 || peer >= num_ranks_ || peer == rank_) {
     invalid(expected_got("HostWindows.attach peer", "another rank in [0, " + std::to_string(num_ranks_) + ")",
@@ -91,34 +98,33 @@ bool HostWindows::attach(int peer, const std::string& name, std::size_t segment_
                          std::to_string(this->segment_bytes()) + " (windows are symmetric)",
                          std::to_string(segment_bytes)));
   }
-  ShmSegment segment = ShmSegment::open(name, segment_bytes);
+  ShmSegment segment = ShmSegment::open(pid, fd, name, segment_bytes);
   auto* h = reinterpret_cast<WindowHeader*>(segment.data());
+  // The creator stores the magic last, with release: everything checked below is complete.
   uint64_t magic = std::atomic_ref<uint64_t>(h->magic).load(std::memory_order_acquire);
   auto mismatch = [&](const char* field, int64_t expected, int64_t got) {
     if (expected != got) {
-      invalid(expected_got("HostWindows.attach: header field " + std::string(field) + " of " + name,
+      invalid(expected_got("HostWindows.attach: header field " + std::string(field) + " of " + name + " (rank " +
+                               std::to_string(peer) + ")",
                            std::to_string(expected), std::to_string(got)));
     }
   };
   mismatch("magic", static_cast<int64_t>(kWindowMagic), static_cast<int64_t>(magic));
   mismatch("layout_version", kWindowLayoutVersion, h->layout_version);
+  mismatch("header_bytes", static_cast<int64_t>(kWindowHeaderBytes), h->header_bytes);
+  mismatch("segment_bytes", static_cast<int64_t>(segment_bytes), static_cast<int64_t>(h->segment_bytes));
   mismatch("owner_rank", peer, h->owner_rank);
+  mismatch("owner_pid", pid, h->owner_pid);
   mismatch("num_ranks", num_ranks_, h->num_ranks);
   mismatch("ranks_per_node", ranks_per_node_, h->ranks_per_node);
   mismatch("data_bytes", static_cast<int64_t>(data_bytes_), static_cast<int64_t>(h->data_bytes));
-
-  // The last process to map the segment removes its name: from then on nothing can open it, and
-  // the memory goes away with the last mapping, however the processes end.
-  uint32_t count = h->attach_count.fetch_add(1, std::memory_order_acq_rel) + 1;
-  bool unlinked = false;
-  if (count >= h->attach_expected.load(std::memory_order_relaxed)) unlinked = segment.unlink();
+  h->attach_count.fetch_add(1, std::memory_order_acq_rel);
   segments_[peer] = std::move(segment);
-  return unlinked;
 }
 
-bool HostWindows::unlink_own() {
-  check_open("unlink_own");
-  return segments_[rank_].unlink();
+void HostWindows::close_descriptor() {
+  check_open("close_descriptor");
+  segments_[rank_].close_descriptor();
 }
 
 bool HostWindows::is_mapped(int r) const {
@@ -171,10 +177,59 @@ const WindowHeader* HostWindows::header_of(int r) const {
   return header(r);
 }
 
+bool HostWindows::publish_failure(const std::string& text, int peer, uint64_t sequence) {
+  check_open("publish_failure");
+  if (peer < -1 || peer >= num_ranks_) {
+    invalid(expected_got("HostWindows.publish_failure peer", "-1 or a rank in [0, " + std::to_string(num_ranks_) + ")",
+                         std::to_string(peer)));
+  }
+  FailureRecordLayout& record = header(rank_)->failure;
+  uint32_t expected = static_cast<uint32_t>(FailureState::kEmpty);
+  if (!record.state.compare_exchange_strong(expected, static_cast<uint32_t>(FailureState::kWriting),
+                                            std::memory_order_acq_rel)) {
+    return false;  // the first failure stays: it is the one that explains the others
+  }
+  const std::size_t n = std::min(text.size(), kFailureTextBytes - 1);
+  std::memcpy(record.text, text.data(), n);
+  record.text[n] = '\0';
+  record.text_bytes = static_cast<uint32_t>(n);
+  record.peer = peer;
+  record.sequence = sequence;
+  timespec now{};
+  clock_gettime(CLOCK_REALTIME, &now);
+  record.time_ns = static_cast<uint64_t>(now.tv_sec) * 1000000000ull + static_cast<uint64_t>(now.tv_nsec);
+  record.state.store(static_cast<uint32_t>(FailureState::kPublished), std::memory_order_release);
+  return true;
+}
+
+std::optional<FailureRecord> HostWindows::failure_of(int r) const {
+  check_rank("failure_of", r);
+  const FailureRecordLayout& record = header(r)->failure;
+  if (record.state.load(std::memory_order_acquire) != static_cast<uint32_t>(FailureState::kPublished)) {
+    return std::nullopt;
+  }
+  // Another process wrote this: bound every field before using it.
+  FailureRecord out;
+  out.rank = r;
+  // Copies first, checks on the copies (the writer may be faulty and still writing).
+  int32_t peer;
+  uint32_t claimed;
+  char text[kFailureTextBytes];
+  std::memcpy(&peer, &record.peer, sizeof peer);
+  std::memcpy(&out.sequence, &record.sequence, sizeof out.sequence);
+  std::memcpy(&out.time_ns, &record.time_ns, sizeof out.time_ns);
+  std::memcpy(&claimed, &record.text_bytes, sizeof claimed);
+  std::memcpy(text, record.text, kFailureTextBytes);
+  out.peer = peer >= 0 && peer < num_ranks_ ? peer : -1;
+  const std::size_t limit = std::min<std::size_t>(claimed, kFailureTextBytes - 1);
+  out.text.assign(text, strnlen(text, limit));
+  return out;
+}
+
 void HostWindows::close() noexcept {
   if (closed_) return;
   closed_ = true;
-  for (auto& segment : segments_) segment.close();  // the own segment unlinks its name if still linked
+  for (auto& segment : segments_) segment.close();
 }
 
 }  // namespace moelink::transport::host

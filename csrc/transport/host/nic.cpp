@@ -143,7 +143,10 @@ void HostNic::run() {
     NicWqe& entry = ring_->slots[next & mask];
     if (__atomic_load_n(&entry.seq, __ATOMIC_ACQUIRE) == next + 1) {
       idle = 0;
-      if (__atomic_load_n(&ring_->failed, __ATOMIC_RELAXED) != 0 || !execute(entry)) {
+      const uint64_t began = monotonic_ns();
+      const bool done = __atomic_load_n(&ring_->failed, __ATOMIC_RELAXED) == 0 && execute(entry);
+      busy_ns_.fetch_add(monotonic_ns() - began, std::memory_order_relaxed);
+      if (!done) {
         // A refused entry stops the NIC: what follows may depend on it. Kernels waiting for its
         // signals time out naming their peer; the Python layer reports error().
         futex_wait(&ring_->doorbell, __atomic_load_n(&ring_->doorbell, __ATOMIC_RELAXED), 1000000);

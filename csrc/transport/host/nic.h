@@ -107,6 +107,10 @@ class HostNic {
   // Waits until the NIC finished every entry posted so far (a kernel's last puts and signals may
   // still be in flight when it returns); false if `timeout_s` passed first or the NIC stopped.
   bool wait_idle(double timeout_s) const;
+  // Nanoseconds the NIC spent delivering entries (copies, signals and shaping waits) since the
+  // last reset: the time the network part of an operation took, for the benchmark's split by link.
+  uint64_t busy_ns() const { return busy_ns_.load(std::memory_order_relaxed); }
+  void reset_busy() { busy_ns_.store(0, std::memory_order_relaxed); }
 
  private:
   void run();
@@ -119,6 +123,7 @@ class HostNic {
   std::atomic<bool> stop_{false};
   std::string error_;
   uint64_t busy_until_ns_ = 0;
+  std::atomic<uint64_t> busy_ns_{0};
 };
 
 }  // namespace moelink::transport::host

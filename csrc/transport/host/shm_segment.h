@@ -1,22 +1,36 @@
-// POSIX shared-memory segments: the memory behind the host target's windows.
+// Shared-memory segments with no name: the memory behind the host target's windows.
 //
 // A segment is created by one rank process and mapped by the other ranks of its node, so that a
 // kernel running in one process can load and store into a peer's window exactly as a GPU kernel
 // does over NVLink (ARCHITECTURE.md §3).
 //
-// Security and hygiene contract:
-//   - names are "/moelink-" [tag "-"] + 32 hex digits from getrandom (128 bits): unguessable, so no
-//     other process can pre-create, open or squat a name before the creator;
-//   - created with O_CREAT | O_EXCL and mode 0600 (owner read/write only, whatever the umask);
-//   - opened by peers only if owned by the same effective uid and not accessible to group/other;
-//   - the name exists only while peers still have to open it: whoever maps last unlinks it (see
-//     host_windows.h), and the creator's destructor unlinks it if it is still linked, so a failed
-//     bootstrap leaves nothing in /dev/shm. The memory itself lives until the last mapping goes.
-//   - the whole size is reserved with posix_fallocate at creation: running out of /dev/shm space
-//     is a clear error here instead of a SIGBUS inside a kernel later.
+// A segment is an anonymous memory file (memfd_create), never a name in /dev/shm or any other
+// namespace. The creator holds a file descriptor; a peer opens that descriptor through the
+// creator's /proc/<pid>/fd/<fd> (the kernel's "magic link" to the open file). Nothing outlives the
+// processes: the memory is freed when the last descriptor and the last mapping are gone, however
+// the processes end (SIGKILL included), so there is nothing to clean up and no instant at which a
+// crash can leak.
 //
-// Errors are moelink::Error whose text includes the call, the name and strerror(errno).
+// Security and hygiene contract:
+//   - /proc/<pid>/fd/<fd> opens only for a process allowed to inspect the creator (the kernel's
+//     ptrace read check: same uid, the creator dumpable) and only while the creator holds the
+//     descriptor; nothing can be pre-created, squatted or guessed into existence;
+//   - the file is chmod 0600 (owner read/write only); a peer refuses a file that is not a regular
+//     file owned by its own effective uid with no group/other access;
+//   - its size is sealed (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL): no process, a faulty peer
+//     included, can truncate it under another's mapping (which would turn the next access into a
+//     SIGBUS) or grow it; a peer refuses a file without those seals;
+//   - the memfd name "moelink-" [tag "-"] + 32 hex digits from getrandom (128 bits) is the
+//     segment's id: not a namespace entry (it shows in /proc/<pid>/maps and fd links for
+//     diagnostics only), but the creator publishes it and a peer refuses a file whose name differs
+//     (a descriptor number reused after the creator died cannot be mistaken for the segment);
+//   - the whole size is reserved with fallocate at creation: running out of memory for shared
+//     pages is a clear error here instead of a SIGBUS inside a kernel later.
+//
+// Errors are moelink::Error whose text includes the call, the path and strerror(errno).
 #pragma once
+
+#include <sys/types.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -27,22 +41,22 @@ namespace moelink::transport::host {
 
 // Longest tag accepted in a segment name (letters, digits and '_' only).
 inline constexpr std::size_t kMaxSegmentTagLength = 32;
-inline constexpr std::string_view kSegmentNamePrefix = "/moelink-";
+inline constexpr std::string_view kSegmentNamePrefix = "moelink-";
+inline constexpr std::size_t kSegmentIdHexDigits = 32;
 
 class ShmSegment {
  public:
-  // Creates a new segment of `bytes` bytes (> 0), zero-filled, mapped read/write. `tag` (may be
-  // empty) is inserted into the name so that a test harness can tell its segments from those of
-  // other processes on the machine; it adds no secret and removes none.
+  // Creates a new segment of `bytes` bytes (> 0), zero-filled, mapped read/write, its size sealed.
+  // The creator keeps a descriptor open so that peers can open() it until close_descriptor().
+  // `tag` (may be empty) goes into the memfd name so that a test harness can tell its segments
+  // from those of other processes in /proc/<pid>/maps; it adds no secret and removes none.
   static ShmSegment create(std::size_t bytes, std::string_view tag = {});
 
-  // Opens and maps an existing segment by name. Fails if it does not exist, is not owned by this
-  // effective uid, is accessible to anyone else, or is not exactly `expected_bytes` long.
-  static ShmSegment open(const std::string& name, std::size_t expected_bytes);
-
-  // Removes `name` from the shared-memory namespace. Returns false if it was already gone (a
-  // peer unlinked it first), throws on any other failure. Existing mappings stay valid.
-  static bool unlink_name(const std::string& name);
+  // Maps the segment process `pid` holds open as descriptor `fd`, through /proc/<pid>/fd/<fd>.
+  // Fails (kInvalidArgument, naming what differs) unless it is a moelink memfd named `name`, a
+  // regular file owned by this effective uid with mode 0600, exactly `expected_bytes` long and
+  // size-sealed. The descriptor opened for the check is closed before returning.
+  static ShmSegment open(pid_t pid, int fd, const std::string& name, std::size_t expected_bytes);
 
   ShmSegment() = default;
   ShmSegment(ShmSegment&& other) noexcept;
@@ -51,32 +65,33 @@ class ShmSegment {
   ShmSegment& operator=(const ShmSegment&) = delete;
   ~ShmSegment();  // close()
 
+  // The memfd name, "moelink-[tag-]<32 hex>" (what /proc/<pid>/fd/<fd> links to, after "/memfd:").
   const std::string& name() const { return name_; }
   std::byte* data() const { return data_; }
   std::size_t size() const { return size_; }
   bool is_mapped() const { return data_ != nullptr; }
   bool is_creator() const { return creator_; }
-  // True while this object believes the name exists: it created or opened it and neither it nor
-  // anyone it was told about has unlinked it (a peer's unlink is not observed).
-  bool is_linked() const { return linked_; }
+  // The creator's descriptor while peers may still open the segment; -1 otherwise.
+  int descriptor() const { return fd_; }
+  bool is_shareable() const { return fd_ >= 0; }
 
-  // Unlinks the name if this object still believes it linked; true if this call removed it
-  // (false if it was already gone, e.g. a peer unlinked it first). Idempotent.
-  bool unlink();
-  // Unmaps; a creator first unlinks the name if it is still linked. Idempotent; no-throw.
+  // Closes the creator's descriptor: from then on no process can open the segment; mappings stay.
+  // Idempotent; no-throw.
+  void close_descriptor() noexcept;
+  // Unmaps and closes the descriptor. Idempotent; no-throw.
   void close() noexcept;
 
  private:
-  ShmSegment(std::string name, std::byte* data, std::size_t size, bool creator);
+  ShmSegment(std::string name, std::byte* data, std::size_t size, bool creator, int fd);
 
   std::string name_;
   std::byte* data_ = nullptr;
   std::size_t size_ = 0;
   bool creator_ = false;
-  bool linked_ = false;
+  int fd_ = -1;
 };
 
-// "/moelink-" [tag "-"] + 32 random hex digits. Throws kInvalidArgument on a bad tag.
+// "moelink-" [tag "-"] + 32 random hex digits. Throws kInvalidArgument on a bad tag.
 std::string make_segment_name(std::string_view tag);
 
 // True if `tag` is empty or at most kMaxSegmentTagLength characters of [A-Za-z0-9_].

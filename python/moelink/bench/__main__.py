@@ -95,6 +95,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch threads per rank (default 1: ranks already outnumber cores here)")
     p.add_argument("--deadline", type=float, default=600.0,
                    help="seconds before the launcher gives up on the ranks, per point (default 600)")
+    p.add_argument("--ranks-per-node", type=_positive, default=None,
+                   help="internode mode: ranks per node (default --ranks / 2: two nodes)")
+    p.add_argument("--nic-gbps", type=float, default=0.0,
+                   help="internode mode: bandwidth of each rank's emulated NIC, GB/s (default 0: unshaped)")
+    p.add_argument("--nic-latency-us", type=float, default=0.0,
+                   help="internode mode: one-way latency of the emulated NIC, us (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     s = p.add_argument_group("sweep (--sweep)")
