@@ -27,21 +27,22 @@ from .errors import BufferUnusable, GPUUnavailable, InvalidArgument, InvalidType
 from .event import EventOverlap
 from .layout import get_dispatch_layout as _get_dispatch_layout
 from ._intranode import DispatchHandle
+from ._buffer_low_latency import LowLatencyMethods
 
 __all__ = ["Buffer", "DispatchHandle"]
 
 Payload = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 
-class Buffer:
+class Buffer(LowLatencyMethods):
     """Communication buffers of one rank, shared with the ranks of its node.
 
     ``num_nvl_bytes``: bytes of this rank's window for intranode traffic; 0 (DeepEP's default)
     creates no window, and an intranode call then raises naming the size it needs.
     ``ranks_per_node`` (moelink): ranks per node; default the group size, the only value the
-    intranode path accepts today. ``num_rdma_bytes > 0`` and ``low_latency_mode`` (internode and
-    low-latency paths) are not implemented yet and raise. Use as a context manager, or call
-    :meth:`destroy`.
+    intranode path accepts today. ``num_rdma_bytes``: the scale-out window (internode path with
+    ``ranks_per_node`` < the group size; the low-latency mode with ``low_latency_mode=True``, whose
+    methods are in ``_buffer_low_latency``). Use as a context manager, or call :meth:`destroy`.
 
     Arrays: every method taking tensors also takes any ``__dlpack__`` array (NumPy on the host) and
     then returns arrays of that library (``moelink._interop``).
