@@ -109,10 +109,15 @@ class Buffer(LowLatencyMethods):
     def destroy(self) -> None:
         """Releases the windows (and joins the NIC thread). The Buffer is unusable afterwards.
         Idempotent."""
-        self._unusable = self._unusable or "the Buffer was destroyed"
         scaleout = getattr(self, "_scaleout", None)
         if scaleout is not None and not scaleout.closed:
+            # What this rank's NIC still holds (a kernel returns once it posted its last puts and
+            # signals, e.g. a clean's barrier) reaches the peers first; the NIC never stalls, so
+            # this is short even when a peer died.
+            if self._unusable is None:
+                scaleout.wait_idle(2.0)
             scaleout.close()
+        self._unusable = self._unusable or "the Buffer was destroyed"
         if self._windows is not None and not self._windows.closed:
             self._windows.close()
 
