@@ -112,6 +112,26 @@ def test_nvl_hint_formula_and_coverage():
     assert 290 * 2**20 < hint < 300 * 2**20  # the 80 queues' 256 rows of 14 KiB dominate
 
 
+def test_one_copy_regions_match_the_extension():
+    intranode = __import__("moelink._host", fromlist=["_host"]).intranode
+    for ranks, channels, slots, row, scales, topk, experts in SHAPES:
+        node = intranode.Node(rank=0, num_ranks=ranks, num_channels=channels, block_warps=16, sub_channels=1,
+                              queue_tokens=slots, row_bytes=row, num_scales=scales, num_topk=topk,
+                              experts_per_rank=experts, windows=[1] * ranks)
+        for rows in (0, 1, 7, 5000):
+            recv = node.direct_recv_layout(rows, 1 << 40)
+            assert recv["bytes"] == cfg.direct_recv_bytes(rows=rows, row_bytes=row, num_scales=scales, num_topk=topk)
+            assert recv["base"] == ((1 << 40) - recv["bytes"]) // 128 * 128
+            assert node.direct_recv_layout(rows, node.layout["slots"] + recv["bytes"] - 1)["base"] == -1
+            combine = node.combine_input_layout(rows)
+            assert combine["base"] == node.layout["channel_count"]
+            assert combine["base"] + combine["bytes"] == cfg.combine_input_bytes(num_ranks=ranks, rows=rows,
+                                                                                  hidden=row // 2, num_topk=topk)
+            # the arrays of a region never overlap and stay 16-byte aligned
+            offsets = [recv[k] for k in ("row", "scales", "topk", "weights", "src")]
+            assert offsets == sorted(offsets) and all(o % 16 == 0 for o in offsets)
+
+
 def test_python_mirror_matches_the_extension():
     intranode = getattr(__import__("moelink._host", fromlist=["_host"]), "intranode", None)
     if intranode is None:
@@ -147,9 +167,11 @@ CPP_PROGRAM = r"""
 #include "runtime/config.h"
 using namespace moelink;
 int main() {
-  std::printf("%lld %lld %lld\n", (long long)Config(20, 6, 256, 6, 256).nvl_buffer_size_hint(14336, 8),
+  std::printf("%lld %lld %lld %lld %lld\n", (long long)Config(20, 6, 256, 6, 256).nvl_buffer_size_hint(14336, 8),
               (long long)Config(4, 3, 17, 1, 1).nvl_buffer_size_hint(100, 3, 0, 5),
-              (long long)Config().nvl_buffer_size_hint(256, 16, 4));
+              (long long)Config().nvl_buffer_size_hint(256, 16, 4),
+              (long long)Config(20, 6, 256, 6, 256).nvl_buffer_size_hint(14336, 4, 0, 8, 8192),
+              (long long)Config(4, 3, 17, 1, 1).nvl_buffer_size_hint(100, 3, 0, 5, 1000000));
   const int bad[][5] = {{3, 6, 256, 6, 256}, {20, 0, 256, 6, 256}, {20, 6, 0, 6, 256}, {20, 9, 8, 6, 256},
                         {20, 6, 256, 7, 6}, {20, 6, 256, 0, 256}, {0, 6, 256, 6, 256}};
   for (auto& b : bad) {
@@ -173,7 +195,9 @@ def test_cpp_mirror_agrees(tmp_path):
     assert [int(t) for t in lines[0].split()] == [
         Config(20, 6, 256, 6, 256).get_nvl_buffer_size_hint(14336, 8),
         Config(4, 3, 17, 1, 1).get_nvl_buffer_size_hint(100, 3, num_topk=5),
-        Config().get_nvl_buffer_size_hint(256, 16, ranks_per_node=4)]
+        Config().get_nvl_buffer_size_hint(256, 16, ranks_per_node=4),
+        Config(20, 6, 256, 6, 256).get_nvl_buffer_size_hint(14336, 4, num_topk=8, num_max_zero_copy_recv_tokens=8192),
+        Config(4, 3, 17, 1, 1).get_nvl_buffer_size_hint(100, 3, num_topk=5, num_max_zero_copy_recv_tokens=1000000)]
     python_messages = []
     for b in BAD_CONFIGS:
         with pytest.raises(errors.InvalidArgument) as info:

@@ -335,7 +335,7 @@ def _invalid_construction_and_combine(ctx):
         moelink.Buffer("world", 1 << 20)
     for kwargs, text in [
         (dict(num_nvl_bytes=-1), "num_nvl_bytes: expected an int >= 0, got -1"),
-        (dict(num_nvl_bytes=1 << 20, low_latency_mode=True), "low-latency mode is not implemented"),
+        (dict(num_nvl_bytes=1 << 20, low_latency_mode=True), "num_rdma_bytes: expected > 0 with low_latency_mode=True"),
         (dict(num_nvl_bytes=1 << 20, ranks_per_node=1), "num_rdma_bytes: expected > 0 for"),
         (dict(num_nvl_bytes=1 << 20, ranks_per_node=3 if ctx.world_size == 4 else 5),
          f"ranks_per_node: expected a divisor of the group size {ctx.world_size}"),
@@ -447,7 +447,9 @@ def _handle_as_deep_ep_tuple(ctx, seed):
     assert rank_prefix.shape == (world, world) and rank_prefix.dtype == torch.int32
     assert rank_prefix[:, rank].tolist() == list(itertools.accumulate(sent_here))
     assert int(handle[0][-1][rank]) == recv_x.shape[0]
-    assert bool((torch.cat([rank_prefix[:, :rank], rank_prefix[:, rank + 1:]], 1) == -1).all())
+    # the whole matrix (notify exchanges every rank's totals): tokens of s that reach j, prefix over s
+    sent = torch.tensor([[int(((i >= j * epr) & (i < (j + 1) * epr)).any(1).sum()) for j in range(world)] for i in idx])
+    assert torch.equal(rank_prefix, sent.cumsum(0).to(torch.int32))
     channels, n = 3, xs[rank].shape[0]
     per_channel = -(-n // channels) if n else 0
     for c in range(channels):
@@ -534,9 +536,9 @@ def _local_buffer_tensor_and_accessors(ctx):
             buffer.dispatch(torch.zeros(4, 16, dtype=torch.bfloat16), topk_idx=topk, is_token_in_rank=in_rank,
                             num_tokens_per_expert=per_expert, config=moelink.Config(2, 2, 16))
         # it aliases the live window: the control word holds the operations completed, and the
-        # barrier slots (after the 128-byte control area) the epoch peers last entered
+        # barrier slots (after the 192-byte control area) the epoch peers last entered
         window = buffer.get_local_buffer_tensor(torch.int64)
-        assert int(window[0]) == 3 and window[16:16 + ctx.world_size].tolist() == [3] * ctx.world_size
+        assert int(window[0]) == 3 and window[24:24 + ctx.world_size].tolist() == [3] * ctx.world_size
         checks = [
             (dict(dtype="float32"), errors.InvalidType, "dtype: expected a torch.dtype"),
             (dict(dtype=torch.float32, offset=2), errors.InvalidArgument, "offset: expected a multiple of 4"),

@@ -144,6 +144,7 @@ def _await_arrival(buffer, world, xs_counts_to_me, timeout_s=20.0):
 def _case(ctx, seed, case):
     world, rank = ctx.world_size, ctx.rank
     runtime.set_schedule(case.get("schedule", "deterministic"))
+    moelink._low_latency.set_codec_split(case.get("split", "auto"))
     rpn, allow = case.get("rpn", world), case.get("allow_nvlink", True)
     t_max, hidden, experts = case["t_max"], case["hidden"], case["experts"]
     el = experts // world
@@ -163,9 +164,12 @@ def _case(ctx, seed, case):
         assert event is not None
         if hook_mode:
             assert callable(hook)
-            if not allow:  # the data arrives while nothing of this rank runs
+            if not allow:  # the data arrives while nothing of this rank runs: no launch, no fiber
                 to_me = [int(((idx[s] >= rank * el) & (idx[s] < (rank + 1) * el)).sum()) for s in range(world)]
+                before = runtime.stats()
                 assert _await_arrival(buffer, world, to_me), "the NIC did not deliver before hook()"
+                after = runtime.stats()
+                assert after["launches"] == before["launches"] and after["fibers"] == before["fibers"], (before, after)
             hook()
         else:
             assert hook is None
@@ -220,6 +224,14 @@ def _layouts(group):
 def test_every_payload_format(group, seed, payload):
     for rpn, allow in _layouts(group)[:2]:
         _run(group, seed, rpn=rpn, allow_nvlink=allow, t_max=24, hidden=256, num_topk=4, payloads=[payload])
+
+
+@pytest.mark.parametrize("payload", ["fp8", "fp8_ue8m0", "mxfp8", "nvfp4", "logfmt8"])
+def test_gpu_warp_form_of_the_encoders(group, seed, payload):
+    """The warp form (the one a GPU runs) of every in-kernel encoder, bit for bit the reference."""
+    rpn, allow = _layouts(group)[-1]
+    _run(group, seed, rpn=rpn, allow_nvlink=allow, t_max=12, hidden=384, num_topk=3, payloads=[payload],
+         combine_logfmt=9, split="warp")
 
 
 @pytest.mark.parametrize("bits", [8, 9, 10])

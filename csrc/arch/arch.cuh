@@ -88,7 +88,11 @@
 // Block synchronisation
 //   sync_block()              __syncthreads(). Threads that have exited count as arrived.
 //   bar_sync(id, n)           PTX `bar.sync id, n`: id in [1, 15], n a multiple of 32 threads;
-//                             id 0 is reserved for sync_block(). Waits until n threads arrived.
+//                             id 0 is reserved for sync_block(). Waits until n threads arrived,
+//                             counted per warp as the GPU does: a warp arrives once every one of its
+//                             lanes that has not exited has arrived, and counts 32 threads (so a warp
+//                             whose idle lanes returned early still arrives; a warp none of whose
+//                             lanes arrive never does).
 //   bar_arrive(id, n)         PTX `bar.arrive`: counts toward the barrier without waiting.
 //
 // 16-byte vectors (Vec16, types.h): pointers 16-byte aligned.
@@ -117,8 +121,21 @@
 //                             (coalesced). Host: one contiguous chunk per lane (ceil(count / lanes)
 //                             items, step 1), so the single OS thread that runs every fiber streams
 //                             through memory in order, which the prefetcher and the compiler's
-//                             vectoriser want. Kernels must not assume which lane gets which item.
+//                             vectoriser want (interleaved like the GPU under a random schedule).
+//                             Kernels must not assume which lane gets which item.
 //   elect_one(mask) -> bool   true on exactly one lane of `mask` (the lowest), false on the rest.
+//   uint32_t work_lanes(mask) The lanes of `mask` that do the warp's cooperative work (row copies,
+//                             reductions, per-token queue bookkeeping): a nonempty subset of `mask`
+//                             holding its lowest lane. GPU: `mask` itself, so the work is split over
+//                             every lane (coalesced). Host: the lowest lane alone, so one fiber runs
+//                             the whole loop and every collective over the result completes without a
+//                             fiber switch (32 fibers taking turns per token cost far more than the
+//                             work); under a random schedule the host returns `mask`, like the GPU,
+//                             so the tests exercise both splits (docs/simt.md). Kernels write the work
+//                             for any result: per-lane loops with lane_range over it, signalling with
+//                             elect_one over it, collectives with it as their mask. Lanes outside it
+//                             have nothing to do and may return (see bar_sync); they must not be
+//                             named in a later collective.
 //   warp_copy_input(mask, dst, src, bytes)
 //                             warp_copy from memory no one writes while the kernel runs (the read-only
 //                             path on the GPU).

@@ -585,6 +585,8 @@ MOELINK_DEVICE LaneRange lane_range(uint32_t mask, int64_t count) {
   return {static_cast<int64_t>(__popc(mask & ((1u << lane) - 1u))), count, static_cast<int64_t>(__popc(mask))};
 }
 MOELINK_DEVICE bool elect_one(uint32_t mask) { return lane_id() == static_cast<unsigned>(__ffs(mask) - 1); }
+// Every lane works: the split stays interleaved and coalesced.
+MOELINK_DEVICE uint32_t work_lanes(uint32_t mask) { return mask; }
 
 #undef MOELINK_REQUIRE_WORD
 

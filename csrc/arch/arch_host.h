@@ -314,12 +314,18 @@ MOELINK_DEVICE LaneRange lane_range(uint32_t mask, int64_t count) {
   const unsigned lane = lane_id();
   const int64_t lanes = __builtin_popcount(mask);
   const int64_t rank = __builtin_popcount(mask & ((1u << lane) - 1u));
+  if (__builtin_expect(simt::t_gpu_lane_split != 0, 0)) return {rank, count, lanes};  // random schedules: as the GPU
   const int64_t chunk = (count + lanes - 1) / lanes;
   const int64_t begin = rank * chunk < count ? rank * chunk : count;
   const int64_t end = begin + chunk < count ? begin + chunk : count;
   return {begin, end, 1};
 }
 MOELINK_DEVICE bool elect_one(uint32_t mask) { return lane_id() == static_cast<unsigned>(__builtin_ctz(mask)); }
+// One fiber does a warp's work (its collectives then complete without a switch); every lane under a
+// random schedule, so tests also run the GPU's split (arch.cuh: work_lanes).
+MOELINK_DEVICE uint32_t work_lanes(uint32_t mask) {
+  return __builtin_expect(simt::t_gpu_lane_split != 0, 0) ? mask : mask & (0u - mask);
+}
 
 // ---- time --------------------------------------------------------------------------------------
 MOELINK_DEVICE uint64_t globaltimer_ns() { return simt::now_ns(); }

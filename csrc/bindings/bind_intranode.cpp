@@ -8,6 +8,8 @@
 
 namespace moelink::bindings {
 
+using namespace pybind11::literals;
+
 void bind_intranode(py::module_& parent) {
   py::module_ m = parent.def_submodule("intranode", "Intranode dispatch/combine kernels (runtime/ops_intranode.h).");
   m.attr("MAX_RANKS") = kIntranodeMaxRanks;
@@ -17,6 +19,8 @@ void bind_intranode(py::module_& parent) {
   m.attr("GPU_BLOCK_WARPS") = kGpuBlockWarps;
   m.attr("MAX_SUB_CHANNELS") = kMaxSubChannels;
   m.attr("MAX_VIRTUAL_CHANNELS") = kMaxVirtualChannels;
+  // Where the node barrier's slots start in every window (tests that watch a rank enter it).
+  m.attr("BARRIER_OFFSET") = IntranodeLayout::kControlBytes;
   m.def("default_sub_channels", &WarpMap::default_sub_channels, py::arg("num_ranks"), py::arg("block_warps"),
         py::arg("num_channels"), py::arg("queue_tokens"),
         "Sub-channels a fresh dispatch uses (WarpMap in runtime/ops_intranode.h).");
@@ -49,12 +53,34 @@ void bind_intranode(py::module_& parent) {
         return node.shape.map().valid(node.shape.num_ranks);
       })
       .def_property_readonly("round_tokens", [](const IntranodeContext& node) { return node.shape.map().round_tokens; })
-      .def_property_readonly("queue_capacity", [](const IntranodeContext& node) { return node.shape.map().capacity; });
+      .def_property_readonly("queue_capacity", [](const IntranodeContext& node) { return node.shape.map().capacity; })
+      .def_property_readonly("layout",
+                             [](const IntranodeContext& node) {
+                               const IntranodeLayout l = IntranodeLayout::of(node.shape);
+                               return py::dict("channel_count"_a = l.channel_count, "slots"_a = l.slots,
+                                               "total_bytes"_a = l.total_bytes);
+                             })
+      .def(
+          "direct_recv_layout",
+          [](const IntranodeContext& node, int64_t rows, int64_t window_bytes) {
+            const DirectRecvLayout l = DirectRecvLayout::of(node.shape, rows, window_bytes);
+            return py::dict("base"_a = l.base, "row"_a = l.row, "scales"_a = l.scales, "topk"_a = l.topk,
+                            "weights"_a = l.weights, "src"_a = l.src, "bytes"_a = l.bytes);
+          },
+          py::arg("rows"), py::arg("window_bytes"), "DirectRecvLayout (runtime/ops_intranode.h): base < 0 if it does not fit.")
+      .def(
+          "combine_input_layout",
+          [](const IntranodeContext& node, int64_t rows) {
+            const CombineInputLayout l = CombineInputLayout::of(node.shape, rows);
+            return py::dict("base"_a = l.base, "row"_a = l.row, "weights"_a = l.weights, "bytes"_a = l.bytes);
+          },
+          py::arg("rows"), "CombineInputLayout (runtime/ops_intranode.h).");
 
   m.def(
       "notify",
       [](const IntranodeContext& node, int64_t num_tokens, uintptr_t is_token_in_rank, uintptr_t num_tokens_per_expert,
-         int expert_alignment, uintptr_t recv_channel_start, uintptr_t recv_counts, uintptr_t stream, int rank) {
+         int expert_alignment, uintptr_t recv_channel_start, uintptr_t recv_counts, uintptr_t rank_counts,
+         uintptr_t send_row_start, int direct_rows_request, uintptr_t stream, int rank) {
         NotifyArgs args;
         args.node = node;
         args.num_tokens = num_tokens;
@@ -63,10 +89,14 @@ void bind_intranode(py::module_& parent) {
         args.expert_alignment = expert_alignment;
         args.recv_channel_start = ptr<int32_t>(recv_channel_start);
         args.recv_counts = ptr<int32_t>(recv_counts);
+        args.rank_counts = ptr<int32_t>(rank_counts);
+        args.send_row_start = ptr<int32_t>(send_row_start);
+        args.direct_rows_request = direct_rows_request;
         intranode_notify(args, context(stream, rank));
       },
       py::arg("node"), py::arg("num_tokens"), py::arg("is_token_in_rank"), py::arg("num_tokens_per_expert"),
-      py::arg("expert_alignment"), py::arg("recv_channel_start"), py::arg("recv_counts"), MOELINK_CONTEXT_ARGS,
+      py::arg("expert_alignment"), py::arg("recv_channel_start"), py::arg("recv_counts"), py::arg("rank_counts") = 0,
+      py::arg("send_row_start") = 0, py::arg("direct_rows_request") = 0, MOELINK_CONTEXT_ARGS,
       release_gil());
 
   m.def(
@@ -74,7 +104,8 @@ void bind_intranode(py::module_& parent) {
       [](const IntranodeContext& node, bool barrier_first, int send_chunk, int64_t num_tokens, uintptr_t x,
          uintptr_t x_scales, uintptr_t topk_idx, uintptr_t topk_weights, uintptr_t is_token_in_rank,
          uintptr_t recv_channel_start, uintptr_t send_head, uintptr_t recv_x, uintptr_t recv_x_scales,
-         uintptr_t recv_topk_idx, uintptr_t recv_topk_weights, uintptr_t recv_src_idx, uintptr_t stream, int rank) {
+         uintptr_t recv_topk_idx, uintptr_t recv_topk_weights, uintptr_t recv_src_idx, bool direct, int64_t direct_rows,
+         int64_t window_bytes, uintptr_t send_row_start, uintptr_t stream, int rank) {
         DispatchArgs args;
         args.node = node;
         args.barrier_first = barrier_first;
@@ -91,20 +122,25 @@ void bind_intranode(py::module_& parent) {
         args.recv_topk_idx = ptr<int64_t>(recv_topk_idx);
         args.recv_topk_weights = ptr<float>(recv_topk_weights);
         args.recv_src_idx = ptr<int32_t>(recv_src_idx);
+        args.direct = direct;
+        args.direct_rows = direct_rows;
+        args.window_bytes = window_bytes;
+        args.send_row_start = ptr<const int32_t>(send_row_start);
         intranode_dispatch(args, context(stream, rank), send_chunk);
       },
       py::arg("node"), py::arg("barrier_first"), py::arg("send_chunk"), py::arg("num_tokens"), py::arg("x"),
       py::arg("x_scales"), py::arg("topk_idx"), py::arg("topk_weights"), py::arg("is_token_in_rank"),
       py::arg("recv_channel_start"), py::arg("send_head"), py::arg("recv_x"), py::arg("recv_x_scales"),
-      py::arg("recv_topk_idx"), py::arg("recv_topk_weights"), py::arg("recv_src_idx"), MOELINK_CONTEXT_ARGS,
+      py::arg("recv_topk_idx"), py::arg("recv_topk_weights"), py::arg("recv_src_idx"), py::arg("direct") = false,
+      py::arg("direct_rows") = 0, py::arg("window_bytes") = 0, py::arg("send_row_start") = 0, MOELINK_CONTEXT_ARGS,
       release_gil());
 
   m.def(
       "combine",
       [](const IntranodeContext& node, int send_chunk, int hidden, int64_t num_recv, uintptr_t x, uintptr_t topk_weights,
          uintptr_t recv_channel_start, int64_t num_tokens, uintptr_t is_token_in_rank, uintptr_t send_head,
-         uintptr_t bias0, uintptr_t bias1, uintptr_t combined_x, uintptr_t combined_topk_weights, uintptr_t stream,
-         int rank) {
+         uintptr_t bias0, uintptr_t bias1, uintptr_t combined_x, uintptr_t combined_topk_weights, bool direct,
+         int64_t direct_rows, uintptr_t send_row_start, uintptr_t stream, int rank) {
         CombineArgs args;
         args.node = node;
         args.hidden = hidden;
@@ -119,12 +155,16 @@ void bind_intranode(py::module_& parent) {
         args.bias[1] = ptr<const uint16_t>(bias1);
         args.combined_x = ptr<uint16_t>(combined_x);
         args.combined_topk_weights = ptr<float>(combined_topk_weights);
+        args.direct = direct;
+        args.direct_rows = direct_rows;
+        args.send_row_start = ptr<const int32_t>(send_row_start);
         intranode_combine(args, context(stream, rank), send_chunk);
       },
       py::arg("node"), py::arg("send_chunk"), py::arg("hidden"), py::arg("num_recv"), py::arg("x"),
       py::arg("topk_weights"), py::arg("recv_channel_start"), py::arg("num_tokens"), py::arg("is_token_in_rank"),
       py::arg("send_head"), py::arg("bias0"), py::arg("bias1"), py::arg("combined_x"), py::arg("combined_topk_weights"),
-      MOELINK_CONTEXT_ARGS, release_gil());
+      py::arg("direct") = false, py::arg("direct_rows") = 0, py::arg("send_row_start") = 0, MOELINK_CONTEXT_ARGS,
+      release_gil());
 }
 
 }  // namespace moelink::bindings

@@ -36,7 +36,7 @@ MOELINK_HOST_DEVICE size_t combine_block_smem_bytes(const InternodeShape& s) {
 MOELINK_DEVICE void sum_rows(uint16_t* out, int hidden, const uint16_t* const* bias, const char* const* rows, int count) {
   const LaneRange share = lane_range(kFullMask, hidden / 8);
   for (int64_t g = share.begin; g < share.end; g += share.step) {
-    float sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    Bf16x8Sum sum;
     for (int b = 0; b < 2; ++b) {
       if (bias[b] != nullptr) add_bf16x8(sum, load16_input(bias[b] + g * 8));
     }

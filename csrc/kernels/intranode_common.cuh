@@ -65,7 +65,26 @@ struct Queue {
   MOELINK_DEVICE int slot(uint64_t position) const { return static_cast<int>(position % static_cast<uint64_t>(capacity)); }
 };
 
-// One sender warp's end of a queue (every lane calls every member, lane 0 does the signalling).
+// The lanes of a warp that do its work (arch.cuh: work_lanes): every lane on the GPU, one fiber
+// on the host. `leader` is the lowest of them, the one that signals; `rank` the caller's index
+// among them and `count` how many there are, for splitting a loop by hand.
+struct WarpLanes {
+  uint32_t mask;
+  int leader, rank, count;
+  MOELINK_DEVICE static WarpLanes of(uint32_t mask) {
+    const unsigned lane = lane_id();
+    return {mask, lowest_bit(mask), popcount(mask & ((1u << lane) - 1u)), popcount(mask)};
+  }
+  MOELINK_DEVICE bool mine() const { return (mask >> lane_id()) & 1u; }
+  MOELINK_DEVICE bool leads() const { return static_cast<int>(lane_id()) == leader; }
+  // The rank among the workers of lane `lane` (one of them).
+  MOELINK_DEVICE int rank_of(int lane) const { return popcount(mask & ((1u << lane) - 1u)); }
+  // The leader's value of `v`, on every worker.
+  template <typename T>
+  MOELINK_DEVICE T from_leader(T v) const { return shfl(mask, v, leader); }
+};
+
+// One sender warp's end of a queue (every working lane calls every member, the leader signals).
 // Tokens are written into reserve()d slots and made visible by commit(), which releases the tail
 // every `send_chunk` tokens; reserve() publishes what is queued before it waits for room, so the
 // receiver can always make progress. With a doorbell, every publication also bumps it (the
@@ -78,21 +97,23 @@ struct QueueSender {
   uint64_t* byte_counter;     // null when the queue is this rank's own (no link crossed)
   uint64_t* doorbell;         // the receiver warp's data doorbell, or null
   WaitSite room;
+  uint32_t lanes;             // the lanes that call the members (WarpLanes::mask)
 
   MOELINK_DEVICE static QueueSender open(const IntranodeContext& node, const Queue& queue, int dst, int v,
                                          int send_chunk, int64_t slot_bytes, uint64_t* doorbell,
-                                         const char* room_what) {
+                                         const char* room_what, uint32_t lanes = kFullMask) {
     return open(node.rank, dst != node.rank ? node.nvl_bytes : nullptr, queue, dst, v, send_chunk, slot_bytes,
-                doorbell, room_what);
+                doorbell, room_what, lanes);
   }
   // The same for any queue in a node's windows: `byte_counter` null when no link is crossed.
   MOELINK_DEVICE static QueueSender open(int rank, uint64_t* byte_counter, const Queue& queue, int dst, int v,
                                          int send_chunk, int64_t slot_bytes, uint64_t* doorbell,
-                                         const char* room_what) {
+                                         const char* room_what, uint32_t lanes = kFullMask) {
     QueueSender s;
     s.queue = queue;
+    s.lanes = lanes;
     // The tail was last written by this rank (earlier calls drained the queue): it is the start.
-    s.start = shfl(kFullMask, lane_id() == 0 ? ld_acquire(queue.tail) : uint64_t{0}, 0);
+    s.start = s.from_leader(s.leads() ? ld_acquire(queue.tail) : uint64_t{0});
     s.tail = s.published = s.head_seen = s.start;
     s.send_chunk = send_chunk < queue.capacity ? send_chunk : queue.capacity;
     s.slot_bytes = slot_bytes;
@@ -102,6 +123,8 @@ struct QueueSender {
     return s;
   }
 
+  MOELINK_DEVICE bool leads() const { return elect_one(lanes); }
+  MOELINK_DEVICE uint64_t from_leader(uint64_t v) const { return shfl(lanes, v, lowest_bit(lanes)); }
   MOELINK_DEVICE bool full() const { return tail - head_seen >= static_cast<uint64_t>(queue.capacity); }
 
   // The slot for the next token, once the receiver has freed it.
@@ -109,14 +132,14 @@ struct QueueSender {
     if (full()) {
       publish();
       const uint64_t needed = tail - static_cast<uint64_t>(queue.capacity) + 1;
-      head_seen = shfl(kFullMask, lane_id() == 0 ? wait_until(queue.head, Cmp::kGe, needed, room) : uint64_t{0}, 0);
+      head_seen = from_leader(leads() ? wait_until(queue.head, Cmp::kGe, needed, room) : uint64_t{0});
     }
     return queue.slot(tail);
   }
 
   // Whether a slot is free now, without waiting (for warps that serve several queues).
   MOELINK_DEVICE bool has_room() {
-    if (full()) head_seen = shfl(kFullMask, lane_id() == 0 ? ld_acquire(queue.head) : uint64_t{0}, 0);
+    if (full()) head_seen = from_leader(leads() ? ld_acquire(queue.head) : uint64_t{0});
     return !full();
   }
 
@@ -126,8 +149,8 @@ struct QueueSender {
   }
 
   MOELINK_DEVICE void publish() {
-    syncwarp();  // every lane's slot writes precede lane 0's release
-    if (lane_id() == 0 && tail != published) {
+    syncwarp(lanes);  // every working lane's slot writes precede the leader's release
+    if (leads() && tail != published) {
       st_release(queue.tail, tail);
       if (doorbell != nullptr) red_add_release(doorbell, uint64_t{1});
       if (byte_counter != nullptr) atomic_add(byte_counter, (tail - published) * static_cast<uint64_t>(slot_bytes));
@@ -154,28 +177,55 @@ MOELINK_DEVICE uint64_t operation_epoch(const IntranodeContext& node, const Intr
   return ld_relaxed(window_at<uint64_t>(node, node.rank, layout.control)) + 1;
 }
 
+// A thread's index among the working threads of its block (the work_lanes of every warp) and how
+// many there are: the block's threads on the GPU, one per warp on the host.
+struct BlockWorkers {
+  int index, count;
+  MOELINK_DEVICE static BlockWorkers of(const WarpLanes& lanes) {
+    return {static_cast<int>(warp_id()) * lanes.count + lanes.rank, static_cast<int>(num_warps()) * lanes.count};
+  }
+};
+
 // Every block of the calling kernel returns once every rank of the node has entered operation
-// `epoch`, i.e. has finished every earlier operation on these windows.
+// `epoch`, i.e. has finished every earlier operation on these windows. Called by at least the
+// working lanes (work_lanes) of every warp; lanes that have left are fine.
 MOELINK_DEVICE void node_barrier(const IntranodeContext& node, const IntranodeLayout& layout, uint64_t epoch,
                                  const char* what) {
   const int ranks = node.shape.num_ranks;
-  for (int peer = static_cast<int>(thread_rank()); peer < ranks; peer += static_cast<int>(num_threads())) {
-    if (block_rank() == 0) st_release(window_at<uint64_t>(node, peer, layout.barrier) + node.rank, epoch);
-    wait_until(window_at<uint64_t>(node, node.rank, layout.barrier) + peer, Cmp::kGe, epoch,
-               WaitSite{what, node.rank, peer});
+  const WarpLanes lanes = WarpLanes::of(work_lanes(kFullMask));
+  if (lanes.mine()) {
+    const BlockWorkers workers = BlockWorkers::of(lanes);
+    for (int peer = workers.index; peer < ranks; peer += workers.count) {
+      if (block_rank() == 0) st_release(window_at<uint64_t>(node, peer, layout.barrier) + node.rank, epoch);
+      wait_until(window_at<uint64_t>(node, node.rank, layout.barrier) + peer, Cmp::kGe, epoch,
+                 WaitSite{what, node.rank, peer});
+    }
   }
   sync_block();
 }
 
-// Called by every thread of every block at the end of an operation's last kernel: the last block
-// to get here stores `epoch` as completed, so the next operation's kernels see it.
-MOELINK_DEVICE void end_operation(const IntranodeContext& node, const IntranodeLayout& layout, uint64_t epoch) {
+// Called by every remaining thread of every block at the end of an operation's last kernel: the
+// last block to get here stores `epoch` as completed, so the next operation's kernels see it. With
+// `exit_what` (a one-copy combine, whose peers read this rank's window), that block first waits
+// until every rank of the node has finished reading (exit_barrier): only then may a caller write
+// its window again.
+MOELINK_DEVICE void end_operation(const IntranodeContext& node, const IntranodeLayout& layout, uint64_t epoch,
+                                  const char* exit_what = nullptr) {
   sync_block();
   if (thread_rank() == 0) {
     uint32_t* blocks_done = window_at<uint32_t>(node, node.rank, layout.control + IntranodeLayout::kBlocksDoneOffset);
     fence<Scope::kGpu>();  // this block's work before its count
     if (atomic_add<Scope::kGpu>(blocks_done, 1u) == num_blocks() - 1) {
       st_relaxed<Scope::kGpu>(blocks_done, 0u);
+      if (exit_what != nullptr) {
+        fence<Scope::kSys>();  // every block's reads of peer windows, before the peers learn of them
+        const int ranks = node.shape.num_ranks;
+        for (int peer = 0; peer < ranks; ++peer) st_release(window_at<uint64_t>(node, peer, layout.exit_barrier) + node.rank, epoch);
+        for (int peer = 0; peer < ranks; ++peer) {
+          wait_until(window_at<uint64_t>(node, node.rank, layout.exit_barrier) + peer, Cmp::kGe, epoch,
+                     WaitSite{exit_what, node.rank, peer});
+        }
+      }
       st_release<Scope::kGpu>(window_at<uint64_t>(node, node.rank, layout.control), epoch);
     }
   }

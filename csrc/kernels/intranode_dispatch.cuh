@@ -10,7 +10,8 @@
 // therefore: by sender rank, then virtual channel, then token index, i.e. by sender, then token.
 // With more ranks than warps a warp serves several peers: a sender one after the other (a
 // receiver never waits on anything but data, so room always comes), a receiver all at once,
-// waiting on its data doorbell.
+// waiting on its data doorbell. On the host each warp's work runs on one fiber (work_lanes).
+// The one-copy form (DispatchArgs::direct) is dispatch_direct_kernel, intranode_dispatch_direct.cuh.
 #pragma once
 
 #include "kernels/intranode_common.cuh"
@@ -34,37 +35,41 @@ MOELINK_DEVICE uint64_t* data_doorbell(const IntranodeContext& node, const Intra
 }
 
 MOELINK_DEVICE void dispatch_send(const DispatchArgs& args, const IntranodeLayout& layout, const WarpMap& map, int v,
-                                  int dst, int send_chunk) {
+                                  int dst, int send_chunk, const WarpLanes& lanes) {
   const IntranodeContext& node = args.node;
   const IntranodeShape& shape = node.shape;
-  const int lane = static_cast<int>(lane_id());
   const TokenRange range = channel_tokens(args.num_tokens, shape.virtual_channels(), v);
   const int64_t first_expert = static_cast<int64_t>(dst) * shape.experts_per_rank;
   QueueSender sender = QueueSender::open(node, Queue::of(node, layout, dst, v, node.rank), dst, v, send_chunk,
                                          dispatch_slot_bytes(shape), data_doorbell(node, layout, map, dst, v, node.rank),
-                                         "intranode dispatch: room in receiver's queue");
+                                         "intranode dispatch: room in receiver's queue", lanes.mask);
   const Queue& queue = sender.queue;
 
-  for (int64_t batch = range.begin; batch < range.end; batch += kWarpSize) {
-    const int64_t my_token = batch + lane;
+  // Each working lane looks at one token of the batch; the ballot says which go to `dst`.
+  for (int64_t batch = range.begin; batch < range.end; batch += lanes.count) {
+    const int64_t my_token = batch + lanes.rank;
     const bool mine = my_token < range.end && args.is_token_in_rank[my_token * shape.num_ranks + dst];
     if (my_token < range.end && !mine) args.send_head[my_token * shape.num_ranks + dst] = -1;
-    for (uint32_t selected = ballot(kFullMask, mine); selected != 0; selected &= selected - 1) {
-      const int64_t token = batch + lowest_bit(selected);
+    for (uint32_t selected = ballot(lanes.mask, mine); selected != 0; selected &= selected - 1) {
+      const int64_t token = batch + lanes.rank_of(lowest_bit(selected));
       const int slot = sender.reserve();
-      warp_copy_input(kFullMask, queue.base + layout.row + slot * shape.row_bytes,
+      warp_copy_input(lanes.mask, queue.base + layout.row + slot * shape.row_bytes,
                       static_cast<const char*>(args.x) + token * shape.row_bytes, static_cast<size_t>(shape.row_bytes));
       uint32_t* scales = reinterpret_cast<uint32_t*>(queue.base + layout.scales) + static_cast<int64_t>(slot) * shape.num_scales;
-      for (int i = lane; i < shape.num_scales; i += kWarpSize) scales[i] = args.x_scales[token * shape.num_scales + i];
+      const LaneRange scale_share = lane_range(lanes.mask, shape.num_scales);
+      for (int64_t i = scale_share.begin; i < scale_share.end; i += scale_share.step) {
+        scales[i] = args.x_scales[token * shape.num_scales + i];
+      }
       int32_t* topk = reinterpret_cast<int32_t*>(queue.base + layout.topk) + static_cast<int64_t>(slot) * shape.num_topk;
       float* weights = reinterpret_cast<float*>(queue.base + layout.weights) + static_cast<int64_t>(slot) * shape.num_topk;
-      for (int k = lane; k < shape.num_topk; k += kWarpSize) {
+      const LaneRange topk_share = lane_range(lanes.mask, shape.num_topk);
+      for (int64_t k = topk_share.begin; k < topk_share.end; k += topk_share.step) {
         const int64_t expert = args.topk_idx[token * shape.num_topk + k];
         const bool local = expert >= first_expert && expert < first_expert + shape.experts_per_rank;
         topk[k] = local ? static_cast<int32_t>(expert - first_expert) : -1;
         weights[k] = (local && args.topk_weights != nullptr) ? args.topk_weights[token * shape.num_topk + k] : 0.0f;
       }
-      if (lane == 0) {
+      if (lanes.leads()) {
         reinterpret_cast<int32_t*>(queue.base + layout.src)[slot] = static_cast<int32_t>(token);
         args.send_head[token * shape.num_ranks + dst] = static_cast<int32_t>(sender.tail - sender.start);
       }
@@ -96,56 +101,61 @@ struct QueueReceiver {
     return r;
   }
   // At the start of a call: the head is this rank's own word, last written by itself.
-  MOELINK_DEVICE static QueueReceiver open(const DispatchArgs& args, const IntranodeLayout& layout, int v, int src) {
+  MOELINK_DEVICE static QueueReceiver open(const DispatchArgs& args, const IntranodeLayout& layout, int v, int src,
+                                           const WarpLanes& lanes) {
     const Queue queue = Queue::of(args.node, layout, args.node.rank, v, src);
-    return at(args, layout, v, src, shfl(kFullMask, lane_id() == 0 ? ld_acquire(queue.head) : uint64_t{0}, 0));
+    return at(args, layout, v, src, lanes.from_leader(lanes.leads() ? ld_acquire(queue.head) : uint64_t{0}));
   }
   MOELINK_DEVICE bool done() const { return received >= expected; }
 
   // Copies the tokens published up to `tail` into the receive buffer and frees their slots.
-  MOELINK_DEVICE void drain(const DispatchArgs& args, const IntranodeLayout& layout, uint64_t tail, BulkStage& stage) {
+  MOELINK_DEVICE void drain(const DispatchArgs& args, const IntranodeLayout& layout, uint64_t tail, BulkStage& stage,
+                            const WarpLanes& lanes) {
     const IntranodeShape& shape = args.node.shape;
-    const int lane = static_cast<int>(lane_id());
-    syncwarp();  // lane 0's acquire of the tail orders the other lanes' slot reads too
+    syncwarp(lanes.mask);  // the leader's acquire of the tail orders the other lanes' slot reads too
     const int64_t ready = static_cast<int64_t>(tail - head);
     // The tail is the sender's word: past what notify announced, it must not become a row.
     MOELINK_DEVICE_CHECK(ready >= 0 && ready <= expected - received,
                          "intranode dispatch: sender %d queued %lld tokens, %lld expected", src,
                          static_cast<long long>(received + ready), static_cast<long long>(expected));
+    const LaneRange scale_share = lane_range(lanes.mask, shape.num_scales);
+    const LaneRange topk_share = lane_range(lanes.mask, shape.num_topk);
     for (int64_t i = 0; i < ready; ++i) {
       const int slot = queue.slot(head + static_cast<uint64_t>(i));
       const int64_t row = first_row + received + i;
-      warp_bulk_copy(kFullMask, stage, static_cast<char*>(args.recv_x) + row * shape.row_bytes,
+      warp_bulk_copy(lanes.mask, stage, static_cast<char*>(args.recv_x) + row * shape.row_bytes,
                      queue.base + layout.row + slot * shape.row_bytes, static_cast<size_t>(shape.row_bytes));
       const uint32_t* scales = reinterpret_cast<const uint32_t*>(queue.base + layout.scales) + static_cast<int64_t>(slot) * shape.num_scales;
-      for (int j = lane; j < shape.num_scales; j += kWarpSize) args.recv_x_scales[row * shape.num_scales + j] = scales[j];
+      for (int64_t j = scale_share.begin; j < scale_share.end; j += scale_share.step) {
+        args.recv_x_scales[row * shape.num_scales + j] = scales[j];
+      }
       const int32_t* topk = reinterpret_cast<const int32_t*>(queue.base + layout.topk) + static_cast<int64_t>(slot) * shape.num_topk;
       const float* weights = reinterpret_cast<const float*>(queue.base + layout.weights) + static_cast<int64_t>(slot) * shape.num_topk;
-      for (int k = lane; k < shape.num_topk; k += kWarpSize) {
+      for (int64_t k = topk_share.begin; k < topk_share.end; k += topk_share.step) {
         args.recv_topk_idx[row * shape.num_topk + k] = topk[k];
         if (args.recv_topk_weights != nullptr) args.recv_topk_weights[row * shape.num_topk + k] = weights[k];
       }
-      if (lane == 0) args.recv_src_idx[row] = reinterpret_cast<const int32_t*>(queue.base + layout.src)[slot];
+      if (lanes.leads()) args.recv_src_idx[row] = reinterpret_cast<const int32_t*>(queue.base + layout.src)[slot];
     }
     received += ready;
     head = tail;
-    syncwarp();  // every lane is done with the slots before lane 0 frees them
-    if (lane == 0) st_release(queue.head, head);
+    syncwarp(lanes.mask);  // every lane is done with the slots before the leader frees them
+    if (lanes.leads()) st_release(queue.head, head);
   }
 };
 
 MOELINK_DEVICE void dispatch_receive(const DispatchArgs& args, const IntranodeLayout& layout, const WarpMap& map, int v,
-                                     const WarpRole& role, BulkStage& stage) {
+                                     const WarpRole& role, BulkStage& stage, const WarpLanes& lanes) {
   const IntranodeContext& node = args.node;
-  const int ranks = node.shape.num_ranks, lane = static_cast<int>(lane_id());
+  const int ranks = node.shape.num_ranks;
   if (map.peers_per_warp == 1) {
-    QueueReceiver r = QueueReceiver::open(args, layout, v, role.first_peer);
+    QueueReceiver r = QueueReceiver::open(args, layout, v, role.first_peer, lanes);
     while (!r.done()) {
-      const uint64_t tail = shfl(kFullMask, lane == 0 ? wait_until(r.queue.tail, Cmp::kGt, r.head,
-                                                                   WaitSite{"intranode dispatch: tokens from sender",
-                                                                            node.rank, r.src, v})
-                                                      : uint64_t{0}, 0);
-      r.drain(args, layout, tail, stage);
+      const uint64_t tail = lanes.from_leader(
+          lanes.leads() ? wait_until(r.queue.tail, Cmp::kGt, r.head,
+                                     WaitSite{"intranode dispatch: tokens from sender", node.rank, r.src, v})
+                        : uint64_t{0});
+      r.drain(args, layout, tail, stage, lanes);
     }
     return;
   }
@@ -155,17 +165,19 @@ MOELINK_DEVICE void dispatch_receive(const DispatchArgs& args, const IntranodeLa
   int64_t received[kMaxPeersPerWarp];
   int peers = 0;
   for (int src = role.first_peer; src < ranks; src += role.peer_stride, ++peers) received[peers] = 0;
-  for (int p = 0; p < peers; ++p) heads[p] = QueueReceiver::open(args, layout, v, role.first_peer + p * role.peer_stride).head;
+  for (int p = 0; p < peers; ++p) {
+    heads[p] = QueueReceiver::open(args, layout, v, role.first_peer + p * role.peer_stride, lanes).head;
+  }
   for (;;) {
-    const uint64_t rung = shfl(kFullMask, lane == 0 ? ld_acquire(bell) : uint64_t{0}, 0);
+    const uint64_t rung = lanes.from_leader(lanes.leads() ? ld_acquire(bell) : uint64_t{0});
     bool progress = false, all_done = true;
     for (int p = 0; p < peers; ++p) {
       QueueReceiver r = QueueReceiver::at(args, layout, v, role.first_peer + p * role.peer_stride, heads[p]);
       r.received = received[p];
       if (r.done()) continue;
-      const uint64_t tail = shfl(kFullMask, lane == 0 ? ld_acquire(r.queue.tail) : uint64_t{0}, 0);
+      const uint64_t tail = lanes.from_leader(lanes.leads() ? ld_acquire(r.queue.tail) : uint64_t{0});
       if (tail != r.head) {
-        r.drain(args, layout, tail, stage);
+        r.drain(args, layout, tail, stage, lanes);
         progress = true;
       }
       heads[p] = r.head;
@@ -173,11 +185,11 @@ MOELINK_DEVICE void dispatch_receive(const DispatchArgs& args, const IntranodeLa
       all_done = all_done && r.done();
     }
     if (all_done || aborted()) return;  // aborted: a doorbell that never rings again
-    if (!progress && lane == 0) {
+    if (!progress && lanes.leads()) {
       wait_until(bell, Cmp::kGt, rung, WaitSite{"intranode dispatch: tokens from any of this warp's senders",
                                                 node.rank, role.first_peer, v});
     }
-    syncwarp();
+    syncwarp(lanes.mask);
   }
 }
 
@@ -186,6 +198,10 @@ MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) dispatch_kernel(Disp
   const IntranodeLayout layout = IntranodeLayout::of(node.shape);
   const WarpMap map = node.shape.map();
   const uint64_t epoch = operation_epoch(node, layout);
+  MOELINK_DYNAMIC_SMEM(unsigned char, smem);
+  BulkStage stage = bulk_stage(smem + warp_id() * kBulkStageBytes);  // every lane, before any leaves
+  const WarpLanes lanes = WarpLanes::of(work_lanes(kFullMask));
+  if (!lanes.mine()) return;  // lanes with no work (host) leave; sync_block counts them as arrived
   if (args.barrier_first) {
     node_barrier(node, layout, epoch, "intranode dispatch: node barrier (peer has not entered this dispatch)");
   }
@@ -195,12 +211,10 @@ MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) dispatch_kernel(Disp
     const int v = channel * map.sub_channels + role.sub;
     if (block_rank() % 2 == 0) {
       for (int dst = role.first_peer; dst < node.shape.num_ranks; dst += role.peer_stride) {
-        dispatch_send(args, layout, map, v, dst, tuning.send_chunk);
+        dispatch_send(args, layout, map, v, dst, tuning.send_chunk, lanes);
       }
     } else {
-      MOELINK_DYNAMIC_SMEM(unsigned char, smem);
-      BulkStage stage = bulk_stage(smem + warp_id() * kBulkStageBytes);
-      dispatch_receive(args, layout, map, v, role, stage);
+      dispatch_receive(args, layout, map, v, role, stage, lanes);
     }
   }
   end_operation(node, layout, epoch);

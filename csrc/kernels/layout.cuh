@@ -61,10 +61,16 @@ MOELINK_DEVICE BlockPlan plan_block(const DispatchLayoutArgs& args, int block) {
 template <typename Index>
 MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kThreads) dispatch_layout_kernel(DispatchLayoutArgs args) {
   using namespace arch;
-  MOELINK_DYNAMIC_SMEM(int32_t, partial_counts);  // [kGroupsPerBlock][threads]
+  MOELINK_DYNAMIC_SMEM(int32_t, partial_counts);  // [kGroupsPerBlock][workers]
   const BlockPlan plan = plan_block(args, static_cast<int>(block_rank()));
-  const int tid = static_cast<int>(thread_rank());
-  const int threads = static_cast<int>(num_threads());
+  // The working lanes of every warp (arch.cuh: work_lanes; all of them on the GPU, one per warp on
+  // the host, whose idle lanes leave here) stride over the tokens; `tid` is a thread's index among
+  // the block's working threads and `threads` their number.
+  const uint32_t lanes = work_lanes(kFullMask);
+  if (!((lanes >> lane_id()) & 1u)) return;
+  const int per_warp = popcount(lanes);
+  const int tid = static_cast<int>(warp_id()) * per_warp + popcount(lanes & ((1u << lane_id()) - 1u));
+  const int threads = static_cast<int>(num_warps()) * per_warp;
   for (int g = 0; g < kGroupsPerBlock; ++g) partial_counts[g * threads + tid] = 0;
 
   const Index* topk_idx = static_cast<const Index*>(args.topk_idx);
@@ -91,12 +97,13 @@ MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kThreads) dispatch_layout_kernel(Dispa
   }
   sync_block();
 
-  const int warp = static_cast<int>(warp_id()), lane = static_cast<int>(lane_id());
+  const int warp = static_cast<int>(warp_id());
   for (int g = warp; g < plan.num_groups; g += static_cast<int>(num_warps())) {
     int32_t sum = 0;
-    for (int t = lane; t < threads; t += kWarpSize) sum += partial_counts[g * threads + t];
-    sum = warp_reduce_sum(kFullMask, sum);
-    if (lane == 0) plan.counts_out[plan.first_group + g] = sum;
+    const LaneRange share = lane_range(lanes, threads);
+    for (int64_t t = share.begin; t < share.end; t += share.step) sum += partial_counts[g * threads + t];
+    sum = warp_reduce_sum(lanes, sum);
+    if (elect_one(lanes)) plan.counts_out[plan.first_group + g] = sum;
   }
 }
 

@@ -57,9 +57,11 @@ struct Config {
   // `num_topk` top-k slots and kNvlHintMaxExpertsPerRank local experts, for the sub-channel split
   // that needs the most (any block size may pick any split up to kMaxSubChannels). The layout grows
   // with every field, so every call with smaller rows (bf16, FP8, combine), fewer scales, slots and
-  // experts fits.
+  // experts fits. With `zero_copy_rows` M > 0, also the one-copy regions for up to M rows: the
+  // queues or the combine input region (CombineInputLayout), whichever ends later, then a receive
+  // region (DirectRecvLayout) at the end of the window.
   int64_t nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks, int ranks_per_node = 0,
-                               int num_topk = kNvlHintMaxTopk) const {
+                               int num_topk = kNvlHintMaxTopk, int64_t zero_copy_rows = 0) const {
     IntranodeShape shape;
     shape.num_ranks = ranks_per_node > 0 ? ranks_per_node : num_ranks;
     shape.num_channels = num_channels();
@@ -74,7 +76,12 @@ struct Config {
       const int64_t bytes = IntranodeLayout::of(shape).total_bytes;
       most = bytes > most ? bytes : most;
     }
-    return most;
+    if (zero_copy_rows <= 0) return most;
+    shape.sub_channels = 1;
+    const int64_t recv_bytes = DirectRecvLayout::of(shape, zero_copy_rows, 0).bytes;
+    const CombineInputLayout input = CombineInputLayout::of(shape, zero_copy_rows);  // bf16 rows of row_bytes
+    const int64_t start = input.base + input.bytes > most ? input.base + input.bytes : most;
+    return IntranodeLayout::align(start) + recv_bytes;
   }
 
  private:

@@ -4,7 +4,9 @@
 #include <string>
 
 #include "kernels/intranode_combine.cuh"
+#include "kernels/intranode_combine_direct.cuh"
 #include "kernels/intranode_dispatch.cuh"
+#include "kernels/intranode_dispatch_direct.cuh"
 #include "kernels/intranode_notify.cuh"
 #include "runtime/errors.h"
 
@@ -72,6 +74,18 @@ void intranode_notify(const NotifyArgs& args, const LaunchContext& ctx) {
 void intranode_dispatch(const DispatchArgs& args, const LaunchContext& ctx, int send_chunk) {
   check_node("intranode dispatch", args.node);
   if (send_chunk < 1) invalid("intranode dispatch", "send chunk must be >= 1");
+  if (args.direct) {
+    if (args.send_row_start == nullptr) invalid("intranode dispatch", "a one-copy dispatch needs send_row_start");
+    if (args.direct_rows < 0 || DirectRecvLayout::of(args.node.shape, args.direct_rows, args.window_bytes).base < 0) {
+      invalid("intranode dispatch", "a receive region of " + str(args.direct_rows) + " rows does not fit windows of " +
+                                        str(args.window_bytes) + " bytes");
+    }
+  }
+  if (args.direct) {
+    MOELINK_LAUNCH_COOPERATIVE(ctx, "intranode_dispatch_direct", k::dispatch_direct_kernel, grid_of(args.node.shape),
+                               threads_of(args.node.shape), 0, args);
+    return;
+  }
   MOELINK_LAUNCH_COOPERATIVE(ctx, "intranode_dispatch", k::dispatch_kernel, grid_of(args.node.shape),
                              threads_of(args.node.shape), intranode_dispatch_smem_bytes(args.node.shape), args,
                              k::DispatchTuning{send_chunk});
@@ -81,6 +95,14 @@ void intranode_combine(const CombineArgs& args, const LaunchContext& ctx, int se
   check_node("intranode combine", args.node);
   if (args.hidden * 2 != args.node.shape.row_bytes) invalid("intranode combine", "row bytes must be hidden * 2 (bf16)");
   if (send_chunk < 1) invalid("intranode combine", "send chunk must be >= 1");
+  if (args.direct && (args.send_row_start == nullptr || args.direct_rows < 0)) {
+    invalid("intranode combine", "a one-copy combine needs send_row_start and direct_rows >= 0");
+  }
+  if (args.direct) {
+    MOELINK_LAUNCH_COOPERATIVE(ctx, "intranode_combine_direct", k::combine_direct_kernel, grid_of(args.node.shape),
+                               threads_of(args.node.shape), intranode_combine_smem_bytes(args.node.shape), args);
+    return;
+  }
   MOELINK_LAUNCH_COOPERATIVE(ctx, "intranode_combine", k::combine_kernel, grid_of(args.node.shape),
                              threads_of(args.node.shape), intranode_combine_smem_bytes(args.node.shape), args,
                              k::CombineTuning{send_chunk});

@@ -31,7 +31,11 @@
 // warp that serves several peers never waits for room in one of them: it waits on its room
 // doorbell, which each of those peers' receivers bumps after releasing a head. The combine
 // receiver reduces its tokens in rounds; a round reads at most `round_tokens` rows of a queue,
-// and capacity >= round_tokens, so every row a round needs can be in flight at once.
+// and capacity >= round_tokens, so every row a round needs can be in flight at once. The
+// one-copy paths (below) have no queues to fill: a one-copy dispatch sender never waits, so its
+// receivers' waits (one per queue, for the final tail) all end; a one-copy combine only reads
+// windows every rank finished writing before the combine's node barrier, and its closing barrier
+// (every rank has finished reading) is reached by every rank without waiting on anything else.
 //
 // Epochs, kept in device memory (CUDA-graph safe: no per-call value comes from the host). Each
 // rank's window holds its own operation counter `control.epoch` (E: operations completed on
@@ -39,12 +43,26 @@
 // stores E + 1 into barrier[r] of every peer and waits until all of its own slots reached it,
 // after which no rank is still inside an earlier operation and everything past the fixed
 // counters may be re-carved for this call's shapes. The operation's last kernel advances E: each
-// block counts itself out in control.blocks_done and the last one stores E + 1 (release).
+// block counts itself out in control.blocks_done and the last one stores E + 1 (release); a
+// one-copy combine's last block first runs the closing barrier on exit_barrier.
+//
+// One-copy paths (opt-in: Buffer.dispatch/combine(zero_copy=True); DirectRecvLayout and
+// CombineInputLayout below). Notify also exchanges every rank's per-destination totals
+// (rank_count), so every rank knows where its rows land in each receiver's receive order
+// (send_row_start) and the row capacity M every rank agrees on. A one-copy dispatch sender writes
+// each row straight into the receiver's *receive region* (carved from the end of the window) at
+// its final row, then publishes its queue tail once; the receiver waits for every tail and its
+// outputs are views of its own receive region (valid until its next dispatch). A one-copy combine
+// reads each copy of a token straight from the *combine input region* of the rank that holds it
+// (at the start of the per-call area), where that rank's caller wrote its expert outputs before
+// the combine; all 2C blocks reduce, none sends.
 //
 // Window layout (byte offsets, identical on every rank; all regions 128-byte aligned):
-//   control      u64 epoch, then (64 B later) u32 blocks_done    this rank's own bookkeeping
+//   control      u64 epoch, (64 B later) u32 blocks_done, (128 B) u64 notify_rows   this rank's own
+//                notify_rows: epoch of the notify whose rank_count rows this rank has written
 //   barrier      u64 [R]                      epoch each peer last entered
 //   notify_epoch u64 [R]                      epoch of the counts each peer last sent
+//   exit_barrier u64 [R]                      epoch of the last one-copy combine each peer finished reading in
 //   tail         u64 [kMaxVirtualChannels][R], 64 B apart   queue (v, s) tail, written by s
 //   head         u64 [kMaxVirtualChannels][R], 64 B apart   queue (v, s) head, written by the owner
 //   data_bell    u64 [kIntranodeMaxChannels][kMaxBlockWarps], 64 B apart
@@ -55,12 +73,24 @@
 //   --- per call, after the barrier ---
 //   channel_count i32 [R][V]                  tokens sender s puts in queue (v, s)
 //   expert_count  i32 [R][experts_per_rank]   (token, slot) pairs s routes to my experts
+//   rank_count    i32 [R][R + 1]              [s][j]: tokens s sends to rank j; [s][R]: the one-copy
+//                                             row capacity s asks for (num_worst_tokens, or 0)
 //   slots: for each (v, s) a ring of `capacity` slots, stored as arrays (each 16-byte aligned):
 //     row     [capacity][row_bytes]           the token's payload row
 //     scales  [capacity][num_scales] 4 B      FP8 scales (dispatch; f32 or packed UE8M0), absent if 0
 //     topk    [capacity][num_topk] i32        local expert ids, -1 if not mine (dispatch)
 //     weights [capacity][num_topk] f32        top-k weights (0 where topk is -1)
 //     src     [capacity] i32                  token index on the sender (dispatch)
+//   --- one-copy regions (only for calls with zero_copy; M rows, see DirectRecvLayout) ---
+//   combine input at channel_count (instead of the counts and slots, during a one-copy combine):
+//     row     [M][hidden] bf16                expert outputs, written by this rank's caller
+//     weights [M][num_topk] f32               their top-k weights (copied in by the combine)
+//   receive region, ending at most at the window's end:
+//     row     [M][row_bytes]                  received payload rows, in receive order
+//     scales  [M][num_scales] 4 B
+//     topk    [M][num_topk] i64               local expert ids, -1 if not mine
+//     weights [M][num_topk] f32
+//     src     [M] i32                         token index on its source rank
 #pragma once
 
 #include <cstddef>
@@ -147,8 +177,8 @@ struct IntranodeShape {
 
 // Byte offsets of every region of a window for one call (see the layout above).
 struct IntranodeLayout {
-  int64_t control, barrier, notify_epoch, tail, head, data_bell, room_bell;  // fixed
-  int64_t channel_count, expert_count;                                      // per call
+  int64_t control, barrier, notify_epoch, exit_barrier, tail, head, data_bell, room_bell;  // fixed
+  int64_t channel_count, expert_count, rank_count;                                        // per call
   int64_t slots;                                                            // first queue's slot arrays
   int64_t queue_bytes;                                                      // bytes per (v, s) queue
   int64_t row, scales, topk, weights, src;                                  // offsets inside a queue
@@ -156,8 +186,9 @@ struct IntranodeLayout {
 
   MOELINK_HOST_DEVICE static int64_t align(int64_t bytes) { return (bytes + 127) / 128 * 128; }
   MOELINK_HOST_DEVICE static int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
-  static constexpr int64_t kControlBytes = 128;
-  static constexpr int64_t kBlocksDoneOffset = 64;  // inside control
+  static constexpr int64_t kControlBytes = 192;
+  static constexpr int64_t kBlocksDoneOffset = 64;   // inside control
+  static constexpr int64_t kNotifyRowsOffset = 128;  // inside control
 
   MOELINK_HOST_DEVICE static IntranodeLayout of(const IntranodeShape& s) {
     IntranodeLayout l{};
@@ -166,13 +197,15 @@ struct IntranodeLayout {
     l.control = 0;
     l.barrier = kControlBytes;
     l.notify_epoch = align(l.barrier + 8 * ranks);
-    l.tail = align(l.notify_epoch + 8 * ranks);
+    l.exit_barrier = align(l.notify_epoch + 8 * ranks);
+    l.tail = align(l.exit_barrier + 8 * ranks);
     l.head = align(l.tail + kIntranodeCounterStride * kMaxVirtualChannels * ranks);
     l.data_bell = align(l.head + kIntranodeCounterStride * kMaxVirtualChannels * ranks);
     l.room_bell = l.data_bell + bells;
     l.channel_count = align(l.room_bell + bells);
     l.expert_count = align(l.channel_count + 4 * ranks * s.virtual_channels());
-    l.slots = align(l.expert_count + 4 * ranks * s.experts_per_rank);
+    l.rank_count = align(l.expert_count + 4 * ranks * s.experts_per_rank);
+    l.slots = align(l.rank_count + 4 * ranks * (ranks + 1));
     l.row = 0;
     l.scales = align16(l.row + q * s.row_bytes);
     l.topk = align16(l.scales + q * 4 * s.num_scales);
@@ -180,6 +213,41 @@ struct IntranodeLayout {
     l.src = align16(l.weights + q * 4 * s.num_topk);
     l.queue_bytes = align(l.src + q * 4);
     l.total_bytes = l.slots + l.queue_bytes * s.virtual_channels() * ranks;
+    return l;
+  }
+};
+
+// A one-copy dispatch's receive region: M rows (the same on every rank), carved from the end of a
+// window of `window_bytes` (the same on every rank), so that a later combine's queues, carved from
+// the start, leave it intact when the window holds both. `base` < 0: it does not fit at all.
+struct DirectRecvLayout {
+  int64_t base, row, scales, topk, weights, src, bytes;  // row..src: offsets from base
+
+  MOELINK_HOST_DEVICE static DirectRecvLayout of(const IntranodeShape& s, int64_t rows, int64_t window_bytes) {
+    DirectRecvLayout l{};
+    l.row = 0;
+    l.scales = IntranodeLayout::align16(rows * s.row_bytes);
+    l.topk = IntranodeLayout::align16(l.scales + rows * 4 * s.num_scales);
+    l.weights = IntranodeLayout::align16(l.topk + rows * 8 * s.num_topk);
+    l.src = IntranodeLayout::align16(l.weights + rows * 4 * s.num_topk);
+    l.bytes = IntranodeLayout::align(l.src + rows * 4);
+    l.base = (window_bytes - l.bytes) / 128 * 128;
+    if (l.base < IntranodeLayout::of(s).slots) l.base = -1;  // it would overlap the counters
+    return l;
+  }
+};
+
+// A one-copy combine's input region: M rows of expert outputs (s.row_bytes = hidden * 2) and their
+// top-k weights, at the start of the per-call area (where a queue-based call puts its counts).
+struct CombineInputLayout {
+  int64_t base, row, weights, bytes;  // row, weights: offsets from base; base + bytes: its end
+
+  MOELINK_HOST_DEVICE static CombineInputLayout of(const IntranodeShape& s, int64_t rows) {
+    CombineInputLayout l{};
+    l.base = IntranodeLayout::of(s).channel_count;
+    l.row = 0;
+    l.weights = IntranodeLayout::align16(rows * s.row_bytes);
+    l.bytes = IntranodeLayout::align(l.weights + rows * 4 * s.num_topk);
     return l;
   }
 };
@@ -200,11 +268,15 @@ struct NotifyArgs {
   const bool* is_token_in_rank = nullptr;       // [num_tokens][num_ranks]
   const int32_t* num_tokens_per_expert = nullptr;  // [num_ranks * experts_per_rank]
   int expert_alignment = 1;
+  int32_t direct_rows_request = 0;              // one-copy row capacity this rank asks for (>= 0)
   // Outputs.
   int32_t* recv_channel_start = nullptr;        // [num_ranks * V + 1]: first receive row of
                                                 // (sender s, virtual channel v) at s * V + v
   int32_t* recv_counts = nullptr;               // [1 + experts_per_rank]: total received rows,
                                                 // then rows per local expert, aligned up
+  int32_t* rank_counts = nullptr;               // [num_ranks][num_ranks + 1]: rank_count (layout above)
+  int32_t* send_row_start = nullptr;            // [num_ranks * V]: first row of (destination d, my
+                                                // virtual channel v) in d's receive order, at d * V + v
 };
 
 struct DispatchArgs {
@@ -226,6 +298,12 @@ struct DispatchArgs {
   int64_t* recv_topk_idx = nullptr;             // [num_recv][num_topk] local expert ids or -1
   float* recv_topk_weights = nullptr;           // [num_recv][num_topk] or null
   int32_t* recv_src_idx = nullptr;              // [num_recv] token index on its source rank
+  // One-copy mode: every row goes straight into its receiver's receive region (DirectRecvLayout
+  // of `direct_rows` rows in windows of `window_bytes`); the recv_* outputs above are unused.
+  bool direct = false;
+  int64_t direct_rows = 0;                      // M, the same on every rank
+  int64_t window_bytes = 0;
+  const int32_t* send_row_start = nullptr;      // from notify (or the handle)
 };
 
 struct CombineArgs {
@@ -242,6 +320,11 @@ struct CombineArgs {
   // Outputs.
   uint16_t* combined_x = nullptr;               // [num_tokens][hidden] bf16
   float* combined_topk_weights = nullptr;       // [num_tokens][num_topk] or null
+  // One-copy mode: x and topk_weights are unused; every rank's expert outputs and weights are in its
+  // combine input region (CombineInputLayout of `direct_rows` rows), read where they lie.
+  bool direct = false;
+  int64_t direct_rows = 0;                      // M of the dispatch (the handle's)
+  const int32_t* send_row_start = nullptr;      // the dispatch's (handle)
 };
 
 // `send_chunk` (num_max_nvl_chunked_send_tokens): tokens a sender queues between publications of

@@ -31,12 +31,22 @@ const char* op_name(CollectiveOp op) {
   }
 }
 
-void complete_barrier(Launch& launch, Barrier& barrier) {
+void complete_barrier(Launch& launch, Block& block, int id) {
+  Barrier& barrier = block.barriers[id];
   for (Fiber* waiter : barrier.waiters) launch.make_runnable(waiter);
   barrier.waiters.clear();
+  if (!barrier.whole_block) {
+    for (Warp& warp : block.warps) warp.at_barrier[id] = 0;
+  }
   barrier.expected = 0;
   barrier.arrived = 0;
   barrier.whole_block = false;
+}
+
+// A named barrier counts warps (PTX: a warp arrives once its non-exited lanes have): whether the
+// lanes of `warp` at barrier `id` now complete it.
+bool warp_arrived(const Warp& warp, int id) {
+  return warp.at_barrier[id] != 0 && ((warp.at_barrier[id] | warp.exited) & warp.present) == warp.present;
 }
 
 template <typename T>
@@ -161,8 +171,22 @@ void block_barrier(int id, int count, bool arrive_only) {
     launch.fail(ErrorKind::kDeviceAssert, "barrier " + std::to_string(id) + ": threads disagree on its thread count (" +
                                               std::to_string(barrier.expected) + " and " + std::to_string(count) + ")");
   }
-  if (++barrier.arrived >= barrier.expected) {
-    complete_barrier(launch, barrier);
+  bool complete;
+  if (barrier.whole_block) {
+    complete = ++barrier.arrived >= barrier.expected;
+  } else {
+    Warp& warp = block.warps[fiber->id.warp];
+    const uint32_t self = 1u << fiber->id.lane;
+    if (warp.at_barrier[id] & self) {
+      launch.fail(ErrorKind::kDeviceAssert, "barrier " + std::to_string(id) + ": lane " + std::to_string(fiber->id.lane) +
+                                                " arrived twice before the barrier completed");
+    }
+    warp.at_barrier[id] |= self;
+    if (warp_arrived(warp, id)) barrier.arrived += 32;
+    complete = barrier.arrived >= barrier.expected;
+  }
+  if (complete) {
+    complete_barrier(launch, block, id);
     return;
   }
   if (arrive_only) return;
@@ -194,6 +218,17 @@ uint64_t warp_collective(uint32_t mask, CollectiveOp op, uint64_t bits, int arg,
   if (width < 1 || width > 32 || (width & (width - 1)) != 0) {
     launch.fail(ErrorKind::kDeviceAssert, std::string(op_name(op)) + ": width must be a power of two in [1, 32], got " +
                                               std::to_string(width));
+  }
+  if (mask == self) {
+    // A one-lane collective (work_lanes on the host): its result is the lane's own operand, or
+    // its own vote; no other fiber is involved, so no switch.
+    switch (op) {
+      case CollectiveOp::kSync: return 0;
+      case CollectiveOp::kBallot: return bits != 0 ? self : 0;
+      case CollectiveOp::kAny:
+      case CollectiveOp::kAll: return bits != 0;
+      default: return bits;  // shuffles (the only source in the mask is the lane) and reductions
+    }
   }
   size_t index = 0;
   while (index < warp.pending.size() && (warp.pending[index].mask != mask || (warp.pending[index].arrived & self))) ++index;
@@ -244,7 +279,17 @@ void on_thread_exit(Launch& launch, Fiber& fiber) {
   // patterns finish as they do on hardware.
   Barrier& barrier = block.barriers[0];
   if (barrier.expected > 0 && barrier.whole_block && barrier.arrived >= --barrier.expected) {
-    complete_barrier(launch, barrier);
+    complete_barrier(launch, block, 0);
+  }
+  // A named barrier its warp-mates wait at: the warp arrives once its last non-exited lane has.
+  for (int id = 1; id < kNumBarriers; ++id) {
+    Barrier& named = block.barriers[id];
+    const uint32_t lanes = warp.at_barrier[id];
+    const bool before = lanes != 0 && ((lanes | (warp.exited & ~self)) & warp.present) == warp.present;
+    if (named.expected > 0 && !named.whole_block && !before && warp_arrived(warp, id)) {
+      named.arrived += 32;
+      if (named.arrived >= named.expected) complete_barrier(launch, block, id);
+    }
   }
 }
 

@@ -64,20 +64,23 @@ struct PendingCollective {
   std::array<Fiber*, 32> fibers{};
 };
 
+constexpr int kNumBarriers = 16;  // PTX: barriers 0..15 per CTA
+
 struct Warp {
   uint32_t present = 0;  // lanes that exist (the last warp of a block may be partial)
   uint32_t exited = 0;   // lanes whose thread has returned
   std::vector<PendingCollective> pending;
+  // Lanes at each named barrier in its current round: the warp arrives (counting 32 threads, as on
+  // the GPU) once these and the exited lanes make up every present lane.
+  std::array<uint32_t, kNumBarriers> at_barrier{};
 };
 
 struct Barrier {
   int expected = 0;  // participants of the current round; 0 while idle
-  int arrived = 0;
+  int arrived = 0;   // sync_block: threads; a named barrier: 32 per warp that has arrived
   bool whole_block = false;  // sync_block(): expected tracks threads that have not exited
   std::vector<Fiber*> waiters;
 };
-
-constexpr int kNumBarriers = 16;  // PTX: barriers 0..15 per CTA
 
 struct Block {
   unsigned rank = 0;
@@ -126,6 +129,8 @@ class Launch {
   void poll_parked();
   void back_off(unsigned idle_rounds);
   std::string describe_deadlock() const;
+  static bool canary_intact(const Fiber& fiber);
+  std::string overflow_message(const Fiber& fiber) const;
   std::string describe_timeout(const Fiber& expired, uint64_t now) const;
   void record_timeout(const Fiber& expired, uint64_t now) const;  // into last_timeout()
   static unsigned bucket_of(const void* addr);
@@ -145,6 +150,9 @@ class Launch {
   std::vector<unsigned> dirty_;
   std::vector<Fiber*> parked_;
   uint64_t dispatches_since_poll_ = 0;
+  static constexpr unsigned kCanaryInterval = 64;  // switches between samples of a stack canary
+  unsigned switches_since_canary_ = 0;
+  long saved_timer_slack_ = -1;  // the thread's timer slack before back_off lowered it, or -1
   Stats stats_;
 
   Fiber* current_ = nullptr;

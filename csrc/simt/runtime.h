@@ -46,6 +46,9 @@ struct ThreadIdentity {
 extern thread_local ThreadIdentity* t_identity __attribute__((tls_model("initial-exec")));
 // Nonzero when the random schedule injects extra switches at memory primitives.
 extern thread_local int t_fuzz_memory_ops __attribute__((tls_model("initial-exec")));
+// Nonzero under a random schedule: lane_range and work_lanes split work as the GPU does (every
+// lane a worker, interleaved items) instead of the host's one fiber per warp (arch.cuh).
+extern thread_local int t_gpu_lane_split __attribute__((tls_model("initial-exec")));
 
 struct LaunchConfig {
   const char* kernel_name = "?";

@@ -1,5 +1,6 @@
 // The launch: fibers, the scheduler loop, data waits with deadlines, and schedule fuzzing.
 #include <sched.h>
+#include <sys/prctl.h>
 #include <time.h>
 
 #include <algorithm>
@@ -17,6 +18,7 @@ namespace moelink::simt {
 
 thread_local ThreadIdentity* t_identity = nullptr;
 thread_local int t_fuzz_memory_ops = 0;
+thread_local int t_gpu_lane_split = 0;
 thread_local Launch* t_launch = nullptr;
 
 namespace {
@@ -130,6 +132,7 @@ void Launch::run() {
   reset_last_timeout();
   t_launch = this;
   t_fuzz_memory_ops = (random_ && fuzz_threshold_ > 0) ? 1 : 0;
+  t_gpu_lane_split = random_ ? 1 : 0;
   // The main stack only starts the first fiber; from then on each fiber that stops picks its
   // successor and switches to it directly. Control comes back here once every fiber finished,
   // or a failure stopped the launch.
@@ -141,6 +144,12 @@ void Launch::run() {
   t_launch = nullptr;
   t_identity = nullptr;
   t_fuzz_memory_ops = 0;
+  t_gpu_lane_split = 0;
+  if (saved_timer_slack_ > 0) prctl(PR_SET_TIMERSLACK, static_cast<unsigned long>(saved_timer_slack_), 0, 0, 0);
+  // Every stack's canary once more (suspend() samples them, see there).
+  for (const Fiber& fiber : fibers_) {
+    if (!error_ && !canary_intact(fiber)) error_.emplace(ErrorKind::kDeviceAssert, overflow_message(fiber));
+  }
   stats_.launches = 1;
   stats_.fibers = fibers_.size();
   add_stats(stats_);
@@ -192,14 +201,26 @@ sanitizer::Context* Launch::thread_context_to_capture() {
   return &thread_san_;
 }
 
+bool Launch::canary_intact(const Fiber& fiber) {
+  uint64_t canary;
+  std::memcpy(&canary, fiber.stack_low, sizeof canary);
+  return canary == kStackCanary;
+}
+
+std::string Launch::overflow_message(const Fiber& fiber) const {
+  return where(fiber) + ": fiber stack overflow (raise MOELINK_SIMT_STACK_KB, now " +
+         std::to_string(stack_bytes() / 1024) + ")";
+}
+
 void Launch::suspend() {
   Fiber* self = current_;
-  uint64_t canary;
-  std::memcpy(&canary, self->stack_low, sizeof canary);
-  if (canary != kStackCanary && !error_) {
-    error_.emplace(ErrorKind::kDeviceAssert,
-                   where(*self) + ": fiber stack overflow (raise MOELINK_SIMT_STACK_KB, now " +
-                       std::to_string(stack_bytes() / 1024) + ")");
+  // The canary sits at the bottom of the stack, a page (and usually a cache miss) away from the
+  // frames in use: reading it at every switch cost about a tenth of a dispatch. It is read at one
+  // switch in kCanaryInterval, whenever a fiber finishes, and for every fiber at the end of the
+  // launch, so an overflow still fails the launch, a little later.
+  if (__builtin_expect(++switches_since_canary_ >= kCanaryInterval || self->state == FiberState::kDone, 0)) {
+    switches_since_canary_ = 0;
+    if (!canary_intact(*self) && !error_) error_.emplace(ErrorKind::kDeviceAssert, overflow_message(*self));
   }
   Fiber* next = next_fiber();
   if (next == self) {  // it yielded and nothing else can run
@@ -316,6 +337,13 @@ void Launch::back_off(unsigned idle_rounds) {
   } else if (idle_rounds < 256) {
     sched_yield();
   } else {
+    // Linux stretches every sleep by the thread's timer slack (50 us by default), which would make
+    // each of these sleeps cost a whole peer's step in latency. Lower it for the rest of this
+    // launch (it is per thread; run() restores it).
+    if (saved_timer_slack_ < 0) {
+      saved_timer_slack_ = prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0);
+      if (saved_timer_slack_ >= 0) prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);  // 1 us
+    }
     const unsigned doublings = std::min(5u, (idle_rounds - 256) / 64);
     timespec pause{0, static_cast<long>(2000u << doublings)};  // 2 us .. 64 us
     nanosleep(&pause, nullptr);

@@ -17,6 +17,7 @@ import torch
 
 from . import _host, runtime
 from ._intranode import CombineCall, DispatchCall, DispatchHandle, _ptr
+from ._pool import OutputPool
 from .config import Config
 from .errors import InvalidArgument, InvalidType, argument_error
 
@@ -61,6 +62,11 @@ class InternodeNode:
     nvl_bytes: int
     nvl_counter: int
     scaleout: object  # _scaleout.ScaleOutWindows
+    pool: Optional[OutputPool] = None  # the Buffer's output pool (None: fresh tensors)
+
+    def empty(self, shape, dtype) -> torch.Tensor:
+        """An output tensor: from the Buffer's pool (no page faults once warm) or fresh."""
+        return self.pool.empty(shape, dtype) if self.pool is not None else torch.empty(shape, dtype=dtype)
 
     def context(self, op: str, config: Config, row_bytes: int, num_scales: int, num_topk: int, experts_per_rank: int):
         """The native context for one call; raises before anything runs if a window is too small."""
@@ -105,8 +111,15 @@ def _check_handle(call_handle) -> None:
                              type(call_handle).__name__ + " of an intranode dispatch")
 
 
+def _check_not_zero_copy(call) -> None:
+    if call.zero_copy:
+        raise argument_error(InvalidArgument, "zero_copy", "False (the one-copy paths are intranode only; "
+                             "this Buffer spans several nodes)", True)
+
+
 def plan_dispatch(node: InternodeNode, call: DispatchCall) -> DispatchPlan:
     _check_handle(call.handle)
+    _check_not_zero_copy(call)
     num_topk = 0 if call.topk_idx is None else call.topk_idx.shape[1]
     num_scales = 0 if call.x_scales is None else call.x_scales.shape[1]
     row_bytes = call.x.shape[1] * call.x.element_size()
@@ -144,14 +157,14 @@ def run_dispatch(plan: DispatchPlan):
         rows = call.num_worst_tokens
     else:
         rows = handle.num_output_rows if handle is not None else num_recv
-    recv_x = torch.empty((rows, x.shape[1]), dtype=x.dtype)
+    recv_x = node.empty((rows, x.shape[1]), x.dtype)
     recv_x[num_recv:].zero_()
     recv_scales = None
     if num_scales:
-        recv_scales = torch.empty((rows, num_scales), dtype=call.x_scales.dtype)
+        recv_scales = node.empty((rows, num_scales), call.x_scales.dtype)
         recv_scales[num_recv:].zero_()
-    recv_topk_idx = torch.full((rows, num_topk), -1, dtype=torch.int64) if num_topk else None
-    recv_topk_weights = torch.zeros((rows, num_topk), dtype=torch.float32) if call.topk_weights is not None else None
+    recv_topk_idx = node.empty((rows, num_topk), torch.int64).fill_(-1) if num_topk else None
+    recv_topk_weights = node.empty((rows, num_topk), torch.float32).zero_() if call.topk_weights is not None else None
     recv_src_idx = torch.empty(num_recv, dtype=torch.int32)
     rdma_send_head = torch.empty((num_tokens, nodes), dtype=torch.int32)
     forward_head = torch.empty((num_forwarded, node.ranks_per_node), dtype=torch.int32)
@@ -168,7 +181,7 @@ def run_dispatch(plan: DispatchPlan):
     if recv_topk_idx is not None and call.topk_idx_dtype != torch.int64:
         recv_topk_idx = recv_topk_idx.to(call.topk_idx_dtype)
     payload = recv_x if recv_scales is None else (recv_x, recv_scales)
-    return payload, recv_topk_idx, recv_topk_weights, handle
+    return payload, recv_topk_idx, recv_topk_weights, handle, None, None  # as _intranode: no error, no region
 
 
 @dataclasses.dataclass
@@ -179,6 +192,7 @@ class CombinePlan:
 
 
 def plan_combine(node: InternodeNode, call: CombineCall) -> CombinePlan:
+    _check_not_zero_copy(call)
     if not isinstance(call.handle, InternodeHandle):
         _check_handle(call.handle)
     num_topk = 0 if call.topk_weights is None else call.topk_weights.shape[1]
@@ -190,8 +204,8 @@ def run_combine(plan: CombinePlan):
     handle, x = call.handle, call.x
     num_topk = 0 if call.topk_weights is None else call.topk_weights.shape[1]
     hidden, num_tokens = x.shape[1], handle.is_token_in_rank.shape[0]
-    combined_x = torch.empty((num_tokens, hidden), dtype=torch.bfloat16)
-    combined_weights = torch.empty((num_tokens, num_topk), dtype=torch.float32) if num_topk else None
+    combined_x = node.empty((num_tokens, hidden), torch.bfloat16)
+    combined_weights = node.empty((num_tokens, num_topk), torch.float32) if num_topk else None
     cfg = call.config
     _host.internode.combine(
         native, cfg.num_max_nvl_chunked_send_tokens, cfg.num_max_rdma_chunked_send_tokens, hidden, _ptr(x),

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from . import _host, _validate, runtime
+from ._pool import OutputPool
 from .config import Config
 from .errors import InvalidArgument, InvalidShape, InvalidType, argument_error
 
@@ -56,6 +57,11 @@ class DispatchHandle:
     rank: int = 0
     num_ranks: int = 1
     num_rows: int = -1  # rows of the dispatch's outputs: M, or num_worst_tokens when padded
+    # From notify, for the one-copy paths (docs/semantics.md, "One-copy dispatch and combine"):
+    rank_counts: Optional[torch.Tensor] = None  # [R, R + 1] int32: [s][j] tokens s sends to j; [s][R] rows s asked for
+    send_row_start: Optional[torch.Tensor] = None  # [R * V] int32: first row of (destination d, my v) in d's receive order
+    direct_rows: int = 0  # one-copy row capacity M every rank of the dispatch agreed on
+    hidden: int = 0  # the dispatch's hidden size (the combine input buffer's row length)
 
     @property
     def num_recv_tokens(self) -> int:
@@ -72,10 +78,13 @@ class DispatchHandle:
         ranks, channels, rank = self.num_ranks, self.num_channels, self.rank
         virtual = channels * self.sub_channels  # channel c is virtual channels c*S .. c*S + S - 1
         starts = self.recv_channel_start
-        # rank_prefix_matrix[s][j]: tokens ranks 0..s send to rank j. Only this rank's column is
-        # known here (its receive offsets); moelink never gathers the others: -1.
-        rank_prefix = torch.full((ranks, ranks), -1, dtype=torch.int32)
-        rank_prefix[:, rank] = starts[virtual::virtual][:ranks]
+        # rank_prefix_matrix[s][j]: tokens ranks 0..s send to rank j (notify exchanges every rank's
+        # totals, so the whole matrix is known).
+        if self.rank_counts is not None:
+            rank_prefix = self.rank_counts[:, :ranks].cumsum(0, dtype=torch.int32).contiguous()
+        else:
+            rank_prefix = torch.full((ranks, ranks), -1, dtype=torch.int32)
+            rank_prefix[:, rank] = starts[virtual::virtual][:ranks]
         # channel_prefix_matrix[d][c]: this rank's tokens sent to rank d in channels 0..c (inclusive),
         # with DeepEP's channels (ceil(N / C) tokens each; moelink's own split is finer).
         num_tokens = self.is_token_in_rank.shape[0]
@@ -95,8 +104,7 @@ class DispatchHandle:
 
         0. ``rank_prefix_matrix`` ``[R, R]``: entry ``[s][j]`` is the number of tokens ranks
            ``0..s`` send to rank ``j``, so ``[-1][rank]`` is this rank's received count and
-           ``[s - 1][rank]`` the first row from source ``s``. Only column ``rank`` is filled; the
-           other columns (other ranks' receive counts, which moelink never exchanges) are -1.
+           ``[s - 1][rank]`` the first row from source ``s`` (the same matrix on every rank).
         1. ``channel_prefix_matrix`` ``[R, C]``: this rank's tokens sent to rank ``d`` in channels
            ``0..c``, inclusive prefix sum (sender side).
         2. ``recv_channel_prefix_matrix`` ``[R, C]``: first receive row of the tokens from source
@@ -135,13 +143,21 @@ class Node:
     window_bytes: int
     epoch: int  # the Buffer's operation count, for messages (the kernels keep their own in the window)
     nvl_counter: int
+    pool: Optional[OutputPool] = None  # the Buffer's output pool (None: fresh tensors)
+    view: Optional[Callable[[int, int, torch.dtype], torch.Tensor]] = None  # (offset, bytes, dtype) of my window
+    live_recv_region: Optional[Tuple[int, int]] = None  # [begin, end) of the last one-copy dispatch's outputs
+
+    def empty(self, shape, dtype) -> torch.Tensor:
+        """An output tensor: from the Buffer's pool (no page faults once warm) or fresh."""
+        return self.pool.empty(shape, dtype) if self.pool is not None else torch.empty(shape, dtype=dtype)
 
     def shape(self, op: str, config: Config, row_bytes: int, num_scales: int, num_topk: int,
-              experts_per_rank: int, sub_channels: Optional[int] = None):
+              experts_per_rank: int, sub_channels: Optional[int] = None, check_queues: bool = True):
         """The native node for one call and its sub-channels (the handle's, or a fresh dispatch's
-        default); raises before anything runs if the warp map or the window does not fit."""
+        default); raises before anything runs if the warp map or the window does not fit (the
+        queues, or only the counters for a one-copy call: ``check_queues=False``)."""
         channels, queue = config.num_sms // 2, config.num_max_nvl_chunked_recv_tokens
-        warps = runtime.block_warps()
+        warps = runtime.block_warps(self.num_ranks)
         if sub_channels is None:
             sub_channels = _host.intranode.default_sub_channels(self.num_ranks, warps, channels, queue)
         native = _host.intranode.Node(
@@ -154,12 +170,13 @@ class Node:
                 InvalidArgument, "config.num_max_nvl_chunked_recv_tokens",
                 f"at least {min(self.num_ranks, warps) * sub_channels} slots for this {op} ({self.num_ranks} ranks, "
                 f"{warps} warps per block, {sub_channels} sub-channels fixed by the dispatch)", queue)
-        if native.window_bytes_needed > self.window_bytes:
+        needed = native.window_bytes_needed if check_queues else native.layout["slots"]
+        if needed > self.window_bytes:
             created = (" (this Buffer was created with num_nvl_bytes=0, DeepEP's default, which holds no "
                        "intranode window)" if self.window_bytes == 0 else "")
             raise argument_error(
                 InvalidArgument, "num_nvl_bytes",
-                f"at least {native.window_bytes_needed} bytes for this {op} ({channels} channels of "
+                f"at least {needed} bytes for this {op} ({channels} channels of "
                 f"{queue} tokens of {row_bytes} bytes per rank pair; "
                 f"Config.get_nvl_buffer_size_hint gives a size for every call of a shape){created}",
                 self.window_bytes)
@@ -204,10 +221,11 @@ class DispatchCall:
     num_worst_tokens: int
     config: Config
     topk_idx_dtype: torch.dtype = torch.int64  # the caller's; recv_topk_idx comes back in it
+    zero_copy: bool = False  # one-copy: outputs are views of this rank's receive region
 
     @staticmethod
     def validate(x, handle, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
-                 num_worst_tokens, config, num_ranks) -> "DispatchCall":
+                 num_worst_tokens, config, num_ranks, zero_copy=False) -> "DispatchCall":
         x_scales = None
         if isinstance(x, tuple):
             if len(x) != 2:
@@ -227,6 +245,8 @@ class DispatchCall:
             raise argument_error(InvalidType, "config", "a moelink.Config", type(config).__name__)
         _validate.integer("expert_alignment", expert_alignment, minimum=1)
         _validate.integer("num_worst_tokens", num_worst_tokens, minimum=0)
+        if not isinstance(zero_copy, bool):
+            raise argument_error(InvalidType, "zero_copy", "a bool", type(zero_copy).__name__)
 
         if handle is not None:
             if not isinstance(handle, DispatchHandle):
@@ -272,7 +292,7 @@ class DispatchCall:
             topk_idx_dtype = topk_idx.dtype
             topk_idx = topk_idx.to(torch.int64)  # the kernels read int64 ids; int32 is widened (a small copy)
         return DispatchCall(x, x_scales, handle, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
-                            num_experts, expert_alignment, num_worst_tokens, config, topk_idx_dtype)
+                            num_experts, expert_alignment, num_worst_tokens, config, topk_idx_dtype, zero_copy)
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -287,6 +307,19 @@ class DispatchPlan:
     sub_channels: int
 
 
+def _window_error(op: str, needed: int, node: Node, what: str) -> InvalidArgument:
+    return argument_error(InvalidArgument, "num_nvl_bytes", f"at least {needed} bytes for this {op} ({what}; "
+                          "Config.get_nvl_buffer_size_hint(..., num_max_zero_copy_recv_tokens=...) gives a size)",
+                          node.window_bytes)
+
+
+def _recv_region(node: Node, native, rows: int):
+    """The receive region of a one-copy dispatch of ``rows`` rows (DirectRecvLayout): (its layout,
+    the window bytes it would need when it does not fit, else 0)."""
+    region = native.direct_recv_layout(rows, node.window_bytes)
+    return region, (0 if region["base"] >= 0 else native.layout["slots"] + region["bytes"])
+
+
 def plan_dispatch(node: Node, call: DispatchCall) -> DispatchPlan:
     """Sizes the call against the window; raises before anything runs."""
     num_topk = 0 if call.topk_idx is None else call.topk_idx.shape[1]
@@ -294,11 +327,30 @@ def plan_dispatch(node: Node, call: DispatchCall) -> DispatchPlan:
     row_bytes = call.x.shape[1] * call.x.element_size()
     native, sub_channels = node.shape("dispatch", call.config, row_bytes, num_scales, num_topk,
                                       call.num_experts // node.num_ranks,
-                                      None if call.handle is None else call.handle.sub_channels)
+                                      None if call.handle is None else call.handle.sub_channels,
+                                      check_queues=not call.zero_copy)
+    if call.zero_copy and call.handle is not None:
+        handle = call.handle
+        rows = call.num_worst_tokens or handle.num_output_rows
+        if rows > handle.direct_rows:
+            raise argument_error(InvalidArgument, "num_worst_tokens", f"at most {handle.direct_rows} (the one-copy "
+                                 "row capacity of the handle's dispatch)", rows)
+        _, needed = _recv_region(node, native, handle.direct_rows)
+        if needed:
+            raise _window_error("dispatch", needed, node, f"a receive region of {handle.direct_rows} rows")
     return DispatchPlan(node, call, native, sub_channels)
 
 
+def _direct_rows(rank_counts: torch.Tensor, ranks: int) -> int:
+    """M: the most rows any rank receives, or asks for (num_worst_tokens); the same on every rank."""
+    return int(max(rank_counts[:, :ranks].sum(0).max(), rank_counts[:, ranks].max())) if ranks else 0
+
+
 def run_dispatch(plan: DispatchPlan):
+    """Returns (payload, recv_topk_idx, recv_topk_weights, handle, error, recv_region): error is an
+    InvalidArgument the caller raises once the operation is over (a one-copy dispatch whose rows do
+    not fit ran as an empty one on every rank, so the windows stay consistent), recv_region the
+    [begin, end) of a one-copy dispatch's outputs in the window."""
     node, call, native = plan.node, plan.call, plan.native
     x, num_tokens, ranks = call.x, call.x.shape[0], node.num_ranks
     num_topk = 0 if call.topk_idx is None else call.topk_idx.shape[1]
@@ -309,13 +361,18 @@ def run_dispatch(plan: DispatchPlan):
     if handle is None:
         recv_channel_start = torch.empty(ranks * native.virtual_channels + 1, dtype=torch.int32)
         recv_counts = torch.empty(1 + experts_per_rank, dtype=torch.int32)
+        rank_counts = torch.empty((ranks, ranks + 1), dtype=torch.int32)
+        send_row_start = torch.empty(ranks * native.virtual_channels, dtype=torch.int32)
         _host.intranode.notify(native, num_tokens, _ptr(call.is_token_in_rank), _ptr(call.num_tokens_per_expert),
                                call.expert_alignment, recv_channel_start.data_ptr(), recv_counts.data_ptr(),
+                               rank_counts.data_ptr(), send_row_start.data_ptr(), call.num_worst_tokens,
                                rank=node.rank)
         is_token_in_rank, per_expert = call.is_token_in_rank, recv_counts[1:].tolist()
+        direct_rows = _direct_rows(rank_counts, ranks)
     else:
         recv_channel_start, is_token_in_rank = handle.recv_channel_start, handle.is_token_in_rank
         per_expert = handle.num_recv_tokens_per_expert_list
+        rank_counts, send_row_start, direct_rows = handle.rank_counts, handle.send_row_start, handle.direct_rows
     num_recv = int(recv_channel_start[-1])
     if call.num_worst_tokens:
         if num_recv > call.num_worst_tokens:
@@ -325,30 +382,75 @@ def run_dispatch(plan: DispatchPlan):
     else:
         # A cached dispatch returns as many rows as the handle's dispatch did (padded or not).
         rows = handle.num_output_rows if handle is not None else num_recv
-    # Every received row is overwritten by the kernel; only num_worst_tokens padding is zeroed.
-    recv_x = torch.empty((rows, x.shape[1]), dtype=x.dtype)
-    recv_x[num_recv:].zero_()
-    recv_scales = None
-    if num_scales:
-        recv_scales = torch.empty((rows, num_scales), dtype=call.x_scales.dtype)
-        recv_scales[num_recv:].zero_()
-    recv_topk_idx = torch.full((rows, num_topk), -1, dtype=torch.int64) if num_topk else None
-    recv_topk_weights = torch.zeros((rows, num_topk), dtype=torch.float32) if call.topk_weights is not None else None
-    recv_src_idx = torch.empty(num_recv, dtype=torch.int32)
     send_head = torch.empty((num_tokens, ranks), dtype=torch.int32)
-    _host.intranode.dispatch(
-        native, handle is not None, call.config.num_max_nvl_chunked_send_tokens, num_tokens, _ptr(x),
-        _ptr(call.x_scales), _ptr(call.topk_idx), _ptr(call.topk_weights), _ptr(is_token_in_rank),
-        recv_channel_start.data_ptr(), _ptr(send_head), _ptr(recv_x), _ptr(recv_scales), _ptr(recv_topk_idx),
-        _ptr(recv_topk_weights), _ptr(recv_src_idx), rank=node.rank)
+    common = (native, handle is not None, call.config.num_max_nvl_chunked_send_tokens, num_tokens, _ptr(x),
+              _ptr(call.x_scales), _ptr(call.topk_idx), _ptr(call.topk_weights))
+    error = region_extent = None
+    if call.zero_copy:
+        region, needed = _recv_region(node, native, direct_rows)
+        if needed:
+            # Every rank knows M and fails here alike: run an empty dispatch so that every window's
+            # epoch and queue counters advance together, then report.
+            empty = torch.zeros_like(recv_channel_start)
+            _host.intranode.dispatch(native, handle is not None, 1, 0, 0, 0, 0, 0, 0, empty.data_ptr(), 0, 0, 0, 0,
+                                     0, 0, rank=node.rank)
+            error = _window_error("dispatch", needed, node, f"a receive region of {direct_rows} rows, the most any "
+                                  "rank receives or asks for")
+            return None, None, None, None, error, None
+        _host.intranode.dispatch(*common, _ptr(is_token_in_rank), recv_channel_start.data_ptr(), _ptr(send_head),
+                                 0, 0, 0, 0, 0, direct=True, direct_rows=direct_rows, window_bytes=node.window_bytes,
+                                 send_row_start=send_row_start.data_ptr(), rank=node.rank)
+        base = region["base"]
+        region_extent = (base, base + region["bytes"])
+        row_bytes = x.shape[1] * x.element_size()
+        recv_x = node.view(base + region["row"], rows * row_bytes, x.dtype).view(rows, x.shape[1])
+        recv_x[num_recv:].zero_()
+        recv_scales = None
+        if num_scales:
+            recv_scales = node.view(base + region["scales"], rows * num_scales * 4,
+                                    call.x_scales.dtype).view(rows, num_scales)
+            recv_scales[num_recv:].zero_()
+        recv_topk_idx = recv_topk_weights = None
+        if num_topk:
+            recv_topk_idx = node.view(base + region["topk"], rows * num_topk * 8, torch.int64).view(rows, num_topk)
+            recv_topk_idx[num_recv:] = -1
+        if call.topk_weights is not None:
+            recv_topk_weights = node.view(base + region["weights"], rows * num_topk * 4,
+                                          torch.float32).view(rows, num_topk)
+            recv_topk_weights[num_recv:] = 0
+        # The handle outlives the region (a later dispatch rewrites it): its own copy of the indices.
+        recv_src_idx = node.view(base + region["src"], num_recv * 4, torch.int32).clone()
+    else:
+        # Every received row is overwritten by the kernel (payload, scales, every top-k slot); only the
+        # num_worst_tokens padding is filled here. Outputs come from the Buffer's pool.
+        recv_x = node.empty((rows, x.shape[1]), x.dtype)
+        recv_x[num_recv:].zero_()
+        recv_scales = None
+        if num_scales:
+            recv_scales = node.empty((rows, num_scales), call.x_scales.dtype)
+            recv_scales[num_recv:].zero_()
+        recv_topk_idx = recv_topk_weights = None
+        if num_topk:
+            recv_topk_idx = node.empty((rows, num_topk), torch.int64)
+            recv_topk_idx[num_recv:] = -1
+        if call.topk_weights is not None:
+            recv_topk_weights = node.empty((rows, num_topk), torch.float32)
+            recv_topk_weights[num_recv:] = 0
+        recv_src_idx = torch.empty(num_recv, dtype=torch.int32)
+        _host.intranode.dispatch(*common, _ptr(is_token_in_rank), recv_channel_start.data_ptr(), _ptr(send_head),
+                                 _ptr(recv_x), _ptr(recv_scales), _ptr(recv_topk_idx), _ptr(recv_topk_weights),
+                                 _ptr(recv_src_idx), rank=node.rank)
     if handle is None:
         handle = DispatchHandle(channels, call.num_experts, recv_channel_start, recv_src_idx, is_token_in_rank,
                                 send_head, per_expert, plan.sub_channels, rank=node.rank, num_ranks=ranks,
-                                num_rows=rows)
+                                num_rows=rows, rank_counts=rank_counts, send_row_start=send_row_start,
+                                direct_rows=direct_rows, hidden=x.shape[1])
     if recv_topk_idx is not None and call.topk_idx_dtype != torch.int64:
-        recv_topk_idx = recv_topk_idx.to(call.topk_idx_dtype)
+        narrow = node.empty(tuple(recv_topk_idx.shape), call.topk_idx_dtype)
+        narrow.copy_(recv_topk_idx)
+        recv_topk_idx = narrow
     payload = recv_x if recv_scales is None else (recv_x, recv_scales)
-    return payload, recv_topk_idx, recv_topk_weights, handle
+    return payload, recv_topk_idx, recv_topk_weights, handle, error, region_extent
 
 
 @dataclasses.dataclass
@@ -358,9 +460,10 @@ class CombineCall:
     topk_weights: Optional[torch.Tensor]
     bias: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
     config: Config
+    zero_copy: bool = False  # x is this rank's combine input buffer (get_combine_input_buffer)
 
     @staticmethod
-    def validate(x, handle, topk_weights, bias, config, num_ranks) -> "CombineCall":
+    def validate(x, handle, topk_weights, bias, config, num_ranks, zero_copy=False) -> "CombineCall":
         if not isinstance(handle, DispatchHandle):
             raise argument_error(InvalidType, "handle", "a handle returned by Buffer.dispatch", type(handle).__name__)
         _validate.tensor("x", x)
@@ -391,7 +494,9 @@ class CombineCall:
         if handle.num_channels != config.num_sms // 2:
             raise argument_error(InvalidArgument, "config", f"num_sms = {2 * handle.num_channels}, as in the handle's "
                                  "dispatch", f"num_sms = {config.num_sms}")
-        return CombineCall(x, handle, topk_weights, biases, config)
+        if not isinstance(zero_copy, bool):
+            raise argument_error(InvalidType, "zero_copy", "a bool", type(zero_copy).__name__)
+        return CombineCall(x, handle, topk_weights, biases, config, zero_copy)
 
 
 @dataclasses.dataclass
@@ -399,11 +504,41 @@ class CombinePlan:
     node: Node
     call: CombineCall
     native: object
+    input_region: Optional[dict] = None  # one-copy: CombineInputLayout
+
+
+def combine_input_region(node: Node, handle: DispatchHandle, hidden: int, num_topk: int, op: str, config: Config):
+    """(native node, CombineInputLayout) of the one-copy combine input buffer of ``handle``'s rows;
+    raises if the window cannot hold it below the live one-copy receive region (if any)."""
+    native, _ = node.shape(op, config, hidden * 2, 0, num_topk, 0, handle.sub_channels, check_queues=False)
+    region = native.combine_input_layout(handle.direct_rows)
+    end = region["base"] + (region["weights"] if num_topk == 0 else region["bytes"])
+    limit = node.window_bytes if node.live_recv_region is None else node.live_recv_region[0]
+    if end > limit:
+        extra = 0 if node.live_recv_region is None else node.live_recv_region[1] - node.live_recv_region[0]
+        raise _window_error(op, end + extra, node, f"a combine input buffer of {handle.direct_rows} rows of hidden "
+                            f"{hidden}" + (" below the outputs of the last one-copy dispatch" if extra else ""))
+    return native, region
 
 
 def plan_combine(node: Node, call: CombineCall) -> CombinePlan:
     num_topk = 0 if call.topk_weights is None else call.topk_weights.shape[1]
-    native, _ = node.shape("combine", call.config, call.x.shape[1] * 2, 0, num_topk, 0, call.handle.sub_channels)
+    handle, hidden = call.handle, call.x.shape[1]
+    if call.zero_copy:
+        if handle.send_row_start is None:
+            raise argument_error(InvalidArgument, "handle", "a handle from a dispatch of this build (with "
+                                 "send_row_start)", "an older handle")
+        native, region = combine_input_region(node, handle, hidden, num_topk, "combine", call.config)
+        expected = node.window_ptrs[node.rank] + region["base"] + region["row"]
+        if call.x.numel() and call.x.data_ptr() != expected:  # (no rows: nothing to read anyway)
+            raise argument_error(InvalidArgument, "x", "Buffer.get_combine_input_buffer(handle) (or its first "
+                                 "num_recv_tokens rows) with zero_copy=True", "another tensor")
+        return CombinePlan(node, call, native, region)
+    native, _ = node.shape("combine", call.config, hidden * 2, 0, num_topk, 0, handle.sub_channels)
+    live = node.live_recv_region
+    if live is not None and native.window_bytes_needed > live[0]:
+        raise _window_error("combine", native.window_bytes_needed + live[1] - live[0], node,
+                            "its queues below the outputs of the last one-copy dispatch, which it must not overwrite")
     return CombinePlan(node, call, native)
 
 
@@ -413,13 +548,21 @@ def run_combine(plan: CombinePlan):
     num_topk = 0 if call.topk_weights is None else call.topk_weights.shape[1]
     hidden = x.shape[1]
     num_tokens = handle.is_token_in_rank.shape[0]
-    combined_x = torch.empty((num_tokens, hidden), dtype=torch.bfloat16)
-    combined_weights = torch.empty((num_tokens, num_topk), dtype=torch.float32) if num_topk else None
+    combined_x = node.empty((num_tokens, hidden), torch.bfloat16)
+    combined_weights = node.empty((num_tokens, num_topk), torch.float32) if num_topk else None
+    direct = {}
+    if plan.input_region is not None:
+        region = plan.input_region
+        if num_topk:  # peers read the weights where the rows are: beside them in this rank's window
+            rows = call.topk_weights.shape[0]
+            node.view(region["base"] + region["weights"], rows * num_topk * 4,
+                      torch.float32).view(rows, num_topk).copy_(call.topk_weights)
+        direct = dict(direct=True, direct_rows=handle.direct_rows, send_row_start=handle.send_row_start.data_ptr())
     # Rows past the received ones (num_worst_tokens padding) are never read: the kernels address
-    # rows through recv_channel_start.
+    # rows through recv_channel_start (and send_row_start).
     _host.intranode.combine(
-        native, call.config.num_max_nvl_chunked_send_tokens, hidden, handle.num_recv_tokens, _ptr(x),
-        _ptr(call.topk_weights), handle.recv_channel_start.data_ptr(), num_tokens, _ptr(handle.is_token_in_rank),
-        _ptr(handle.send_head), _ptr(call.bias[0]), _ptr(call.bias[1]), _ptr(combined_x), _ptr(combined_weights),
-        rank=node.rank)
+        native, call.config.num_max_nvl_chunked_send_tokens, hidden, handle.num_recv_tokens,
+        0 if direct else _ptr(x), 0 if direct else _ptr(call.topk_weights), handle.recv_channel_start.data_ptr(),
+        num_tokens, _ptr(handle.is_token_in_rank), _ptr(handle.send_head), _ptr(call.bias[0]), _ptr(call.bias[1]),
+        _ptr(combined_x), _ptr(combined_weights), **direct, rank=node.rank)
     return combined_x, combined_weights

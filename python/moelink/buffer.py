@@ -22,6 +22,7 @@ from . import _backend, _host_windows, _internode, _intranode, _low_latency, _re
 from ._host_windows import bootstrap_host_windows
 from ._scaleout import ScaleOutWindows
 from ._interop import accepts_arrays
+from ._pool import OutputPool
 from .config import DEFAULT_NUM_SMS, Config, get_combine_config, get_dispatch_config
 from .errors import BufferUnusable, GPUUnavailable, InvalidArgument, InvalidType, MoelinkError, argument_error
 from .event import EventOverlap
@@ -103,6 +104,12 @@ class Buffer(LowLatencyMethods):
                 raise
         self._mode = _internode if self.num_nodes > 1 else _intranode
         self._epoch = 0
+        # Outputs (recv_x, combined_x, ...) come from here and are reused once the caller dropped
+        # them, so a steady-state call takes no page faults (moelink._pool).
+        self._pool = OutputPool()
+        # [begin, end) of the window bytes the last one-copy dispatch's outputs live in (None when the
+        # last dispatch was queue-based): later combines must leave it intact.
+        self._live_recv_region = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -118,6 +125,9 @@ class Buffer(LowLatencyMethods):
                 scaleout.wait_idle(2.0)
             scaleout.close()
         self._unusable = self._unusable or "the Buffer was destroyed"
+        pool = getattr(self, "_pool", None)  # absent when __init__ failed before creating it
+        if pool is not None:
+            pool.clear()
         if self._windows is not None and not self._windows.closed:
             self._windows.close()
 
@@ -165,9 +175,13 @@ class Buffer(LowLatencyMethods):
         if self.num_nodes > 1:
             return _internode.InternodeNode(self.rank, self.num_nodes, self.ranks_per_node,
                                             self._window_ptrs or [0] * self.ranks_per_node, self.num_nvl_bytes,
-                                            self._nvl_counter, self._scaleout)
+                                            self._nvl_counter, self._scaleout, pool=self._pool)
         return _intranode.Node(rank=self.rank, num_ranks=self.group_size, window_ptrs=self._window_ptrs,
-                               window_bytes=self.num_nvl_bytes, epoch=self._epoch + 1, nvl_counter=self._nvl_counter)
+                               window_bytes=self.num_nvl_bytes, epoch=self._epoch + 1, nvl_counter=self._nvl_counter,
+                               pool=self._pool, view=self._window_view, live_recv_region=self._live_recv_region)
+
+    def _window_view(self, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+        return self._windows.view(self.rank, offset, nbytes, dtype)
 
     @contextlib.contextmanager
     def _operation(self, op: str) -> Iterator[None]:
@@ -288,7 +302,7 @@ class Buffer(LowLatencyMethods):
                  topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
                  expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
                  previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
-                 allocate_on_comm_stream: bool = False):
+                 allocate_on_comm_stream: bool = False, *, zero_copy: bool = False):
         """Sends each token of ``x`` to every rank hosting one of its experts.
 
         Returns ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
@@ -300,14 +314,27 @@ class Buffer(LowLatencyMethods):
         ``handle`` (cached mode) the layout of an earlier dispatch is reused and the result is bit
         for bit that of a fresh dispatch. The handle also reads as DeepEP's 6-tuple
         (:meth:`DispatchHandle.deep_ep_tuple`).
+
+        ``zero_copy=True`` (moelink; every rank passes the same): the one-copy dispatch. Senders write
+        every row straight into its receiver's window, and ``recv_x``, the scales, ``recv_topk_idx``
+        (int64) and ``recv_topk_weights`` are views of this rank's window, valid until this rank's
+        next dispatch on this Buffer (like DeepEP's low-latency buffers; a combine of either kind
+        leaves them intact). The window needs room for a receive region of M rows, the most any rank
+        receives (or asks for with ``num_worst_tokens``): ``Config.get_nvl_buffer_size_hint(...,
+        num_max_zero_copy_recv_tokens=M)``; when it has none, every rank raises InvalidArgument and
+        the Buffer stays usable. Same results, bit for bit (docs/semantics.md).
         """
         config = config or self.get_dispatch_config(self.group_size)
         call = _intranode.DispatchCall.validate(
             x, handle, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
-            num_worst_tokens, config, self.group_size)
+            num_worst_tokens, config, self.group_size, zero_copy)
         plan = self._mode.plan_dispatch(self._node("dispatch"), call)
         with self._operation("dispatch"):
-            recv_x, recv_topk_idx, recv_topk_weights, handle = self._mode.run_dispatch(plan)
+            recv_x, recv_topk_idx, recv_topk_weights, handle, error, region = self._mode.run_dispatch(plan)
+            # Any dispatch may overwrite the last one-copy dispatch's outputs; this one's are live now.
+            self._live_recv_region = region
+        if error is not None:  # every rank ran an empty dispatch: the windows are consistent
+            raise error
         # With num_worst_tokens the GPU path never brings the counts to the host (that is the point
         # of the mode), so, as in DeepEP, the list is empty on every target.
         per_expert = [] if num_worst_tokens else handle.num_recv_tokens_per_expert_list
@@ -317,19 +344,45 @@ class Buffer(LowLatencyMethods):
     def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None,
                 bias: Union[None, torch.Tensor, Tuple[torch.Tensor, torch.Tensor]] = None,
                 config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
-                async_finish: bool = False, allocate_on_comm_stream: bool = False):
+                async_finish: bool = False, allocate_on_comm_stream: bool = False, *, zero_copy: bool = False):
         """Returns every token to its source rank summed over the ranks it went to (fp32
         accumulation, rank order), plus ``bias`` (a tensor or a pair). ``x``: bf16
         ``[num_recv_tokens, hidden]`` in the dispatch's receive order, or the dispatch's padded
         ``[num_worst_tokens, hidden]`` rows (those past the received ones are ignored). Returns ``(combined_x,
         combined_topk_weights, event)``; ``combined_topk_weights`` sums ``topk_weights`` the same way
-        (None without them)."""
+        (None without them).
+
+        ``zero_copy=True`` (moelink; every rank passes the same): ``x`` is this rank's combine input
+        buffer (:meth:`get_combine_input_buffer`), into which the caller wrote the expert outputs;
+        each rank reads every copy of its tokens straight from the window of the rank that holds it
+        (one copy less), and no rank returns before every peer finished reading its buffer. Same
+        results, bit for bit."""
         config = config or self.get_combine_config(self.group_size)
-        call = _intranode.CombineCall.validate(x, handle, topk_weights, bias, config, self.group_size)
+        call = _intranode.CombineCall.validate(x, handle, topk_weights, bias, config, self.group_size, zero_copy)
         plan = self._mode.plan_combine(self._node("combine"), call)
         with self._operation("combine"):
             combined_x, combined_topk_weights = self._mode.run_combine(plan)
         return combined_x, combined_topk_weights, EventOverlap()
+
+    def get_combine_input_buffer(self, handle: DispatchHandle) -> torch.Tensor:
+        """This rank's combine input buffer for ``handle``'s dispatch (moelink; as DeepEP's
+        ``get_next_low_latency_combine_buffer``): a bf16 ``[num_rows, hidden]`` view of its window
+        (the dispatch's rows, in its receive order, padding included). Write the expert outputs into
+        it, then call ``combine(buffer, handle, ..., zero_copy=True)``. It is valid until the next
+        dispatch or combine on this Buffer, and holds the rows of no other call: write it only between
+        the dispatch and its one-copy combine. The window needs room for it below the last one-copy
+        dispatch's outputs (``Config.get_nvl_buffer_size_hint(..., num_max_zero_copy_recv_tokens=M)``).
+        """
+        if not isinstance(handle, DispatchHandle):
+            raise argument_error(InvalidType, "handle", "a handle returned by Buffer.dispatch", type(handle).__name__)
+        if handle.send_row_start is None or handle.hidden <= 0:
+            raise argument_error(InvalidArgument, "handle", "a handle from a dispatch of this build", "an older handle")
+        node = self._node("get_combine_input_buffer")
+        config = get_combine_config(self.group_size, 2 * handle.num_channels)
+        _, region = _intranode.combine_input_region(node, handle, handle.hidden, 0, "get_combine_input_buffer", config)
+        rows = handle.num_output_rows
+        return self._window_view(region["base"] + region["row"], rows * handle.hidden * 2,
+                                 torch.bfloat16).view(rows, handle.hidden)
 
     # ---- diagnostics -----------------------------------------------------------------------------
 

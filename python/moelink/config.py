@@ -20,6 +20,8 @@ from .errors import InvalidArgument, InvalidType, argument_error
 __all__ = [
     "Config",
     "intranode_window_bytes",
+    "direct_recv_bytes",
+    "combine_input_bytes",
     "get_dispatch_config",
     "get_combine_config",
     "DEFAULT_NUM_SMS",
@@ -34,7 +36,7 @@ INTRANODE_COUNTER_STRIDE = 64  # kIntranodeCounterStride: one queue counter per 
 MAX_VIRTUAL_CHANNELS = 256  # kMaxVirtualChannels: channels * sub-channels the counters are sized for
 MAX_SUB_CHANNELS = 8  # kMaxSubChannels
 MAX_BLOCK_WARPS = 32  # kMaxBlockWarps: doorbells per channel
-CONTROL_BYTES = 128  # IntranodeLayout::kControlBytes: epoch and blocks_done
+CONTROL_BYTES = 192  # IntranodeLayout::kControlBytes: epoch, blocks_done, notify_rows
 NVL_HINT_MAX_TOPK = 32  # the size hint covers calls with up to this many top-k slots
 NVL_HINT_MAX_EXPERTS_PER_RANK = 1024  # ... and up to this many local experts per rank
 _INT32_MAX = 2**31 - 1
@@ -88,7 +90,7 @@ class Config:
         return self.num_sms // 2
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int, *, ranks_per_node: Optional[int] = None,
-                                 num_topk: int = NVL_HINT_MAX_TOPK) -> int:
+                                 num_topk: int = NVL_HINT_MAX_TOPK, num_max_zero_copy_recv_tokens: int = 0) -> int:
         """Bytes of NVL buffer (window) any intranode dispatch or combine with this config fits in.
 
         ``hidden_bytes``: bytes of a token row by DeepEP's convention, ``hidden * max(element_size,
@@ -96,22 +98,37 @@ class Config:
         (default: all ``num_ranks``), ``num_sms // 2`` channels, queues of
         ``num_max_nvl_chunked_recv_tokens`` slots, rows of ``hidden_bytes``, ``ceil(hidden_bytes /
         128)`` FP8 scales, ``num_topk`` top-k slots and ``NVL_HINT_MAX_EXPERTS_PER_RANK`` local
-        experts, for the sub-channel split that needs the most. The layout grows with every one of them, so every call with smaller rows (bf16
-        rows are ``hidden_bytes``, FP8 rows half that plus scales, combine rows ``hidden_bytes``),
-        fewer top-k slots or experts fits.
+        experts, for the sub-channel split that needs the most. The layout grows with every one of
+        them, so every call with smaller rows (bf16 rows are ``hidden_bytes``, FP8 rows half that
+        plus scales, combine rows ``hidden_bytes``), fewer top-k slots or experts fits.
+
+        ``num_max_zero_copy_recv_tokens`` (M > 0): also room for the one-copy paths
+        (``zero_copy=True``) when no rank receives more than M rows (or asks for more with
+        ``num_worst_tokens``): the queue layout or the combine input region (:func:`combine_input_bytes`),
+        whichever ends later, then a receive region (:func:`direct_recv_bytes`) at the end, so a
+        one-copy dispatch's outputs survive a combine of either kind.
         """
         _check_int("hidden_bytes", hidden_bytes, 1)
         _check_int("num_ranks", num_ranks, 1)
         ranks = num_ranks if ranks_per_node is None else _check_int("ranks_per_node", ranks_per_node, 1)
         _check_int("num_topk", num_topk, 0)
-        intranode = max(intranode_window_bytes(
+        rows = _check_int("num_max_zero_copy_recv_tokens", num_max_zero_copy_recv_tokens, 0)
+        row_bytes, num_scales = _align(hidden_bytes, 16), (hidden_bytes + 127) // 128
+        queues = max(intranode_window_bytes(
             num_ranks=ranks, num_channels=self.num_channels, queue_tokens=self.num_max_nvl_chunked_recv_tokens,
-            row_bytes=_align(hidden_bytes, 16), num_scales=(hidden_bytes + 127) // 128, num_topk=num_topk,
+            row_bytes=row_bytes, num_scales=num_scales, num_topk=num_topk,
             experts_per_rank=NVL_HINT_MAX_EXPERTS_PER_RANK, sub_channels=s)
             for s in range(1, min(MAX_SUB_CHANNELS, self.num_max_nvl_chunked_recv_tokens) + 1))
+        if rows == 0:
+            total = queues
+        else:
+            start = max(queues, combine_input_bytes(num_ranks=ranks, rows=rows, hidden=row_bytes // 2,
+                                                    num_topk=num_topk))
+            total = _align(start, 128) + direct_recv_bytes(rows=rows, row_bytes=row_bytes, num_scales=num_scales,
+                                                           num_topk=num_topk)
         if ranks >= num_ranks:
-            return intranode
-        return max(intranode, self._internode_sizes(hidden_bytes, num_ranks, ranks, num_topk)["nvl_bytes"])
+            return total
+        return max(total, self._internode_sizes(hidden_bytes, num_ranks, ranks, num_topk)["nvl_bytes"])
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int, *,
                                   ranks_per_node: Optional[int] = None, num_topk: int = NVL_HINT_MAX_TOPK) -> int:
@@ -140,14 +157,26 @@ class Config:
             num_scales=(hidden_bytes + 127) // 128, num_topk=num_topk, experts_per_rank=NVL_HINT_MAX_EXPERTS_PER_RANK))
 
 
+def _per_call_offset(r: int) -> int:
+    """``IntranodeLayout::channel_count``: where the per-call area starts (after the fixed counters)."""
+    barrier = CONTROL_BYTES
+    notify_epoch = _align(barrier + 8 * r, 128)
+    exit_barrier = _align(notify_epoch + 8 * r, 128)
+    tail = _align(exit_barrier + 8 * r, 128)
+    head = _align(tail + INTRANODE_COUNTER_STRIDE * MAX_VIRTUAL_CHANNELS * r, 128)
+    data_bell = _align(head + INTRANODE_COUNTER_STRIDE * MAX_VIRTUAL_CHANNELS * r, 128)
+    bells = INTRANODE_COUNTER_STRIDE * INTRANODE_MAX_CHANNELS * MAX_BLOCK_WARPS
+    return _align(data_bell + 2 * bells, 128)
+
+
 def intranode_window_bytes(*, num_ranks: int, num_channels: int, queue_tokens: int, row_bytes: int, num_scales: int,
                            num_topk: int, experts_per_rank: int, sub_channels: int = 1) -> int:
-    """Window bytes one intranode call needs: ``IntranodeLayout::of(shape).total_bytes`` of
-    csrc/runtime/ops_intranode.h, term by term (docs/buffer-layout.md)::
+    """Window bytes one queue-based intranode call needs: ``IntranodeLayout::of(shape).total_bytes``
+    of csrc/runtime/ops_intranode.h, term by term (docs/buffer-layout.md)::
 
-        fixed    = 128 + a(8R) + a(8R) + a(64 * 256 * R) + a(64 * 256 * R) + 2 * 64 * 64 * 32
-                   control, barrier, notify_epoch, tail, head, data and room doorbells
-        counts   = a(4 * R * V) + a(4 * R * E)                       channel_count, expert_count
+        fixed    = 192 + a(8R) + a(8R) + a(8R) + a(64 * 256 * R) + a(64 * 256 * R) + 2 * 64 * 64 * 32
+                   control, barrier, notify_epoch, exit_barrier, tail, head, data and room doorbells
+        counts   = a(4 * R * V) + a(4 * R * E) + a(4 * R * (R + 1))  channel_count, expert_count, rank_count
         queue    = a(a16(a16(a16(a16(Q*B) + 4*Q*P) + 4*Q*K) + 4*Q*K) + 4*Q)
         total    = fixed + counts + V * R * queue
 
@@ -156,21 +185,37 @@ def intranode_window_bytes(*, num_ranks: int, num_channels: int, queue_tokens: i
     slots, E experts per rank.
     """
     r, v, q = num_ranks, num_channels * sub_channels, queue_tokens // sub_channels
-    barrier = CONTROL_BYTES
-    notify_epoch = _align(barrier + 8 * r, 128)
-    tail = _align(notify_epoch + 8 * r, 128)
-    head = _align(tail + INTRANODE_COUNTER_STRIDE * MAX_VIRTUAL_CHANNELS * r, 128)
-    data_bell = _align(head + INTRANODE_COUNTER_STRIDE * MAX_VIRTUAL_CHANNELS * r, 128)
-    bells = INTRANODE_COUNTER_STRIDE * INTRANODE_MAX_CHANNELS * MAX_BLOCK_WARPS
-    channel_count = _align(data_bell + 2 * bells, 128)
+    channel_count = _per_call_offset(r)
     expert_count = _align(channel_count + 4 * r * v, 128)
-    slots = _align(expert_count + 4 * r * experts_per_rank, 128)
+    rank_count = _align(expert_count + 4 * r * experts_per_rank, 128)
+    slots = _align(rank_count + 4 * r * (r + 1), 128)
     scales = _align(q * row_bytes, 16)
     topk = _align(scales + q * 4 * num_scales, 16)
     weights = _align(topk + q * 4 * num_topk, 16)
     src = _align(weights + q * 4 * num_topk, 16)
     queue_bytes = _align(src + q * 4, 128)
     return slots + queue_bytes * v * r
+
+
+def direct_recv_bytes(*, rows: int, row_bytes: int, num_scales: int, num_topk: int) -> int:
+    """Bytes of a one-copy dispatch's receive region of ``rows`` rows (``DirectRecvLayout``)::
+
+        a(a16(a16(a16(M*B) + 4*M*P) + 8*M*K) + 4*M*K) + 4*M)    rows, scales, i64 top-k, weights, src
+    """
+    scales = _align(rows * row_bytes, 16)
+    topk = _align(scales + rows * 4 * num_scales, 16)
+    weights = _align(topk + rows * 8 * num_topk, 16)
+    src = _align(weights + rows * 4 * num_topk, 16)
+    return _align(src + rows * 4, 128)
+
+
+def combine_input_bytes(*, num_ranks: int, rows: int, hidden: int, num_topk: int) -> int:
+    """End offset of a one-copy combine's input region (``CombineInputLayout``): it starts where the
+    per-call area does and holds ``rows`` bf16 rows of ``hidden`` and their ``num_topk`` weights::
+
+        per_call_start + a(a16(M * 2 * hidden) + 4 * M * K)
+    """
+    return _per_call_offset(num_ranks) + _align(_align(rows * 2 * hidden, 16) + rows * 4 * num_topk, 128)
 
 
 def _default_config(num_ranks: int, num_sms: int, nvl_send_budget: int, rdma_send: int) -> Config:

@@ -7,7 +7,7 @@ deadline from MOELINK_TIMEOUT_S when it first uses a device.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 import os
 
@@ -65,26 +65,34 @@ def _check_block_warps(name: str, value: object) -> int:
     return value
 
 
-def block_warps() -> int:
-    """Warps per block of the host target's normal-mode kernels (the GPU build always runs
-    ``moelink._host.intranode.GPU_BLOCK_WARPS``). Initially ``MOELINK_HOST_BLOCK_WARPS`` or that
-    GPU value, so the host runs the same warp map as a GPU; fewer warps than ranks exercise the
-    several-peers-per-warp paths of large nodes. Every rank of a group must use the same value."""
+def block_warps(num_ranks: Optional[int] = None) -> int:
+    """Warps per block of the host target's normal-mode kernels for a node of ``num_ranks`` ranks
+    (the GPU build always runs ``moelink._host.intranode.GPU_BLOCK_WARPS``, 16).
+
+    ``MOELINK_HOST_BLOCK_WARPS`` or :func:`set_block_warps` fix it; by default it is one warp per
+    rank, at most the GPU's 16 (that value when ``num_ranks`` is not given). Why: the host runs a
+    warp's work on one fiber (``arch.cuh``: ``work_lanes``) and every fiber on one OS thread, so the
+    GPU's extra warps per peer (sub-channels) add fibers to start and switch, not parallelism; one
+    warp per rank keeps one queue per (channel, peer) and no warp serving several peers. Measured
+    at 4 ranks (docs/results.md): 16 warps cost about a quarter more CPU per call than 4. Every
+    rank of a group must use the same value (the default is the same on all)."""
     global _block_warps
     if _block_warps is None:
         text = os.environ.get(_BLOCK_WARPS_ENV)
-        if text is None or text == "":
-            _block_warps = _host.intranode.GPU_BLOCK_WARPS
-        else:
+        if text is not None and text != "":
             try:
                 value = int(text)
             except ValueError:
                 raise argument_error(InvalidArgument, _BLOCK_WARPS_ENV, "an int", repr(text)) from None
             _block_warps = _check_block_warps(_BLOCK_WARPS_ENV, value)
-    return _block_warps
+    if _block_warps is not None:
+        return _block_warps
+    gpu = _host.intranode.GPU_BLOCK_WARPS
+    return gpu if num_ranks is None else max(1, min(gpu, int(num_ranks)))
 
 
-def set_block_warps(warps: int) -> None:
-    """Sets :func:`block_warps` for this process (host target only)."""
+def set_block_warps(warps: Optional[int]) -> None:
+    """Sets :func:`block_warps` for this process (host target only); None restores the default
+    (``MOELINK_HOST_BLOCK_WARPS``, else one warp per rank)."""
     global _block_warps
-    _block_warps = _check_block_warps("warps", warps)
+    _block_warps = None if warps is None else _check_block_warps("warps", warps)

@@ -48,6 +48,9 @@ ROWS = (
     Row("dispatch_cached", "dispatch, cached handle (DeepEP's figure)", "dispatch_bytes", "baseline_dispatch",
         "dispatch"),
     Row("combine", "combine", "combine_bytes", "baseline_combine", "combine"),
+    Row("dispatch_zero_copy", "dispatch, one copy (zero_copy=True)", "dispatch_bytes", "baseline_dispatch", "dispatch"),
+    Row("dispatch_cached_zero_copy", "dispatch, cached, one copy", "dispatch_bytes", "baseline_dispatch", "dispatch"),
+    Row("combine_zero_copy", "combine, one copy (zero_copy=True)", "combine_bytes", "baseline_combine", "combine"),
     Row("baseline_dispatch", "baseline dispatch (all_to_all_single)", "dispatch_bytes", None, "dispatch", True),
     Row("baseline_combine", "baseline combine (all_to_all_single)", "combine_bytes", None, "combine", True),
 )
@@ -149,6 +152,27 @@ def _verify_once(rank, buffer, opts, payload, topk_idx, topk_weights, dispatch_c
     return handle, expert_out, counters, expected, rows
 
 
+def _verify_zero_copy(rank, buffer, opts, payload, topk_idx, topk_weights, dispatch_config, combine_config,
+                      expert_out):
+    """The one-copy dispatch and combine must give the queue paths' bits; returns the one-copy
+    dispatch's handle (for the cached and combine variants)."""
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, opts.experts)
+    layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                  topk_idx=topk_idx, topk_weights=topk_weights, config=dispatch_config)
+    queued = buffer.dispatch(payload, **layout)
+    want = buffer.combine(expert_out, queued[4], config=combine_config)[0].clone()
+    got = buffer.dispatch(payload, zero_copy=True, **layout)
+    for name, mine, theirs in (("recv_x", got[0], queued[0]), ("recv_topk_idx", got[1], queued[1]),
+                               ("recv_topk_weights", got[2], queued[2])):
+        for a, b in zip(mine if isinstance(mine, tuple) else (mine,), theirs if isinstance(theirs, tuple) else (theirs,)):
+            _check_equal(f"one-copy {name}", a, b, rank)
+    handle = got[4]
+    buffer.get_combine_input_buffer(handle).copy_(expert_out)
+    combined = buffer.combine(buffer.get_combine_input_buffer(handle), handle, config=combine_config, zero_copy=True)[0]
+    _check_equal("one-copy combined_x", combined, want, rank)
+    return handle
+
+
 def run_rank(rank: int, world: int, group, opts: BenchOptions, progress: Optional[Progress] = None) -> dict:
     """Benchmark body of one rank (``launch.run_ranks`` calls it). Returns plain data only."""
     progress = (progress or Progress(enabled=False)).for_rank(rank)
@@ -156,7 +180,9 @@ def run_rank(rank: int, world: int, group, opts: BenchOptions, progress: Optiona
     dispatch_config = moelink.Buffer.get_dispatch_config(world)
     combine_config = moelink.Buffer.get_combine_config(world)
     hidden_bytes = opts.hidden * 2  # DeepEP's convention: bf16 rows; FP8 rows + scales are smaller
-    num_nvl_bytes = max(cfg.get_nvl_buffer_size_hint(hidden_bytes, world, num_topk=opts.topk)
+    # Room for the one-copy variants too: no rank receives more than every rank's tokens.
+    num_nvl_bytes = max(cfg.get_nvl_buffer_size_hint(hidden_bytes, world, num_topk=opts.topk,
+                                                     num_max_zero_copy_recv_tokens=opts.tokens * world)
                         for cfg in (dispatch_config, combine_config))
     progress(f"building inputs: {opts.tokens} tokens x hidden {opts.hidden}, top-{opts.topk} of {opts.experts} "
              f"experts{', FP8' if opts.fp8 else ''}")
@@ -170,14 +196,20 @@ def run_rank(rank: int, world: int, group, opts: BenchOptions, progress: Optiona
         handle, expert_out, counters, expected, rows = _verify_once(
             rank, buffer, opts, payload, topk_idx, topk_weights, dispatch_config, combine_config, workspace)
         b_handle = baseline_dispatch(payload, topk_idx, opts.experts, topk_weights, workspace=workspace)[4]
+        progress("checking the one-copy paths against the queue-based ones (bit for bit)")
+        zc_handle = _verify_zero_copy(rank, buffer, opts, payload, topk_idx, topk_weights, dispatch_config,
+                                      combine_config, expert_out)
         dispatch_bytes = rows["recv_rows"] * (rows["row_bytes"] + 4 * rows["num_scales"])
         floor = SharedCopyFloor(group, max(dispatch_bytes, 1), opts.floor_seconds)
 
-        def fresh_dispatch():
+        def fresh_dispatch(zero_copy=False):
             per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, opts.experts)
             return buffer.dispatch(payload, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                                    num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights,
-                                   config=dispatch_config)
+                                   config=dispatch_config, zero_copy=zero_copy)
+
+        def stage_combine_input():  # what the experts would have written: the same rows as expert_out
+            buffer.get_combine_input_buffer(zc_handle).copy_(expert_out)
 
         calls = {
             # layout alone: what fresh dispatch pays on top of the notify + payload kernels
@@ -188,11 +220,20 @@ def run_rank(rank: int, world: int, group, opts: BenchOptions, progress: Optiona
             # no notify, no top-k metadata; the payload kernel alone
             "dispatch_cached": lambda: buffer.dispatch(payload, handle=handle, config=dispatch_config),
             "combine": lambda: buffer.combine(expert_out, handle, config=combine_config),
+            # the one-copy paths: outputs are views of the window; the combine reads the expert
+            # outputs where the experts wrote them (staged, untimed, before each call)
+            "dispatch_zero_copy": lambda: fresh_dispatch(zero_copy=True),
+            "dispatch_cached_zero_copy": lambda: buffer.dispatch(payload, handle=zc_handle, config=dispatch_config,
+                                                                 zero_copy=True),
+            "combine_zero_copy": lambda: buffer.combine(buffer.get_combine_input_buffer(zc_handle), zc_handle,
+                                                        config=combine_config, zero_copy=True),
             "baseline_dispatch": lambda: baseline_dispatch(payload, topk_idx, opts.experts, topk_weights,
                                                            workspace=workspace),
             "baseline_combine": lambda: baseline_combine(expert_out, b_handle, workspace=workspace),
         }
-        variants = [Variant(name, calls[name], runtime_counters=not name.startswith("baseline")) for name in VARIANTS]
+        prepare = {"combine_zero_copy": stage_combine_input}
+        variants = [Variant(name, calls[name], runtime_counters=not name.startswith("baseline"),
+                            prepare=prepare.get(name)) for name in VARIANTS]
         progress(f"timing {opts.iters} iterations after {opts.warmup} warm-up, each: "
                  f"{', '.join(VARIANTS)}, then the memcpy floor ({opts.floor_seconds:g} s of copies)")
         records = time_variants(group, variants, floor, iters=opts.iters, warmup=opts.warmup, progress=progress)
@@ -272,7 +313,8 @@ def format_extra(extra: dict) -> list[str]:
         f"baseline workspace per rank: {max(w['bytes'] for w in ws) / 1e6:.1f} MB at most, "
         f"{max(w['allocations'] for w in ws)} allocations at most over the whole run (all in the first calls)",
         "correctness: moelink's received rows, top-k ids, weights, per-expert counts and combined rows "
-        "equal the baseline's on every rank (checked before timing)",
+        "equal the baseline's on every rank, and the one-copy variants' equal the queue-based ones bit for bit "
+        "(checked before timing)",
     ]
 
 

@@ -17,7 +17,7 @@ import dataclasses
 import os
 import resource
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch.distributed as dist
 
@@ -34,6 +34,7 @@ class Variant:
     name: str
     call: Callable[[], object]
     runtime_counters: bool = False  # read moelink.runtime.stats() around each call
+    prepare: Optional[Callable[[], object]] = None  # untimed, before each call (e.g. staging its input)
 
 
 def _minor_faults() -> int:
@@ -66,6 +67,8 @@ def time_variants(group, variants: Sequence[Variant], floor: SharedCopyFloor, *,
         if timed:
             load.append(os.getloadavg()[0])
         for v in variants:
+            if v.prepare is not None:
+                v.prepare()
             before = stats() if v.runtime_counters else None
             faults_before = _minor_faults()
             dist.barrier(group)
