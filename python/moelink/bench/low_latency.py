@@ -5,7 +5,9 @@ the same rank processes and iterations.
 
 Shape: DeepEP's low-latency test (128 tokens per rank, hidden 7168, top-8) scaled to this machine:
 tokens per rank = ``--tokens`` capped at 128, which is also ``num_max_dispatch_tokens_per_rank``;
-hidden, experts and top-k from the command line. Every transfer goes through the emulated NIC
+hidden, experts and top-k from the command line. Under ``--mode all`` (the default run) the mode
+takes a short pass instead: at most 32 tokens, 3 timed iterations after 1 warm-up (the header
+says what ran). Every transfer goes through the emulated NIC
 (``allow_nvlink_for_low_latency_mode=False``: the IBGDA path). Bytes on the wire per rank and
 call: messages sent (one per (token, expert) pair) x message bytes (payload, scales, token index,
 top-k ids; docs/low-latency.md); the table's GB/s divides those by the time. The extra lines give
@@ -36,6 +38,7 @@ from moelink.reference import low_latency as ref
 __all__ = ["LowLatencyOptions", "run_rank", "ROWS", "MODE", "MAX_TOKENS"]
 
 MAX_TOKENS = 128  # DeepEP's low-latency test: 128 tokens per rank
+ALL_MODES_TOKENS = 32  # under --mode all (the default run), which must stay short
 # (variant suffix, dispatch keyword arguments, payload name of moelink.reference.low_latency)
 DISPATCH_FORMATS = (
     ("bf16", dict(use_fp8=False), "bf16"),
@@ -153,8 +156,14 @@ def run_rank(rank: int, world: int, group, opts: LowLatencyOptions, progress: Op
 
 
 def make_options(args) -> LowLatencyOptions:
-    base = intranode.make_options(args)
-    return LowLatencyOptions(**{**dataclasses.asdict(base), "tokens": min(args.tokens, MAX_TOKENS), "fp8": False})
+    """``--mode low-latency``: tokens = --tokens capped at 128 (DeepEP's shape). Under ``--mode
+    all`` (the default run) a short pass: at most 32 tokens, 3 timed iterations after 1 warm-up."""
+    base = dataclasses.asdict(intranode.make_options(args))
+    if getattr(args, "mode", "low_latency") == "all":
+        base.update(tokens=min(args.tokens, ALL_MODES_TOKENS), iters=min(args.iters, 3), warmup=min(args.warmup, 1))
+    else:
+        base.update(tokens=min(args.tokens, MAX_TOKENS))
+    return LowLatencyOptions(**{**base, "fp8": False})
 
 
 def problems(args) -> list[str]:
