@@ -287,3 +287,46 @@ def test_eight_ranks(group8, seed):
         _run(group8, seed, rpn=rpn, allow_nvlink=allow, t_max=16, hidden=256, num_topk=8,
              payloads=["fp8", "bf16", "nvfp4"], iterations=3, hook=True)
 
+
+
+def _weights_replay_and_slot_values(ctx, seed):
+    """moelink.autograd's entry points of the kernels (``_low_latency.dispatch`` / ``combine``):
+    bf16 rows carrying their weights, stored as w * row by the receiver; a replay into the slots
+    of an earlier dispatch (same rows at the same places); the combine's per-slot rows."""
+    world, rank = ctx.world_size, ctx.rank
+    case = dict(t_max=10, hidden=256, num_topk=3, experts=2 * world)
+    xs, idx, weights = _inputs(seed, world, case)
+    buffer = _buffer(ctx, world, True, moelink.Buffer.get_low_latency_rdma_size_hint(10, 256, world, 2 * world))
+    ll, guard, el = buffer._ll, buffer._operation, 2
+    moelink._low_latency.set_codec_split("auto")
+    plain, count, handle, _ = moelink._low_latency.dispatch(ll, guard, xs[rank], idx[rank], 10, 2 * world,
+                                                            use_fp8=False)
+    scaled, count2, replay, _ = moelink._low_latency.dispatch(
+        ll, guard, xs[rank], idx[rank], 10, 2 * world, use_fp8=False, topk_weights=weights[rank], cached=handle,
+        scale_by_weight=True)
+    assert torch.equal(count, count2) and torch.equal(handle[1], replay[1])
+    for e in range(el):  # rows past recv_count are unspecified
+        assert torch.equal(handle[0][e, :int(count[e])], replay[0][e, :int(count[e])]), "replayed slots"
+    for e in range(el):
+        for i in range(int(count[e])):
+            s = next(s for s in range(world) if (int(handle[1][e, s]) >> 32) <= i <
+                     (int(handle[1][e, s]) >> 32) + (int(handle[1][e, s]) & 0xFFFFFFFF))
+            t, k = divmod(int(handle[0][e, i]), 3)
+            want = (weights[s][t, k] * xs[s][t].float()).to(torch.bfloat16)
+            assert torch.equal(plain[e, i], xs[s][t]) and torch.equal(scaled[e, i], want), (e, i)
+    with pytest.raises(moelink.errors.InvalidArgument, match="^cached"):
+        moelink._low_latency.dispatch(ll, guard, xs[rank][:0], idx[rank][:0], 10, 2 * world, use_fp8=False,
+                                      cached=handle)
+    expert_out = plain.clone()
+    slot_values = torch.zeros(xs[rank].shape[0], 3, 256, dtype=torch.bfloat16)
+    combined, _ = moelink._low_latency.combine(ll, guard, expert_out, idx[rank], weights[rank], replay,
+                                               slot_values=slot_values)
+    sent = idx[rank] >= 0
+    assert torch.equal(slot_values[sent], xs[rank].unsqueeze(1).expand(-1, 3, -1)[sent])
+    assert torch.equal(combined, ref.low_latency_combine(xs[rank].unsqueeze(1).expand(-1, 3, -1), idx[rank],
+                                                         weights[rank]))
+    return True
+
+
+def test_carried_weights_replay_and_slot_values(group, seed):
+    assert all(group.run(_weights_replay_and_slot_values, seed))

@@ -101,7 +101,8 @@ void low_latency_dispatch(const LowLatencyDispatchArgs& args, const LaunchContex
   if (args.num_tokens < 0 || args.num_tokens > args.ctx.shape.num_max_tokens)
     invalid(op, "num_tokens must be in [0, num_max_dispatch_tokens_per_rank]");
   if (args.ctx.shape.format == F::kNvfp4 && args.global_scale == nullptr) invalid(op, "NVFP4 needs its tensor scale");
-  if (args.ctx.shape.carry_weights && args.topk_weights == nullptr) invalid(op, "carried weights need topk_weights");
+  if (args.ctx.shape.carry_weights && args.num_tokens > 0 && args.topk_weights == nullptr)
+    invalid(op, "carried weights need topk_weights");
   if (args.scale_by_weight && (!args.ctx.shape.carry_weights || args.ctx.shape.format != F::kBf16))
     invalid(op, "scale_by_weight needs bf16 rows that carry their weights");
   with_format(args.ctx.shape.format, [&](auto format) {

@@ -293,7 +293,13 @@ def dispatch(state: LowLatencyState, guard, x, topk_idx, num_max_dispatch_tokens
     layout_range = torch.empty((experts, ranks), dtype=torch.int64)
     send_slots = torch.empty((num_tokens, k), dtype=torch.int32)
     send_counts = torch.empty(ranks, dtype=torch.int32)
-    cached_slots = cached.send_slots if cached is not None else None
+    cached_slots = None
+    if cached is not None:  # its slots index the receive regions: only a handle of this shape
+        cached = _check_handle(state, cached)
+        if tuple(cached.send_slots.shape) != (num_tokens, k) or tuple(cached)[2:] != (t_max, hidden, num_experts):
+            raise argument_error(InvalidArgument, "cached", f"a handle of a dispatch of {num_tokens} tokens x top-{k}, "
+                                 f"T={t_max}, hidden {hidden}, {num_experts} experts", repr(cached))
+        cached_slots = cached.send_slots
     args = (num_tokens, ptr(x), ptr(topk), ptr(topk_weights), ptr(g), ptr(cached_slots), bool(scale_by_weight),
             ptr(send_slots), ptr(send_counts), ptr(recv_x), ptr(recv_scales), ptr(recv_g), ptr(recv_count),
             ptr(src_info), ptr(layout_range), ptr(cum), ptr(wait))
