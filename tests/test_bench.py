@@ -207,6 +207,23 @@ def test_report_divides_per_iteration_then_takes_the_median():
     assert all(column in format_legend() for column in LEGEND)
 
 
+def test_internode_mode_reports_network_bytes_at_the_minimum():
+    """2 nodes of 2 ranks: the run checks itself against the baseline, and every rank's network
+    bytes per dispatch equal the one-message-per-(token, node) minimum (printed as 1.00)."""
+    proc = _run_bench("--mode", "internode", "--ranks", "4", "--ranks-per-node", "2", "--tokens", "64",
+                      "--hidden", "256", "--iters", "2", "--warmup", "1", "--floor-seconds", "0.05", "--json",
+                      timeout=240)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    report = json.loads(proc.stdout)["modes"]["internode"]
+    assert set(json.loads(proc.stdout)["modes"]) == {"internode"} and report["correct"] is True
+    net = report["network"]
+    assert net["dispatch_bytes"] == net["minimum_bytes"] and all(b > 0 for b in net["dispatch_bytes"])
+    assert net["vs_minimum"] == 1.0 and net["naive_vs_minimum"] > 1.0
+    for name in ("dispatch", "dispatch_cached", "combine", "baseline_dispatch", "baseline_combine"):
+        assert report["variants"][name]["time_s"]["median"] > 0, name
+    assert set(report["bandwidth_split"]) >= {"dispatch", "combine"}
+
+
 # ---- --sweep and its plots ----------------------------------------------------------------------
 
 def test_sweep_writes_json_tables_and_plots_or_says_why_not(tmp_path, monkeypatch):
