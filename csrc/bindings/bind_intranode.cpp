@@ -21,6 +21,8 @@ void bind_intranode(py::module_& parent) {
   m.attr("MAX_VIRTUAL_CHANNELS") = kMaxVirtualChannels;
   // Where the node barrier's slots start in every window (tests that watch a rank enter it).
   m.attr("BARRIER_OFFSET") = IntranodeLayout::kControlBytes;
+  m.attr("AGREEMENT_WORDS") = kAgreementWords;
+  m.attr("COUNTER_STRIDE") = kIntranodeCounterStride;
   m.def("default_sub_channels", &WarpMap::default_sub_channels, py::arg("num_ranks"), py::arg("block_warps"),
         py::arg("num_channels"), py::arg("queue_tokens"),
         "Sub-channels a fresh dispatch uses (WarpMap in runtime/ops_intranode.h).");
@@ -28,7 +30,8 @@ void bind_intranode(py::module_& parent) {
   py::class_<IntranodeContext>(m, "Node", "Where a call runs: rank, shapes, windows.", py::module_local())
       .def(py::init([](int rank, int num_ranks, int num_channels, int block_warps, int sub_channels, int queue_tokens,
                        int64_t row_bytes, int num_scales, int num_topk, int experts_per_rank,
-                       const std::vector<uintptr_t>& windows, uintptr_t nvl_bytes) {
+                       const std::vector<uintptr_t>& windows, uintptr_t nvl_bytes,
+                       const std::vector<uint64_t>& agreement) {
              if (windows.size() != static_cast<size_t>(num_ranks) || num_ranks > kIntranodeMaxRanks) {
                throw Error(ErrorKind::kInvalidArgument, "intranode Node: expected " + std::to_string(num_ranks) +
                                                             " window addresses (at most " +
@@ -41,11 +44,17 @@ void bind_intranode(py::module_& parent) {
                                          num_scales, num_topk, experts_per_rank};
              for (size_t i = 0; i < windows.size(); ++i) node.windows.base[i] = ptr<void>(windows[i]);
              node.nvl_bytes = ptr<uint64_t>(nvl_bytes);
+             if (agreement.size() > static_cast<size_t>(kAgreementWords)) {
+               throw Error(ErrorKind::kInvalidArgument, "intranode Node: at most " + std::to_string(kAgreementWords) +
+                                                            " agreement words, got " + std::to_string(agreement.size()));
+             }
+             for (size_t i = 0; i < agreement.size(); ++i) node.agreement[i] = agreement[i];
              return node;
            }),
            py::kw_only(), py::arg("rank"), py::arg("num_ranks"), py::arg("num_channels"), py::arg("block_warps"),
            py::arg("sub_channels"), py::arg("queue_tokens"), py::arg("row_bytes"), py::arg("num_scales"),
-           py::arg("num_topk"), py::arg("experts_per_rank"), py::arg("windows"), py::arg("nvl_bytes") = 0)
+           py::arg("num_topk"), py::arg("experts_per_rank"), py::arg("windows"), py::arg("nvl_bytes") = 0,
+           py::arg("agreement") = std::vector<uint64_t>{})
       .def_property_readonly("window_bytes_needed",
                              [](const IntranodeContext& node) { return IntranodeLayout::of(node.shape).total_bytes; })
       .def_property_readonly("virtual_channels", [](const IntranodeContext& node) { return node.shape.virtual_channels(); })
@@ -57,7 +66,14 @@ void bind_intranode(py::module_& parent) {
       .def_property_readonly("layout",
                              [](const IntranodeContext& node) {
                                const IntranodeLayout l = IntranodeLayout::of(node.shape);
-                               return py::dict("channel_count"_a = l.channel_count, "slots"_a = l.slots,
+                               // Every region (tests that play a faulty peer address them).
+                               return py::dict("control"_a = l.control, "barrier"_a = l.barrier,
+                                               "notify_epoch"_a = l.notify_epoch, "exit_barrier"_a = l.exit_barrier,
+                                               "tail"_a = l.tail, "head"_a = l.head, "agreement"_a = l.agreement,
+                                               "channel_count"_a = l.channel_count, "expert_count"_a = l.expert_count,
+                                               "rank_count"_a = l.rank_count, "slots"_a = l.slots,
+                                               "queue_bytes"_a = l.queue_bytes, "row"_a = l.row, "scales"_a = l.scales,
+                                               "topk"_a = l.topk, "weights"_a = l.weights, "src"_a = l.src,
                                                "total_bytes"_a = l.total_bytes);
                              })
       .def(

@@ -130,10 +130,18 @@ MOELINK_DEVICE_NOINLINE void nvl_receive(const InternodeDispatchArgs& args, cons
       const int32_t* topk = reinterpret_cast<const int32_t*>(queue.base + layout.q_topk) + static_cast<int64_t>(slot) * s.num_topk;
       const float* weights = reinterpret_cast<const float*>(queue.base + layout.q_weights) + static_cast<int64_t>(slot) * s.num_topk;
       for (int k = lane; k < s.num_topk; k += kWarpSize) {
-        args.recv_topk_idx[row * s.num_topk + k] = topk[k];
+        const int32_t expert = topk[k];  // the forwarder's word: callers index expert tables with it
+        MOELINK_DEVICE_CHECK(expert >= -1 && expert < s.experts_per_rank,
+                             "internode dispatch: forwarder %d passed local expert id %d (this rank has %d)", l, expert,
+                             s.experts_per_rank);
+        args.recv_topk_idx[row * s.num_topk + k] = expert;
         if (args.recv_topk_weights != nullptr) args.recv_topk_weights[row * s.num_topk + k] = weights[k];
       }
-      if (lane == 0) args.recv_src_idx[row] = meta[1];
+      if (lane == 0) {
+        MOELINK_DEVICE_CHECK(meta[1] >= 0, "internode dispatch: forwarder %d passed source token index %d of rank %d", l,
+                             meta[1], src);
+        args.recv_src_idx[row] = meta[1];
+      }
     }
     received += ready;
     head = tail;

@@ -63,6 +63,10 @@ MOELINK_DEVICE void combine_send(const CombineArgs& args, const IntranodeLayout&
   if (map.peers_per_warp == 1) {
     const int dst = role.first_peer;
     const int32_t* starts = args.recv_channel_start + dst * channels + v;
+    // The handle's rows (validated by the Python layer; a cheap second look before they index x).
+    MOELINK_DEVICE_CHECK(starts[0] >= 0 && starts[0] <= starts[1] && starts[1] <= args.num_recv,
+                         "intranode combine: handle gives rows [%d, %d) of rank %d, %lld received", starts[0], starts[1],
+                         dst, static_cast<long long>(args.num_recv));
     QueueSender sender = open_return_queue(args, layout, v, dst, send_chunk, lanes);
     for (int64_t row = starts[0]; row < starts[1]; ++row) send_row(args, layout, sender, row);
     sender.publish();

@@ -133,6 +133,9 @@ struct QueueSender {
       publish();
       const uint64_t needed = tail - static_cast<uint64_t>(queue.capacity) + 1;
       head_seen = from_leader(leads() ? wait_until(queue.head, Cmp::kGe, needed, room) : uint64_t{0});
+      // The head is the receiver's word: past the tail it would free slots never filled.
+      MOELINK_DEVICE_CHECK(head_seen <= tail, "queue: rank %d released head %llu past this rank's tail %llu", room.peer,
+                           static_cast<unsigned long long>(head_seen), static_cast<unsigned long long>(tail));
     }
     return queue.slot(tail);
   }
@@ -140,6 +143,8 @@ struct QueueSender {
   // Whether a slot is free now, without waiting (for warps that serve several queues).
   MOELINK_DEVICE bool has_room() {
     if (full()) head_seen = from_leader(leads() ? ld_acquire(queue.head) : uint64_t{0});
+    MOELINK_DEVICE_CHECK(head_seen <= tail, "queue: rank %d released head %llu past this rank's tail %llu", room.peer,
+                         static_cast<unsigned long long>(head_seen), static_cast<unsigned long long>(tail));
     return !full();
   }
 
@@ -195,10 +200,37 @@ MOELINK_DEVICE void node_barrier(const IntranodeContext& node, const IntranodeLa
   const WarpLanes lanes = WarpLanes::of(work_lanes(kFullMask));
   if (lanes.mine()) {
     const BlockWorkers workers = BlockWorkers::of(lanes);
+    // Parameter words travel beside the barrier (double-buffered by epoch parity: a rank can be at
+    // most one operation ahead of a peer still comparing, see ops_intranode.h).
+    const int64_t parity = static_cast<int64_t>(epoch & 1u) * ranks;
+    if (block_rank() == 0) {
+      for (int peer = workers.index; peer < ranks; peer += workers.count) {
+        uint64_t* mine = window_at<uint64_t>(node, peer, layout.agreement) + (parity + node.rank) * kAgreementWords;
+        for (int w = 0; w < kAgreementWords; ++w) mine[w] = node.agreement[w];
+        st_release(window_at<uint64_t>(node, peer, layout.barrier) + node.rank, epoch);  // orders the words too
+      }
+    }
+  }
+  // Every peer has this rank's store before any thread may fail a comparison (a failed check
+  // ends the launch: peers it had not reached yet would wait for it until their deadline).
+  sync_block();
+  if (lanes.mine()) {
+    const BlockWorkers workers = BlockWorkers::of(lanes);
+    const int64_t parity = static_cast<int64_t>(epoch & 1u) * ranks;
     for (int peer = workers.index; peer < ranks; peer += workers.count) {
-      if (block_rank() == 0) st_release(window_at<uint64_t>(node, peer, layout.barrier) + node.rank, epoch);
       wait_until(window_at<uint64_t>(node, node.rank, layout.barrier) + peer, Cmp::kGe, epoch,
                  WaitSite{what, node.rank, peer});
+      // Block 0 compares, after its own stores (the sync_block above); the other blocks only wait
+      // (everything they read from peers is range-checked where it is used).
+      if (block_rank() != 0) continue;
+      const uint64_t* theirs = window_at<const uint64_t>(node, node.rank, layout.agreement) + (parity + peer) * kAgreementWords;
+      for (int w = 0; w < kAgreementWords; ++w) {
+        const uint64_t value = theirs[w];
+        MOELINK_DEVICE_CHECK(value == node.agreement[w],
+                             "moelink agreement: rank %d and rank %d disagree on word %d (%llu here, %llu there)",
+                             node.rank, peer, w, static_cast<unsigned long long>(node.agreement[w]),
+                             static_cast<unsigned long long>(value));
+      }
     }
   }
   sync_block();

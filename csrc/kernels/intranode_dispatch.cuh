@@ -132,10 +132,19 @@ struct QueueReceiver {
       const int32_t* topk = reinterpret_cast<const int32_t*>(queue.base + layout.topk) + static_cast<int64_t>(slot) * shape.num_topk;
       const float* weights = reinterpret_cast<const float*>(queue.base + layout.weights) + static_cast<int64_t>(slot) * shape.num_topk;
       for (int64_t k = topk_share.begin; k < topk_share.end; k += topk_share.step) {
-        args.recv_topk_idx[row * shape.num_topk + k] = topk[k];
+        const int32_t expert = topk[k];  // the sender's word: callers index expert tables with it
+        MOELINK_DEVICE_CHECK(expert >= -1 && expert < shape.experts_per_rank,
+                             "intranode dispatch: sender %d sent local expert id %d (this rank has %d)", src, expert,
+                             shape.experts_per_rank);
+        args.recv_topk_idx[row * shape.num_topk + k] = expert;
         if (args.recv_topk_weights != nullptr) args.recv_topk_weights[row * shape.num_topk + k] = weights[k];
       }
-      if (lanes.leads()) args.recv_src_idx[row] = reinterpret_cast<const int32_t*>(queue.base + layout.src)[slot];
+      if (lanes.leads()) {
+        const int32_t source_token = reinterpret_cast<const int32_t*>(queue.base + layout.src)[slot];
+        MOELINK_DEVICE_CHECK(source_token >= 0, "intranode dispatch: sender %d sent source token index %d", src,
+                             source_token);
+        args.recv_src_idx[row] = source_token;
+      }
     }
     received += ready;
     head = tail;

@@ -148,6 +148,9 @@ MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) notify_kernel(Notify
       for (int v = 0; v < channels; ++v) {
         MOELINK_DEVICE_CHECK(row <= INT32_MAX, "intranode notify: rank %d receives more than 2^31 rows", d);
         args.send_row_start[d * channels + v] = static_cast<int32_t>(row);
+        // What this rank wrote into d's window, but d's memory: d (or a third rank) may overwrite it.
+        MOELINK_DEVICE_CHECK(mine[v] >= 0, "intranode notify: rank %d's window holds a count of %d for this rank", d,
+                             mine[v]);
         row += mine[v];
       }
     }

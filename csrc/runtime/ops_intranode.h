@@ -70,6 +70,9 @@
 //   room_bell    u64 [kIntranodeMaxChannels][kMaxBlockWarps], 64 B apart
 //                                             combine: bumped by receivers of sender warp w (P > 1)
 //                (one counter per cache line: different processes or GPUs write neighbours)
+//   agreement    u64 [2][R][kAgreementWords]  [epoch % 2][s]: the parameter words rank s entered
+//                                             that operation with (IntranodeContext::agreement),
+//                                             written before its barrier store, compared after
 //   --- per call, after the barrier ---
 //   channel_count i32 [R][V]                  tokens sender s puts in queue (v, s)
 //   expert_count  i32 [R][experts_per_rank]   (token, slot) pairs s routes to my experts
@@ -110,6 +113,7 @@ constexpr int kMaxVirtualChannels = 256;         // channels * sub-channels; the
 constexpr int kMaxPeersPerWarp = 8;              // R <= 8 W (128 ranks with the GPU block)
 constexpr int kMaxRoundTokensPerWarp = 4;        // combine: tokens a warp reduces per round
 constexpr int64_t kIntranodeCounterStride = 64;  // bytes between queue counters
+constexpr int kAgreementWords = 16;              // parameter words every rank compares in the node barrier
 
 // How the warps of a block share the work (see the header comment). Computed the same way on
 // every rank and on the host, which sizes the window with it.
@@ -177,7 +181,7 @@ struct IntranodeShape {
 
 // Byte offsets of every region of a window for one call (see the layout above).
 struct IntranodeLayout {
-  int64_t control, barrier, notify_epoch, exit_barrier, tail, head, data_bell, room_bell;  // fixed
+  int64_t control, barrier, notify_epoch, exit_barrier, tail, head, data_bell, room_bell, agreement;  // fixed
   int64_t channel_count, expert_count, rank_count;                                        // per call
   int64_t slots;                                                            // first queue's slot arrays
   int64_t queue_bytes;                                                      // bytes per (v, s) queue
@@ -202,7 +206,8 @@ struct IntranodeLayout {
     l.head = align(l.tail + kIntranodeCounterStride * kMaxVirtualChannels * ranks);
     l.data_bell = align(l.head + kIntranodeCounterStride * kMaxVirtualChannels * ranks);
     l.room_bell = l.data_bell + bells;
-    l.channel_count = align(l.room_bell + bells);
+    l.agreement = align(l.room_bell + bells);
+    l.channel_count = align(l.agreement + 8 * 2 * ranks * kAgreementWords);
     l.expert_count = align(l.channel_count + 4 * ranks * s.virtual_channels());
     l.rank_count = align(l.expert_count + 4 * ranks * s.experts_per_rank);
     l.slots = align(l.rank_count + 4 * ranks * (ranks + 1));
@@ -258,6 +263,12 @@ struct IntranodeContext {
   IntranodeShape shape;
   WindowTable windows{};             // [num_ranks] base of each rank's window, as this rank maps it
   uint64_t* nvl_bytes = nullptr;     // counter of payload bytes sent to other ranks, or null
+  // What this rank believes the operation is (op, shapes, dtypes, top-k, experts, SMs, queue
+  // sizes, the handle's serial: the Python layer's words, moelink._agreement names them). The
+  // operation's node barrier sends them to every peer beside the barrier store and every rank
+  // compares every peer's with its own: a difference fails with DeviceAssert("moelink agreement:
+  // ...") on every rank, naming both ranks and the word, before any count or row is exchanged.
+  uint64_t agreement[kAgreementWords] = {};
 };
 
 // Notify: barrier, then each rank sends every peer the number of tokens per virtual channel it

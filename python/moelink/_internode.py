@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import torch
 
-from . import _host, runtime
+from . import _validate, _host, runtime
 from ._intranode import CombineCall, DispatchCall, DispatchHandle, _ptr
 from ._pool import OutputPool
 from .config import Config
@@ -66,7 +66,7 @@ class InternodeNode:
 
     def empty(self, shape, dtype) -> torch.Tensor:
         """An output tensor: from the Buffer's pool (no page faults once warm) or fresh."""
-        return self.pool.empty(shape, dtype) if self.pool is not None else torch.empty(shape, dtype=dtype)
+        return _validate.allocate(self.pool, shape, dtype)
 
     def context(self, op: str, config: Config, row_bytes: int, num_scales: int, num_topk: int, experts_per_rank: int):
         """The native context for one call; raises before anything runs if a window is too small."""

@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from . import _host, _validate, runtime
+from . import _agreement, _host, _validate, runtime
 from ._pool import OutputPool
 from .config import Config
 from .errors import InvalidArgument, InvalidShape, InvalidType, argument_error
@@ -62,6 +62,7 @@ class DispatchHandle:
     send_row_start: Optional[torch.Tensor] = None  # [R * V] int32: first row of (destination d, my v) in d's receive order
     direct_rows: int = 0  # one-copy row capacity M every rank of the dispatch agreed on
     hidden: int = 0  # the dispatch's hidden size (the combine input buffer's row length)
+    serial: int = 0  # the Buffer operation of its dispatch, the same on every rank (moelink._handles)
 
     @property
     def num_recv_tokens(self) -> int:
@@ -96,8 +97,10 @@ class DispatchHandle:
         # recv_channel_prefix_matrix[s][c]: first receive row of (source s, channel c): of its first
         # virtual channel c * S in moelink's split.
         recv_channel_prefix = starts[:ranks * virtual].view(ranks, channels, self.sub_channels)[:, :, 0].contiguous()
-        return (rank_prefix, channel_prefix, recv_channel_prefix, self.recv_src_idx, self.is_token_in_rank,
-                self.send_head)
+        # Copies of the handle's own tensors: a caller may modify what it is given (the handle checks
+        # its tensors on every use and would refuse itself, moelink._handles).
+        return (rank_prefix, channel_prefix, recv_channel_prefix, self.recv_src_idx.clone(),
+                self.is_token_in_rank.clone(), self.send_head.clone())
 
     def deep_ep_tuple(self) -> Tuple[torch.Tensor, ...]:
         """DeepEP's intranode handle, element by element (all int32 unless noted):
@@ -149,13 +152,15 @@ class Node:
 
     def empty(self, shape, dtype) -> torch.Tensor:
         """An output tensor: from the Buffer's pool (no page faults once warm) or fresh."""
-        return self.pool.empty(shape, dtype) if self.pool is not None else torch.empty(shape, dtype=dtype)
+        return _validate.allocate(self.pool, shape, dtype)
 
     def shape(self, op: str, config: Config, row_bytes: int, num_scales: int, num_topk: int,
-              experts_per_rank: int, sub_channels: Optional[int] = None, check_queues: bool = True):
+              experts_per_rank: int, sub_channels: Optional[int] = None, check_queues: bool = True,
+              agreement: Optional[dict] = None):
         """The native node for one call and its sub-channels (the handle's, or a fresh dispatch's
         default); raises before anything runs if the warp map or the window does not fit (the
-        queues, or only the counters for a one-copy call: ``check_queues=False``)."""
+        queues, or only the counters for a one-copy call: ``check_queues=False``). ``agreement``:
+        the call's parameters for moelink._agreement.words (the node barrier compares them)."""
         channels, queue = config.num_sms // 2, config.num_max_nvl_chunked_recv_tokens
         warps = runtime.block_warps(self.num_ranks)
         if sub_channels is None:
@@ -164,7 +169,9 @@ class Node:
             rank=self.rank, num_ranks=self.num_ranks, num_channels=channels, block_warps=warps,
             sub_channels=sub_channels, queue_tokens=queue, row_bytes=row_bytes, num_scales=num_scales,
             num_topk=num_topk, experts_per_rank=experts_per_rank, windows=self.window_ptrs or [0] * self.num_ranks,
-            nvl_bytes=self.nvl_counter)
+            nvl_bytes=self.nvl_counter,
+            agreement=[] if agreement is None else _agreement.words(
+                **agreement, config=config, block_warps=warps, sub_channels=sub_channels, row_bytes=row_bytes))
         if not native.map_valid:
             raise argument_error(
                 InvalidArgument, "config.num_max_nvl_chunked_recv_tokens",
@@ -243,8 +250,8 @@ class DispatchCall:
             raise argument_error(InvalidShape, "x", "rows of a positive multiple of 16 bytes", f"{hidden} x {x.dtype}")
         if not isinstance(config, Config):
             raise argument_error(InvalidType, "config", "a moelink.Config", type(config).__name__)
-        _validate.integer("expert_alignment", expert_alignment, minimum=1)
-        _validate.integer("num_worst_tokens", num_worst_tokens, minimum=0)
+        _validate.integer("expert_alignment", expert_alignment, minimum=1, maximum=_validate.INT32_MAX)
+        _validate.integer("num_worst_tokens", num_worst_tokens, minimum=0, maximum=_validate.INT32_MAX)
         if not isinstance(zero_copy, bool):
             raise argument_error(InvalidType, "zero_copy", "a bool", type(zero_copy).__name__)
 
@@ -325,10 +332,15 @@ def plan_dispatch(node: Node, call: DispatchCall) -> DispatchPlan:
     num_topk = 0 if call.topk_idx is None else call.topk_idx.shape[1]
     num_scales = 0 if call.x_scales is None else call.x_scales.shape[1]
     row_bytes = call.x.shape[1] * call.x.element_size()
+    agreement = dict(op="dispatch" if call.handle is None else "cached dispatch", hidden=call.x.shape[1],
+                     x_dtype=call.x.dtype, num_scales=num_scales,
+                     scales_dtype=None if call.x_scales is None else call.x_scales.dtype, num_topk=num_topk,
+                     num_experts=call.num_experts, handle_serial=0 if call.handle is None else call.handle.serial,
+                     zero_copy=call.zero_copy)
     native, sub_channels = node.shape("dispatch", call.config, row_bytes, num_scales, num_topk,
                                       call.num_experts // node.num_ranks,
                                       None if call.handle is None else call.handle.sub_channels,
-                                      check_queues=not call.zero_copy)
+                                      check_queues=not call.zero_copy, agreement=agreement)
     if call.zero_copy and call.handle is not None:
         handle = call.handle
         rows = call.num_worst_tokens or handle.num_output_rows
@@ -444,7 +456,7 @@ def run_dispatch(plan: DispatchPlan):
         handle = DispatchHandle(channels, call.num_experts, recv_channel_start, recv_src_idx, is_token_in_rank,
                                 send_head, per_expert, plan.sub_channels, rank=node.rank, num_ranks=ranks,
                                 num_rows=rows, rank_counts=rank_counts, send_row_start=send_row_start,
-                                direct_rows=direct_rows, hidden=x.shape[1])
+                                direct_rows=direct_rows, hidden=x.shape[1], serial=node.epoch)
     if recv_topk_idx is not None and call.topk_idx_dtype != torch.int64:
         narrow = node.empty(tuple(recv_topk_idx.shape), call.topk_idx_dtype)
         narrow.copy_(recv_topk_idx)
@@ -507,10 +519,16 @@ class CombinePlan:
     input_region: Optional[dict] = None  # one-copy: CombineInputLayout
 
 
+def _combine_agreement(handle: DispatchHandle, hidden: int, num_topk: int, zero_copy: bool) -> dict:
+    return dict(op="combine", hidden=hidden, x_dtype=torch.bfloat16, num_topk=num_topk, num_experts=handle.num_experts,
+                handle_serial=handle.serial, zero_copy=zero_copy)
+
+
 def combine_input_region(node: Node, handle: DispatchHandle, hidden: int, num_topk: int, op: str, config: Config):
     """(native node, CombineInputLayout) of the one-copy combine input buffer of ``handle``'s rows;
     raises if the window cannot hold it below the live one-copy receive region (if any)."""
-    native, _ = node.shape(op, config, hidden * 2, 0, num_topk, 0, handle.sub_channels, check_queues=False)
+    native, _ = node.shape(op, config, hidden * 2, 0, num_topk, 0, handle.sub_channels, check_queues=False,
+                           agreement=_combine_agreement(handle, hidden, num_topk, True))
     region = native.combine_input_layout(handle.direct_rows)
     end = region["base"] + (region["weights"] if num_topk == 0 else region["bytes"])
     limit = node.window_bytes if node.live_recv_region is None else node.live_recv_region[0]
@@ -534,7 +552,8 @@ def plan_combine(node: Node, call: CombineCall) -> CombinePlan:
             raise argument_error(InvalidArgument, "x", "Buffer.get_combine_input_buffer(handle) (or its first "
                                  "num_recv_tokens rows) with zero_copy=True", "another tensor")
         return CombinePlan(node, call, native, region)
-    native, _ = node.shape("combine", call.config, hidden * 2, 0, num_topk, 0, handle.sub_channels)
+    native, _ = node.shape("combine", call.config, hidden * 2, 0, num_topk, 0, handle.sub_channels,
+                           agreement=_combine_agreement(handle, hidden, num_topk, False))
     live = node.live_recv_region
     if live is not None and native.window_bytes_needed > live[0]:
         raise _window_error("combine", native.window_bytes_needed + live[1] - live[0], node,

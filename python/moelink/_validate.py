@@ -33,12 +33,20 @@ def contiguous(name: str, value: torch.Tensor) -> None:
         raise argument_error(InvalidShape, name, "a contiguous tensor", f"strides {tuple(value.stride())}")
 
 
-def integer(name: str, value: object, minimum: int | None = None) -> int:
+def integer(name: str, value: object, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise argument_error(InvalidType, name, "an int", type(value).__name__)
     if minimum is not None and value < minimum:
         raise argument_error(InvalidArgument, name, f"an int >= {minimum}", value)
+    if maximum is not None and value > maximum:
+        raise argument_error(InvalidArgument, name, f"an int <= {maximum}", value)
     return value
+
+
+# Bounds of counts that size host allocations or travel as C++ int (docs/semantics.md, "Trust").
+MAX_EXPERTS = 1 << 20
+MAX_RANKS = 1 << 16
+INT32_MAX = 2**31 - 1
 
 
 def divides(divisor_name: str, divisor: int, dividend_name: str, dividend: int) -> None:
@@ -53,3 +61,13 @@ def host_device(name: str, value: torch.Tensor) -> None:
     if value.device.type != "cpu":
         raise argument_error(InvalidDevice, name, "a CPU tensor (host target; the GPU transport is not built yet)",
                              f"device '{value.device}'")
+
+
+def allocate(pool, shape, dtype: torch.dtype) -> torch.Tensor:
+    """An output tensor (from ``pool`` when given); a size the host cannot allocate (absurd shapes,
+    e.g. num_worst_tokens near 2^31) is an InvalidArgument naming the shape, not torch's RuntimeError."""
+    try:
+        return pool.empty(shape, dtype) if pool is not None else torch.empty(shape, dtype=dtype)
+    except (RuntimeError, MemoryError) as exc:
+        raise argument_error(InvalidArgument, "num_worst_tokens (or the shapes)",
+                             "outputs the host can allocate", f"an output of shape {tuple(shape)} {dtype}: {exc}") from None

@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 import os
 
-from . import _backend, _host_windows, _internode, _intranode, _low_latency, _rendezvous, _validate
+from . import _agreement, _backend, _host_windows, _internode, _intranode, _low_latency, _rendezvous, _validate
+from ._handles import HandleBook
 from ._host_windows import bootstrap_host_windows
 from ._scaleout import ScaleOutWindows
 from ._interop import accepts_arrays
@@ -104,6 +105,9 @@ class Buffer(LowLatencyMethods):
                 raise
         self._mode = _internode if self.num_nodes > 1 else _intranode
         self._epoch = 0
+        # Every handle this Buffer's dispatches made, checked by identity on every use (moelink._handles).
+        self._handles = HandleBook()
+        self._handle_type = _internode.InternodeHandle if self.num_nodes > 1 else DispatchHandle
         # Outputs (recv_x, combined_x, ...) come from here and are reused once the caller dropped
         # them, so a steady-state call takes no page faults (moelink._pool).
         self._pool = OutputPool()
@@ -188,9 +192,10 @@ class Buffer(LowLatencyMethods):
         self._epoch += 1
         try:
             yield
-        except BaseException as exc:
+        except BaseException as original:
+            exc = _agreement.translate(op, original)  # ranks that disagree: RankMismatch on every rank
             explained = self._poison(op, exc)
-            if explained is exc:
+            if explained is original:
                 raise
             raise explained from None
 
@@ -248,6 +253,9 @@ class Buffer(LowLatencyMethods):
             tensor = self._windows.view(self.rank, offset, count * element, dtype)
         if size is None:
             return tensor
+        if not isinstance(size, (tuple, list)) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0
+                                                      for d in size):
+            raise argument_error(InvalidType, "size", "a torch.Size (or a tuple of ints >= 0)", repr(size))
         shape = torch.Size(size)
         if shape.numel() > tensor.numel():
             raise argument_error(InvalidArgument, "size", f"at most {tensor.numel()} elements of {dtype} from byte "
@@ -278,7 +286,7 @@ class Buffer(LowLatencyMethods):
         return EventOverlap()
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, config: Optional[Config] = None) -> int:
-        return (config or self.get_dispatch_config(self.group_size)).get_nvl_buffer_size_hint(hidden_bytes, self.group_size)
+        return (config if config is not None else self.get_dispatch_config(self.group_size)).get_nvl_buffer_size_hint(hidden_bytes, self.group_size)
 
     # ---- layout ----------------------------------------------------------------------------------
 
@@ -324,7 +332,9 @@ class Buffer(LowLatencyMethods):
         num_max_zero_copy_recv_tokens=M)``; when it has none, every rank raises InvalidArgument and
         the Buffer stays usable. Same results, bit for bit (docs/semantics.md).
         """
-        config = config or self.get_dispatch_config(self.group_size)
+        config = config if config is not None else self.get_dispatch_config(self.group_size)
+        if handle is not None:
+            self._handles.check(handle, self._handle_type)
         call = _intranode.DispatchCall.validate(
             x, handle, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
             num_worst_tokens, config, self.group_size, zero_copy)
@@ -335,6 +345,8 @@ class Buffer(LowLatencyMethods):
             self._live_recv_region = region
         if error is not None:  # every rank ran an empty dispatch: the windows are consistent
             raise error
+        if call.handle is None:
+            self._handles.record(handle, self._epoch)
         # With num_worst_tokens the GPU path never brings the counts to the host (that is the point
         # of the mode), so, as in DeepEP, the list is empty on every target.
         per_expert = [] if num_worst_tokens else handle.num_recv_tokens_per_expert_list
@@ -357,7 +369,8 @@ class Buffer(LowLatencyMethods):
         each rank reads every copy of its tokens straight from the window of the rank that holds it
         (one copy less), and no rank returns before every peer finished reading its buffer. Same
         results, bit for bit."""
-        config = config or self.get_combine_config(self.group_size)
+        config = config if config is not None else self.get_combine_config(self.group_size)
+        self._handles.check(handle, self._handle_type)
         call = _intranode.CombineCall.validate(x, handle, topk_weights, bias, config, self.group_size, zero_copy)
         plan = self._mode.plan_combine(self._node("combine"), call)
         with self._operation("combine"):
@@ -373,8 +386,7 @@ class Buffer(LowLatencyMethods):
         the dispatch and its one-copy combine. The window needs room for it below the last one-copy
         dispatch's outputs (``Config.get_nvl_buffer_size_hint(..., num_max_zero_copy_recv_tokens=M)``).
         """
-        if not isinstance(handle, DispatchHandle):
-            raise argument_error(InvalidType, "handle", "a handle returned by Buffer.dispatch", type(handle).__name__)
+        self._handles.check(handle, self._handle_type)
         if handle.send_row_start is None or handle.hidden <= 0:
             raise argument_error(InvalidArgument, "handle", "a handle from a dispatch of this build", "an older handle")
         node = self._node("get_combine_input_buffer")

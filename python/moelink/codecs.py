@@ -50,8 +50,16 @@ _SPLIT_CODE = {"auto": 0, "warp": 1}
 _MXFP8_MODE_CODE = {"floor": 0, "rceil": 1}
 
 
+def _member(value, allowed) -> bool:
+    """``value in allowed`` for any value (an unhashable or array-like one is simply not in it)."""
+    try:
+        return isinstance(value, (str, int, torch.dtype)) and value in allowed
+    except TypeError:
+        return False
+
+
 def _split(split) -> int:
-    if split not in _SPLIT_CODE:
+    if not _member(split, _SPLIT_CODE):
         raise argument_error(InvalidArgument, "split", "'auto' or 'warp'", repr(split))
     return _SPLIT_CODE[split]
 
@@ -81,7 +89,7 @@ def _row_stride(t: torch.Tensor) -> int:
 
 
 def _check_out_dtype(out_dtype) -> None:
-    if out_dtype not in _DTYPE_CODE:
+    if not _member(out_dtype, _DTYPE_CODE):
         raise argument_error(InvalidArgument, "out_dtype", "torch.bfloat16 or torch.float32", out_dtype)
 
 
@@ -98,9 +106,9 @@ def fp8_quantize(x: torch.Tensor, fmt: str = "e4m3", scale_format: str = "float3
     error messages.
     """
     _rows("x", x, (torch.bfloat16, torch.float32))
-    if fmt not in _FP8_CODE:
+    if not _member(fmt, _FP8_CODE):
         raise argument_error(InvalidArgument, "fmt", "'e4m3' or 'e5m2'", repr(fmt))
-    if scale_format not in _SCALE_CODE:
+    if not _member(scale_format, _SCALE_CODE):
         raise argument_error(InvalidArgument, "scale_format", "'float32' or 'ue8m0'", repr(scale_format))
     num_tokens, hidden = x.shape
     _hidden("x", hidden)
@@ -152,7 +160,7 @@ def fp8_dequantize(q: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype
 
 
 def _check_bits(bits) -> None:
-    if isinstance(bits, bool) or bits not in LOGFMT_BITS:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in LOGFMT_BITS:
         raise argument_error(InvalidArgument, "bits", "8, 9 or 10", bits)
 
 
@@ -226,7 +234,7 @@ def mxfp8_quantize(x: torch.Tensor, scale_mode: str = "floor", *, rank: int = -1
     spec's X = 2**(floor(log2 amax) - 8) (block maxima in [448, 512) X saturate to 448);
     ``"rceil"`` rounds amax / 448 up to a power of two (nothing saturates)."""
     _rows("x", x, (torch.bfloat16, torch.float32))
-    if scale_mode not in MXFP8_SCALE_MODES:
+    if not _member(scale_mode, MXFP8_SCALE_MODES):
         raise argument_error(InvalidArgument, "scale_mode", "'floor' or 'rceil'", repr(scale_mode))
     num_tokens, hidden = x.shape
     _hidden("x", hidden)

@@ -37,6 +37,7 @@ MAX_VIRTUAL_CHANNELS = 256  # kMaxVirtualChannels: channels * sub-channels the c
 MAX_SUB_CHANNELS = 8  # kMaxSubChannels
 MAX_BLOCK_WARPS = 32  # kMaxBlockWarps: doorbells per channel
 CONTROL_BYTES = 192  # IntranodeLayout::kControlBytes: epoch, blocks_done, notify_rows
+AGREEMENT_WORDS = 16  # kAgreementWords: parameter words each rank sends beside its node barrier store
 NVL_HINT_MAX_TOPK = 32  # the size hint covers calls with up to this many top-k slots
 NVL_HINT_MAX_EXPERTS_PER_RANK = 1024  # ... and up to this many local experts per rank
 _INT32_MAX = 2**31 - 1
@@ -166,7 +167,8 @@ def _per_call_offset(r: int) -> int:
     head = _align(tail + INTRANODE_COUNTER_STRIDE * MAX_VIRTUAL_CHANNELS * r, 128)
     data_bell = _align(head + INTRANODE_COUNTER_STRIDE * MAX_VIRTUAL_CHANNELS * r, 128)
     bells = INTRANODE_COUNTER_STRIDE * INTRANODE_MAX_CHANNELS * MAX_BLOCK_WARPS
-    return _align(data_bell + 2 * bells, 128)
+    agreement = _align(data_bell + 2 * bells, 128)
+    return _align(agreement + 8 * 2 * r * AGREEMENT_WORDS, 128)
 
 
 def intranode_window_bytes(*, num_ranks: int, num_channels: int, queue_tokens: int, row_bytes: int, num_scales: int,
@@ -175,7 +177,9 @@ def intranode_window_bytes(*, num_ranks: int, num_channels: int, queue_tokens: i
     of csrc/runtime/ops_intranode.h, term by term (docs/buffer-layout.md)::
 
         fixed    = 192 + a(8R) + a(8R) + a(8R) + a(64 * 256 * R) + a(64 * 256 * R) + 2 * 64 * 64 * 32
-                   control, barrier, notify_epoch, exit_barrier, tail, head, data and room doorbells
+                   + a(8 * 2 * R * 16)
+                   control, barrier, notify_epoch, exit_barrier, tail, head, data and room doorbells,
+                   agreement words
         counts   = a(4 * R * V) + a(4 * R * E) + a(4 * R * (R + 1))  channel_count, expert_count, rank_count
         queue    = a(a16(a16(a16(a16(Q*B) + 4*Q*P) + 4*Q*K) + 4*Q*K) + 4*Q)
         total    = fixed + counts + V * R * queue

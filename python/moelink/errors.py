@@ -17,6 +17,7 @@ __all__ = [
     "InvalidDevice",
     "CommTimeout",
     "DeviceAssert",
+    "RankMismatch",
     "Deadlock",
     "GPUUnavailable",
     "CudaError",
@@ -62,6 +63,17 @@ class CommTimeout(MoelinkError, TimeoutError):
 
 class DeviceAssert(MoelinkError, RuntimeError):
     """A device-side check (MOELINK_DEVICE_CHECK) failed inside a kernel."""
+
+
+class RankMismatch(DeviceAssert):
+    """The ranks of an operation disagree on one of its parameters (shapes, dtypes, top-k, experts,
+    scales, SMs, queue sizes, the handle's dispatch): found in the operation's first
+    synchronisation, raised on every rank, naming the two ranks, the field and both values
+    (``ranks``, ``field``). Nothing was exchanged; the Buffer is unusable (docs/semantics.md, "Trust")."""
+
+    def __init__(self, message: str, ranks: tuple = (), field: str = "") -> None:
+        super().__init__(message)
+        self.ranks, self.field = tuple(ranks), field
 
 
 class Deadlock(MoelinkError, RuntimeError):

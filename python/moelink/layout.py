@@ -55,8 +55,8 @@ def get_dispatch_layout(
     _validate.dtype("topk_idx", topk_idx, (torch.int64, torch.int32))
     _validate.ndim("topk_idx", topk_idx, 2, "[num_tokens, num_topk]")
     _validate.contiguous("topk_idx", topk_idx)
-    _validate.integer("num_experts", num_experts, minimum=1)
-    _validate.integer("num_ranks", num_ranks, minimum=1)
+    _validate.integer("num_experts", num_experts, minimum=1, maximum=_validate.MAX_EXPERTS)
+    _validate.integer("num_ranks", num_ranks, minimum=1, maximum=_validate.MAX_RANKS)
     _validate.divides("num_ranks", num_ranks, "num_experts", num_experts)
     if ranks_per_node is None:
         ranks_per_node = num_ranks
