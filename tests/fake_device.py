@@ -75,6 +75,7 @@ class FakeCuda(types.SimpleNamespace):
         self.sticky = None
         self.launches = []  # (name, rank) in the order they were queued
         self.intranode = self._proxy(_host.intranode)
+        self.internode = self._proxy(_host.internode, "internode")
         for name in ("dispatch_layout", "fp8_quantize", "fp8_dequantize", "logfmt_encode", "logfmt_decode"):
             setattr(self, name, self._kernel(name, getattr(_host, name)))
         self.logfmt_row_bytes = _host.logfmt_row_bytes
@@ -98,14 +99,14 @@ class FakeCuda(types.SimpleNamespace):
             self.streams[stream].put(task)
         return call
 
-    def _proxy(self, sub):
+    def _proxy(self, sub, family: str = "intranode"):
         ns = types.SimpleNamespace()
         for attr in dir(sub):
             if attr.startswith("_"):
                 continue
             value = getattr(sub, attr)
             if attr in ("notify", "dispatch", "combine"):
-                value = self._kernel(f"intranode.{attr}", value)
+                value = self._kernel(f"{family}.{attr}", value)
             setattr(ns, attr, value)
         return ns
 

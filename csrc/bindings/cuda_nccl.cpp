@@ -17,6 +17,8 @@
 
 namespace moelink::bindings {
 
+void bind_gin(py::module_& nccl);  // cuda_gin.cpp
+
 #if MOELINK_HAVE_NCCL
 
 namespace {
@@ -158,6 +160,7 @@ void bind_nccl(py::module_& parent) {
       .def("reset_counters", &W::reset_counters, release_gil())
       .def("close", &W::close, py::arg("timeout_s"), release_gil())
       .def("abort", &W::abort, release_gil());
+  bind_gin(m);
 }
 
 #else  // !MOELINK_HAVE_NCCL
@@ -172,6 +175,7 @@ void bind_nccl(py::module_& parent) {
   m.def(
       "load_library", [reason](const std::string&) -> py::object { throw Error(ErrorKind::kNcclUnavailable, reason); },
       py::arg("path"));
+  bind_gin(m);
 }
 
 #endif  // MOELINK_HAVE_NCCL

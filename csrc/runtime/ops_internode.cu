@@ -9,6 +9,17 @@
 #include "kernels/internode_notify.cuh"
 #include "runtime/errors.h"
 
+#if defined(__CUDACC__)
+#include "transport/nccl/gin_pump.h"
+// A kernel on a GIN transport runs with the GIN pump beside it (transport/nccl/gin_pump.h).
+#define MOELINK_WITH_NET(net, ctx, ...) ::moelink::transport::nccl::with_gin_pump((net), (ctx), [&] { __VA_ARGS__; })
+#else
+#define MOELINK_WITH_NET(net, ctx, ...) \
+  do {                                  \
+    __VA_ARGS__;                        \
+  } while (0)
+#endif
+
 namespace moelink {
 
 namespace kernels::internode {
@@ -72,6 +83,9 @@ void check_context(const char* op, const InternodeContext& ctx, int64_t needed_r
   const InternodeLayout layout = InternodeLayout::of(s);
   if (ctx.net.window == nullptr || ctx.net.kind == transport::ScaleOutKind::kNone)
     invalid(op, "no scale-out transport");
+#if !defined(__CUDACC__)
+  if (ctx.net.kind == transport::ScaleOutKind::kGin) invalid(op, "the GIN transport exists on the GPU target only");
+#endif
   if (static_cast<int64_t>(ctx.net.num_signals) < layout.num_signals)
     invalid(op, "the transport has " + str(ctx.net.num_signals) + " signals, the layout needs " + str(layout.num_signals));
   if (static_cast<int64_t>(ctx.net.window_bytes) < needed_rdma_bytes)
@@ -96,25 +110,28 @@ size_t internode_combine_smem_bytes(const InternodeShape& shape) { return k::com
 void internode_notify(const InternodeNotifyArgs& args, const LaunchContext& ctx) {
   check_context("internode notify", args.ctx, InternodeLayout::of(args.ctx.shape).rdma_total_bytes);
   if (args.expert_alignment < 1) invalid("internode notify", "expert_alignment must be >= 1");
-  MOELINK_LAUNCH_COOPERATIVE(ctx, "internode_notify", k::notify_kernel, grid_of(args.ctx.shape),
-                             threads_of(args.ctx.shape), 0, args);
+  MOELINK_WITH_NET(args.ctx.net, ctx,
+                   MOELINK_LAUNCH_COOPERATIVE(ctx, "internode_notify", k::notify_kernel, grid_of(args.ctx.shape),
+                                              threads_of(args.ctx.shape), 0, args));
 }
 
 void internode_dispatch(const InternodeDispatchArgs& args, const LaunchContext& ctx, int nvl_chunk, int rdma_chunk) {
   check_context("internode dispatch", args.ctx, InternodeLayout::of(args.ctx.shape).rdma_total_bytes);
   if (nvl_chunk < 1 || rdma_chunk < 1) invalid("internode dispatch", "send chunks must be >= 1");
-  MOELINK_LAUNCH_COOPERATIVE(ctx, "internode_dispatch", k::dispatch_kernel, grid_of(args.ctx.shape),
-                             threads_of(args.ctx.shape), dispatch_smem(args.ctx.shape), args,
-                             k::DispatchTuning{nvl_chunk, rdma_chunk});
+  MOELINK_WITH_NET(args.ctx.net, ctx,
+                   MOELINK_LAUNCH_COOPERATIVE(ctx, "internode_dispatch", k::dispatch_kernel, grid_of(args.ctx.shape),
+                                              threads_of(args.ctx.shape), dispatch_smem(args.ctx.shape), args,
+                                              k::DispatchTuning{nvl_chunk, rdma_chunk}));
 }
 
 void internode_combine(const InternodeCombineArgs& args, const LaunchContext& ctx, int nvl_chunk, int rdma_chunk) {
   check_context("internode combine", args.ctx, InternodeLayout::of(args.ctx.shape).rdma_total_bytes);
   if (args.hidden * 2 != args.ctx.shape.row_bytes) invalid("internode combine", "row bytes must be hidden * 2 (bf16)");
   if (nvl_chunk < 1 || rdma_chunk < 1) invalid("internode combine", "send chunks must be >= 1");
-  MOELINK_LAUNCH_COOPERATIVE(ctx, "internode_combine", k::combine_kernel, grid_of(args.ctx.shape),
-                             threads_of(args.ctx.shape), internode_combine_smem_bytes(args.ctx.shape), args,
-                             k::CombineTuning{nvl_chunk, rdma_chunk});
+  MOELINK_WITH_NET(args.ctx.net, ctx,
+                   MOELINK_LAUNCH_COOPERATIVE(ctx, "internode_combine", k::combine_kernel, grid_of(args.ctx.shape),
+                                              threads_of(args.ctx.shape), internode_combine_smem_bytes(args.ctx.shape),
+                                              args, k::CombineTuning{nvl_chunk, rdma_chunk}));
 }
 
 }  // namespace moelink

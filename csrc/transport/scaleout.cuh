@@ -5,7 +5,9 @@
 //     work-queue entry into a ring and rings a doorbell, the rank's NIC thread executes it;
 //   - the one-GPU proof's device loopback (transport/proof/loopback.cuh): every rank's window is
 //     in one address space, the calling thread copies and signals itself;
-//   - NCCL GIN on a real cluster (docs/gpu-transport.md §2; GDAKI = IBGDA, or the proxy backend).
+//   - NCCL GIN on a real cluster (docs/gpu-transport.md §2; GDAKI = IBGDA, or the proxy
+//     backend): kernels post the same work-queue entries as on the host, into a ring in device
+//     memory that the GIN pump kernel (transport/nccl/gin_pump.h) turns into ncclGin calls.
 // Kernels include this header and arch.cuh only; nothing in a kernel knows which binding runs.
 // No kernel ever holds a pointer into another node's memory: these calls are the only way across.
 //
@@ -58,8 +60,48 @@ struct SignalAdd {
 
 }  // namespace moelink::transport
 
-#if defined(__CUDACC__)
-#include "transport/proof/loopback.cuh"
-#else
+// Every build has two bindings and picks one per call from the handle's kind, a branch that is
+// uniform across a kernel: the work-queue NIC (kHostNic on the host target, kGin on the GPU) and
+// the proof's loopback (kLoopback, both targets).
 #include "transport/host/nic_device.h"
-#endif
+#include "transport/proof/loopback.cuh"
+
+namespace moelink::transport {
+
+MOELINK_DEVICE bool uses_loopback(const ScaleOut& so) { return so.kind == ScaleOutKind::kLoopback; }
+
+MOELINK_DEVICE void put(const ScaleOut& so, int peer, uint64_t dst_offset, const void* src, uint64_t bytes,
+                        SignalAdd signal = {}) {
+  if (uses_loopback(so)) {
+    loopback::put(so, peer, dst_offset, src, bytes, signal);
+  } else {
+    nic::put(so, peer, dst_offset, src, bytes, signal);
+  }
+}
+
+MOELINK_DEVICE void signal(const ScaleOut& so, int peer, int64_t id, uint64_t add) {
+  if (uses_loopback(so)) {
+    loopback::signal(so, peer, id, add);
+  } else {
+    nic::signal(so, peer, id, add);
+  }
+}
+
+MOELINK_DEVICE uint64_t wait_signal(const ScaleOut& so, int64_t id, arch::Cmp cmp, uint64_t value,
+                                    const arch::WaitSite& site) {
+  return uses_loopback(so) ? loopback::wait_signal(so, id, cmp, value, site) : nic::wait_signal(so, id, cmp, value, site);
+}
+
+MOELINK_DEVICE void flush(const ScaleOut& so) {
+  if (uses_loopback(so)) {
+    loopback::flush(so);
+  } else {
+    nic::flush(so);
+  }
+}
+
+MOELINK_DEVICE const uint64_t* signal_address(const ScaleOut& so, int64_t id) {
+  return uses_loopback(so) ? loopback::signal_address(so, id) : nic::signal_address(so, id);
+}
+
+}  // namespace moelink::transport

@@ -10,7 +10,11 @@ namespace moelink::transport {
 enum class ScaleOutKind : int32_t {
   kNone = 0,      // no scale-out window (one node)
   kHostNic = 1,   // host target: `queue` is this rank's host::NicRing
-  kLoopback = 2,  // one-GPU proof: `queue` is a device table of every rank's window (char* [num_ranks])
+  kLoopback = 2,  // one-GPU proof (both targets): `queue` is a table of every rank's window
+                  // (char* [num_ranks]) in memory the kernels can read
+  kGin = 3,       // NCCL GIN (GPU target): `queue` is this rank's host::NicRing in device memory,
+                  // consumed by the GIN pump kernel (transport/nccl/gin_pump.h); `window` is this
+                  // rank's own scale-out window (an NCCL symmetric window) through its LSA pointer
 };
 
 struct ScaleOut {
@@ -21,7 +25,7 @@ struct ScaleOut {
   char* window = nullptr;       // this rank's own scale-out window
   uint64_t window_bytes = 0;
   void* queue = nullptr;        // binding-specific, see ScaleOutKind
-  uint64_t* rdma_bytes = nullptr;  // loopback: bytes this rank put (the host NIC counts itself)
+  uint64_t* rdma_bytes = nullptr;  // loopback, GIN: bytes this rank put (the host NIC counts itself)
 };
 
 }  // namespace moelink::transport

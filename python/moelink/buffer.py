@@ -63,8 +63,7 @@ class Buffer(LowLatencyMethods):
         self._unusable: Optional[str] = None
         self.rank, self.group_size = group.rank(), group.size()
         if dist.get_backend(group) != "gloo":
-            raise GPUUnavailable(f"group: moelink's GPU transport (NCCL windows) is not wired into Buffer yet; the "
-                                 f"host target needs a gloo group, got backend '{dist.get_backend(group)}'")
+            raise GPUUnavailable(_gpu_group_refusal(dist.get_backend(group)))
         # Argument errors travel in the bootstrap's first exchange: every rank raises, none waits.
         error = None
         try:
@@ -430,6 +429,20 @@ def _agree_on_no_window(group: dist.ProcessGroup, ranks_per_node: int, agree: Op
                             for r, item in enumerate(items))
         raise argument_error(InvalidArgument, "num_nvl_bytes", "the same value on every rank",
                              f"(num_nvl_bytes, ranks_per_node, ...) {listing}")
+
+
+def _gpu_group_refusal(backend: str) -> str:
+    """Why a Buffer on a non-gloo group (the GPU target) cannot be created here, in one sentence:
+    first what this machine lacks (the CUDA extension, a GPU, NCCL), else that Buffer's dispatch
+    and combine do not take CUDA tensors yet. The GPU pieces exist and are tested without a GPU
+    where they can be: NCCL windows (moelink._nccl_windows), the GIN scale-out transport
+    (moelink._gin), streams, events and pinned receive counts (moelink._gpu)."""
+    from . import _gin
+    missing = _gin.available()
+    where = (f"this machine cannot run moelink's GPU target ({missing})" if missing else
+             "Buffer's dispatch and combine do not take CUDA tensors yet (docs/gpu-transport.md: what is wired)")
+    return (f"group: a '{backend}' group selects the GPU target, but {where}; the host target needs a gloo "
+            "group and CPU tensors")
 
 
 RANKS_PER_NODE_ENV = "MOELINK_RANKS_PER_NODE"

@@ -1,18 +1,29 @@
-// The kernel side of the emulated NIC (transport/host/nic.h): the host target's binding of the
-// scale-out interface in transport/scaleout.cuh. Included through scaleout.cuh by host builds.
+// The kernel side of a work-queue NIC: the binding of transport/scaleout.cuh for ScaleOutKind
+// kHostNic (host target: the emulated IBGDA NIC of transport/host/nic.h consumes the ring) and
+// kGin (GPU target: the ring lives in device memory and the GIN pump kernel of
+// transport/nccl/gin_pump.h consumes it with ncclGin calls). The ring format (host::NicRing) and
+// the producer protocol are the same on both; only the consumer differs. Target-neutral; included
+// through scaleout.cuh.
+//
+// Why the GPU kernels post to a ring instead of calling ncclGin themselves: NCCL's device put is
+// large (both backends inline: GDAKI's work-request build and PROXY's descriptor queue), and
+// inlined or called out of line at every put site it made the internode kernels spill (measured
+// with ptxas for sm_90: up to 492 bytes in rdma_send at the 128-register bound of a 512-thread
+// block). Posting a 64-byte entry costs what the host NIC's producer costs here, and the pump,
+// one small block with nothing else live, holds all of NCCL's code.
 #pragma once
 
 #include "arch/arch.cuh"
 #include "transport/host/nic.h"
 #include "transport/scaleout_handle.h"
 
-namespace moelink::transport {
+namespace moelink::transport::nic {
 
 namespace detail {
 
 MOELINK_DEVICE host::NicRing* nic_ring(const ScaleOut& so) {
-  MOELINK_DEVICE_CHECK(so.kind == ScaleOutKind::kHostNic && so.queue != nullptr,
-                       "scale-out: rank %d has no emulated NIC (kind %d)", so.rank, static_cast<int>(so.kind));
+  MOELINK_DEVICE_CHECK((so.kind == ScaleOutKind::kHostNic || so.kind == ScaleOutKind::kGin) && so.queue != nullptr,
+                       "scale-out: rank %d has no NIC work queue (kind %d)", so.rank, static_cast<int>(so.kind));
   return static_cast<host::NicRing*>(so.queue);
 }
 
@@ -50,13 +61,15 @@ MOELINK_DEVICE void post(const ScaleOut& so, uint32_t op, int peer, uint64_t dst
   wqe.signal_add = signal.add;
   wqe.posted_ns = arch::globaltimer_ns();
   arch::st_release(&wqe.seq, position + 1);  // the entry, and the source bytes before it, are the NIC's
-  host::nic_ring_doorbell(ring);
+#if !defined(__CUDACC__)
+  host::nic_ring_doorbell(ring);  // the host NIC thread may sleep on it; the GPU pump polls
+#endif
 }
 
 }  // namespace detail
 
 MOELINK_DEVICE void put(const ScaleOut& so, int peer, uint64_t dst_offset, const void* src, uint64_t bytes,
-                        SignalAdd signal = {}) {
+                        const SignalAdd& signal) {
   const char* source = static_cast<const char*>(src);
   MOELINK_DEVICE_CHECK(source >= so.window && source <= so.window + so.window_bytes,
                        "scale-out put to rank %d: the source is not in this rank's scale-out window", peer);
@@ -94,4 +107,4 @@ MOELINK_DEVICE const uint64_t* signal_address(const ScaleOut& so, int64_t id) {
   return reinterpret_cast<const uint64_t*>(so.window) + id;
 }
 
-}  // namespace moelink::transport
+}  // namespace moelink::transport::nic

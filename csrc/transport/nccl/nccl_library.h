@@ -57,7 +57,9 @@ namespace moelink::transport::nccl {
   X(ncclCommWindowRegister)     \
   X(ncclCommWindowDeregister)   \
   X(ncclTeamLsa)                \
-  X(ncclGetLsaDevicePointer)
+  X(ncclGetLsaDevicePointer)    \
+  X(ncclDevCommCreate)          \
+  X(ncclDevCommDestroy)
 
 // NCCL_VERSION(2, 28, 0): symmetric windows with the device API, ncclGetLsaDevicePointer.
 inline constexpr int kMinimumVersion = 22800;

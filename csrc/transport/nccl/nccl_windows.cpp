@@ -280,6 +280,16 @@ std::vector<uintptr_t> Windows::lsa_window_ptrs() const {
   return lsa_ptrs_;
 }
 
+ncclComm_t Windows::comm() const {
+  require(State::kRegistered, "comm");
+  return comm_;
+}
+
+ncclWindow_t Windows::window() const {
+  require(State::kRegistered, "window");
+  return window_;
+}
+
 uintptr_t Windows::local_ptr() const {
   require(State::kRegistered, "local_ptr");
   return reinterpret_cast<uintptr_t>(local_);

@@ -27,7 +27,8 @@
 //     D + 0             u64  bytes_moved[nvl]   payload bytes this rank wrote into other ranks'
 //                                               windows of its node (device atomics, relaxed)
 //     D + 128           u64  bytes_moved[rdma]  payload bytes this rank's network binding sent
-//     D + 256 ...       reserved (zero): GIN signals will live here (docs/gpu-transport.md)
+//     D + 256 ...       reserved (zero). A scale-out window's GIN signals are the first u64s of
+//                       its data (transport/scaleout.cuh, "Addressing")
 //   Every counter has its own 128-byte line: different SMs update them concurrently.
 //
 // LSA team and moelink's nodes. NCCL's LSA team is a run of consecutive ranks, the same size on
@@ -104,11 +105,17 @@ class Windows {
   void close(double timeout_s);
   void abort() noexcept;
 
- private:
+  // For the GIN transport (gin_transport.h), after register_window: the communicator and the
+  // window's device handle, and the non-blocking communicator's completion poll (aborts and
+  // throws on error or when `timeout_s` passes, as every step here does).
+  ncclComm_t comm() const;
+  ncclWindow_t window() const;
+  void wait_ready(const std::string& step, double timeout_s);
   std::string where(const std::string& step) const;
+
+ private:
   void require(State expected, const char* step) const;
   [[noreturn]] void fail(ncclResult_t result, const std::string& step);  // aborts, then throws
-  void wait_ready(const std::string& step, double timeout_s);
   void check_communicator();
   void collect_lsa_pointers();
 

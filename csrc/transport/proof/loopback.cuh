@@ -1,19 +1,18 @@
-// The GPU target's scale-out binding for the one-GPU proof (docs/gpu-proof.md): every rank runs on
-// the same GPU, so every rank's scale-out window is in one address space and a "network" put is
+// The scale-out binding of the one-GPU proof (docs/gpu-proof.md): every rank runs on the same GPU
+// (or, on the host target, in the same process), so every rank's scale-out window is in one
+// address space and a "network" put is
 // the calling thread's own copy into the peer's window, followed by a release add on its signal
 // word. It still goes through the interface of transport/scaleout.cuh (kernels cannot tell) and
-// counts the bytes it moves, so the byte-counter proofs hold on the GPU too. The NCCL GIN binding
-// for real clusters is designed in docs/gpu-transport.md §2 and not written yet.
+// counts the bytes it moves, so the byte-counter proofs hold on the GPU too. Selected at run time
+// by ScaleOutKind::kLoopback: scaleout.cuh dispatches between it and the work-queue binding
+// (transport/host/nic_device.h) on both targets, so the proof's internode path runs the same
+// loopback on the host target in CI.
 #pragma once
-
-#if !defined(__CUDACC__)
-#error "loopback.cuh is GPU-only: host builds use transport/host/nic_device.h through scaleout.cuh"
-#endif
 
 #include "arch/arch.cuh"
 #include "transport/scaleout_handle.h"
 
-namespace moelink::transport {
+namespace moelink::transport::loopback {
 
 namespace detail {
 
@@ -46,7 +45,7 @@ MOELINK_DEVICE void signal(const ScaleOut& so, int peer, int64_t id, uint64_t ad
 }
 
 MOELINK_DEVICE void put(const ScaleOut& so, int peer, uint64_t dst_offset, const void* src, uint64_t bytes,
-                        SignalAdd signal_add = {}) {
+                        const SignalAdd& signal_add) {
   detail::check_peer_range(so, peer, dst_offset, bytes);
   const char* source = static_cast<const char*>(src);
   MOELINK_DEVICE_CHECK(source >= so.window && source + bytes <= so.window + so.window_bytes,
@@ -66,4 +65,4 @@ MOELINK_DEVICE void flush(const ScaleOut&) {}  // puts copy synchronously: their
 
 MOELINK_DEVICE const uint64_t* signal_address(const ScaleOut& so, int64_t id) { return detail::signal_word(so, so.rank, id); }
 
-}  // namespace moelink::transport
+}  // namespace moelink::transport::loopback

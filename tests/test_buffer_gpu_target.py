@@ -1,0 +1,46 @@
+"""Buffer on a non-gloo group (the GPU target) on a machine without a GPU: every rank raises
+GPUUnavailable at once, naming what this machine lacks, and nothing is left behind (the rank group
+stays usable for a host Buffer afterwards). CUDA tensors given to a host Buffer are refused with
+InvalidDevice (tests/test_intranode.py). With a GPU the GPU target is exercised by
+tests/test_gpu_*.py."""
+
+from __future__ import annotations
+
+import pytest
+
+import moelink
+from moelink import _backend, errors
+from multiproc import rank_group_fixture
+
+group = rank_group_fixture(2)
+
+
+def _gpu_group_buffer(ctx):
+    import torch.distributed as dist
+    from moelink import buffer as buffer_module
+    real = dist.get_backend
+    buffer_module.dist.get_backend = lambda g=None: "nccl"
+    try:
+        moelink.Buffer(ctx.group, 1 << 20)
+    except errors.MoelinkError as exc:
+        return type(exc).__name__, str(exc)
+    finally:
+        buffer_module.dist.get_backend = real
+    return None
+
+
+def _host_buffer(ctx):
+    with moelink.Buffer(ctx.group, 1 << 20) as buffer:
+        return buffer.get_comm_stream(), buffer.num_nvl_bytes
+
+
+def test_gpu_group_without_a_gpu_raises_a_typed_error_on_every_rank(group):
+    if _backend.cuda_available():
+        pytest.skip("a GPU is present")
+    for result in group.run(_gpu_group_buffer):
+        assert result is not None
+        name, message = result
+        assert name == "GPUUnavailable"
+        assert "'nccl' group selects the GPU target" in message and "cannot run moelink's GPU target" in message
+    # Nothing was created: the same ranks make a host Buffer right after.
+    assert group.run(_host_buffer) == [(None, 1 << 20)] * 2
