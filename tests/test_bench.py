@@ -52,13 +52,20 @@ def test_small_run_reports_json_with_checks_passed():
     proc = _run_bench(*_SMALL, "--json")
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     top = json.loads(proc.stdout)  # progress goes to stderr: stdout is the JSON alone
-    assert top["schema"] == 2 and top["skipped_modes"] == {} and set(top["modes"]) == {"intranode", "internode"}
+    assert top["schema"] == 2 and top["skipped_modes"] == {} and set(top["modes"]) == {"intranode", "internode",
+                                                                                     "low_latency"}
     assert set(top["legend"]) >= {"ms per call", "GB/s per rank", "/baseline", "/memcpy", "memcpy floor",
                                   "minor faults per call", "switches per call", "load", "baseline"}
     for key in ("load_average_before", "load_average_after", "cpus", "command", "date", "elapsed_s"):
         assert key in top, key
     # --mode all (the default) runs every mode; the internode one is checked in its own test.
     assert top["modes"]["internode"]["correct"] is True
+    low = top["modes"]["low_latency"]
+    assert low["correct"] is True and low["options"]["tokens"] == 32  # the short pass of --mode all
+    for variant, lat in low["latency"].items():
+        assert 0 < lat["median_us"] <= lat["p99_us"], variant
+    wire = low["wire_bytes_per_token"]  # bf16 rows are the largest, NVFP4 the smallest on the wire
+    assert wire["ll_dispatch_bf16"] > wire["ll_dispatch_fp8"] > wire["ll_dispatch_nvfp4"] > 0
     report = top["modes"]["intranode"]
 
     assert report["correct"] is True

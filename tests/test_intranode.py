@@ -335,7 +335,7 @@ def _invalid_construction_and_combine(ctx):
         moelink.Buffer("world", 1 << 20)
     for kwargs, text in [
         (dict(num_nvl_bytes=-1), "num_nvl_bytes: expected an int >= 0, got -1"),
-        (dict(num_nvl_bytes=1 << 20, low_latency_mode=True), "low-latency mode is not implemented"),
+        (dict(num_nvl_bytes=1 << 20, low_latency_mode=True), "num_rdma_bytes: expected > 0 with low_latency_mode=True"),
         (dict(num_nvl_bytes=1 << 20, ranks_per_node=1), "num_rdma_bytes: expected > 0 for"),
         (dict(num_nvl_bytes=1 << 20, ranks_per_node=3 if ctx.world_size == 4 else 5),
          f"ranks_per_node: expected a divisor of the group size {ctx.world_size}"),

@@ -61,11 +61,14 @@ void bind_internode(py::module_& parent) {
   m.def(
       "layout",
       [](int num_nodes, int ranks_per_node, int num_channels, int block_warps, int nvl_queue_tokens,
-         int rdma_queue_tokens, int64_t row_bytes, int num_scales, int num_topk, int experts_per_rank) {
-        return layout_dict(shape_of(num_nodes, ranks_per_node, num_channels, block_warps, nvl_queue_tokens,
-                                    rdma_queue_tokens, row_bytes, num_scales, num_topk, experts_per_rank));
+         int rdma_queue_tokens, int64_t row_bytes, int num_scales, int num_topk, int experts_per_rank,
+         int64_t reserved_head_bytes) {
+        InternodeShape s = shape_of(num_nodes, ranks_per_node, num_channels, block_warps, nvl_queue_tokens,
+                                    rdma_queue_tokens, row_bytes, num_scales, num_topk, experts_per_rank);
+        s.reserved_head_bytes = reserved_head_bytes;
+        return layout_dict(s);
       },
-      py::kw_only(), MOELINK_SHAPE_ARGS, "Sizes of both windows and the role split for a shape (InternodeLayout).");
+      py::kw_only(), MOELINK_SHAPE_ARGS, py::arg("reserved_head_bytes") = 0, "Sizes of both windows and the role split for a shape (InternodeLayout).");
 
   py::class_<InternodeContext>(m, "Context", "Where an internode call runs: rank, shape, windows, transport.",
                                py::module_local())
@@ -73,7 +76,7 @@ void bind_internode(py::module_& parent) {
                        int nvl_queue_tokens, int rdma_queue_tokens, int64_t row_bytes, int num_scales, int num_topk,
                        int experts_per_rank, const std::vector<uintptr_t>& nvl_windows, uintptr_t nvl_bytes,
                        int net_kind, uintptr_t net_window, uint64_t net_window_bytes, uint32_t num_signals,
-                       uintptr_t net_queue, uintptr_t net_rdma_bytes) {
+                       uintptr_t net_queue, uintptr_t net_rdma_bytes, int64_t reserved_head_bytes) {
              if (nvl_windows.size() != static_cast<size_t>(ranks_per_node) || ranks_per_node > kIntranodeMaxRanks) {
                throw Error(ErrorKind::kInvalidArgument, "internode Context: expected " + std::to_string(ranks_per_node) +
                                                             " NVL window addresses, got " +
@@ -83,6 +86,7 @@ void bind_internode(py::module_& parent) {
              ctx.rank = rank;
              ctx.shape = shape_of(num_nodes, ranks_per_node, num_channels, block_warps, nvl_queue_tokens,
                                   rdma_queue_tokens, row_bytes, num_scales, num_topk, experts_per_rank);
+             ctx.shape.reserved_head_bytes = reserved_head_bytes;
              for (size_t i = 0; i < nvl_windows.size(); ++i) ctx.nvl.base[i] = ptr<void>(nvl_windows[i]);
              ctx.nvl_bytes = ptr<uint64_t>(nvl_bytes);
              ctx.net.rank = rank;
@@ -97,7 +101,7 @@ void bind_internode(py::module_& parent) {
            }),
            py::kw_only(), py::arg("rank"), MOELINK_SHAPE_ARGS, py::arg("nvl_windows"), py::arg("nvl_bytes") = 0,
            py::arg("net_kind"), py::arg("net_window"), py::arg("net_window_bytes"), py::arg("num_signals"),
-           py::arg("net_queue"), py::arg("net_rdma_bytes") = 0)
+           py::arg("net_queue"), py::arg("net_rdma_bytes") = 0, py::arg("reserved_head_bytes") = 0)
       .def_property_readonly("layout", [](const InternodeContext& ctx) { return layout_dict(ctx.shape); });
 
   m.def(

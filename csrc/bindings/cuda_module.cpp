@@ -28,6 +28,7 @@ namespace moelink::bindings {
 void bind_codecs(py::module_& m);
 void bind_intranode(py::module_& m);
 void bind_internode(py::module_& m);
+void bind_low_latency(py::module_& m);
 void bind_layout(py::module_& m);
 void bind_nccl(py::module_& m);  // cuda_nccl.cpp: GPU only, not a bind_*.cpp
 void bind_cuda_abort(py::module_& m);  // cuda_abort.cpp: the GPU AbortRecord
@@ -84,6 +85,7 @@ PYBIND11_MODULE(_cuda, m) {
   bind_selftest(m);
   bind_intranode(m);
   bind_internode(m);
+  bind_low_latency(m);
   bind_codecs(m);
   bind_nccl(m);
   bind_cuda_abort(m);

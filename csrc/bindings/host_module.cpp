@@ -6,6 +6,7 @@ void bind_codecs(py::module_& m);
 void bind_layout(py::module_& m);
 void bind_intranode(py::module_& m);
 void bind_internode(py::module_& m);
+void bind_low_latency(py::module_& m);
 void bind_selftest(py::module_& m);
 void bind_simt(py::module_& m);
 void bind_transport(py::module_& m);
@@ -22,6 +23,7 @@ PYBIND11_MODULE(_host, m) {
   bind_selftest(m);
   bind_intranode(m);
   bind_internode(m);
+  bind_low_latency(m);
   bind_codecs(m);
   bind_transport(m);
   bind_nic(m);

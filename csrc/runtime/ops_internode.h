@@ -49,6 +49,7 @@
 //     rdma_head[64][N]    dispatch queue (c, destination node) of this source: consumed by its forwarder
 //     comb_tail[64][N]    combine queue (c, forwarder node) here: partials published
 //     comb_head[64][N]    combine queue (c, source node) of this forwarder: consumed by the source
+//   (a low-latency Buffer: its signals and persistent words, InternodeShape::reserved_head_bytes)
 //   positions (u64, written only by this rank's own kernels; never re-carved): how far each of its
 //   stream ends has got over all calls, the start of the next call's stream:
 //     rdma_sent[64][N] (source, per destination node), rdma_taken[64][N] (forwarder, per source
@@ -107,6 +108,10 @@ struct InternodeShape {
   int num_scales = 0;
   int num_topk = 0;
   int experts_per_rank = 0;
+  // Bytes at the start of the scale-out window that another layout of the same window owns for
+  // good: a low-latency Buffer's signals and persistent words (runtime/ops_low_latency.h) follow
+  // the internode signals. The positions and every per-call region start after them; 0 = none.
+  int64_t reserved_head_bytes = 0;
 
   MOELINK_HOST_DEVICE int num_ranks() const { return num_nodes * ranks_per_node; }
 };
@@ -187,7 +192,7 @@ struct InternodeLayout {
     l.dispatch_slot = l.slot_mask + a16(4 * ((lr + 31) / 32));
     l.partial_weights = s.row_bytes;
     l.partial_slot = l.partial_weights + a16(4 * k);
-    l.pos_rdma_sent = align(8 * l.num_signals);
+    l.pos_rdma_sent = align(8 * l.num_signals > s.reserved_head_bytes ? 8 * l.num_signals : s.reserved_head_bytes);
     l.pos_rdma_taken = l.pos_rdma_sent + 8 * counters;
     l.pos_comb_sent = l.pos_rdma_taken + 8 * counters;
     l.pos_comb_taken = l.pos_comb_sent + 8 * counters;

@@ -74,7 +74,9 @@ class InternodeNode:
                      block_warps=max(2, runtime.block_warps()), nvl_queue_tokens=config.num_max_nvl_chunked_recv_tokens,
                      rdma_queue_tokens=config.num_max_rdma_chunked_recv_tokens, row_bytes=row_bytes,
                      num_scales=num_scales, num_topk=num_topk, experts_per_rank=experts_per_rank)
-        sizes = window_sizes(**shape)
+        # A low-latency Buffer keeps its signals and persistent words after the internode signals.
+        reserved = getattr(self.scaleout, "reserved_head_bytes", 0)
+        sizes = window_sizes(**shape, reserved_head_bytes=reserved)
         if not sizes["roles_valid"]:
             warps = shape["block_warps"]
             raise argument_error(InvalidArgument, "config", f"queues of at least {warps} (NVL) and "
@@ -92,7 +94,8 @@ class InternodeNode:
                                      "(Config.get_nvl_buffer_size_hint / get_rdma_buffer_size_hint give a size for "
                                      "every call of a shape)", have)
         return _host.internode.Context(rank=self.rank, **shape, nvl_windows=self.nvl_window_ptrs,
-                                       nvl_bytes=self.nvl_counter, **self.scaleout.handle())
+                                       nvl_bytes=self.nvl_counter, reserved_head_bytes=reserved,
+                                       **self.scaleout.handle())
 
 
 @dataclasses.dataclass

@@ -72,6 +72,9 @@ class ScaleOutWindows:
             self.windows.close()
             raise
         self.num_signals = num_signals
+        # Bytes at the window's start that belong to the low-latency layout for good (set by a
+        # low-latency Buffer; the internode layout starts its positions after them).
+        self.reserved_head_bytes = 0
         self.data_bytes = self.windows.data_bytes
         self.shaping = (gbps, latency_us)
         _open_nics.add(self)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 import os
 
-from . import _agreement, _backend, _host_windows, _internode, _intranode, _rendezvous, _validate
+from . import _agreement, _backend, _host_windows, _internode, _intranode, _low_latency, _rendezvous, _validate
 from ._handles import HandleBook
 from ._host_windows import bootstrap_host_windows
 from ._scaleout import ScaleOutWindows
@@ -29,21 +29,22 @@ from .errors import BufferUnusable, GPUUnavailable, InvalidArgument, InvalidType
 from .event import EventOverlap
 from .layout import get_dispatch_layout as _get_dispatch_layout
 from ._intranode import DispatchHandle
+from ._buffer_low_latency import LowLatencyMethods
 
 __all__ = ["Buffer", "DispatchHandle"]
 
 Payload = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 
-class Buffer:
+class Buffer(LowLatencyMethods):
     """Communication buffers of one rank, shared with the ranks of its node.
 
     ``num_nvl_bytes``: bytes of this rank's window for intranode traffic; 0 (DeepEP's default)
     creates no window, and an intranode call then raises naming the size it needs.
     ``ranks_per_node`` (moelink): ranks per node; default the group size, the only value the
-    intranode path accepts today. ``num_rdma_bytes > 0`` and ``low_latency_mode`` (internode and
-    low-latency paths) are not implemented yet and raise. Use as a context manager, or call
-    :meth:`destroy`.
+    intranode path accepts today. ``num_rdma_bytes``: the scale-out window (internode path with
+    ``ranks_per_node`` < the group size; the low-latency mode with ``low_latency_mode=True``, whose
+    methods are in ``_buffer_low_latency``). Use as a context manager, or call :meth:`destroy`.
 
     Arrays: every method taking tensors also takes any ``__dlpack__`` array (NumPy on the host) and
     then returns arrays of that library (``moelink._interop``).
@@ -73,7 +74,10 @@ class Buffer:
             self.ranks_per_node = _ranks_per_node(ranks_per_node, self.group_size)
             self.num_nodes = self.group_size // self.ranks_per_node
             if self.low_latency_mode:
-                raise InvalidArgument("low_latency_mode: the low-latency mode is not implemented yet (normal mode only)")
+                _validate.integer("num_qps_per_rank", num_qps_per_rank, minimum=1)
+                if self.num_rdma_bytes == 0:
+                    raise argument_error(InvalidArgument, "num_rdma_bytes", "> 0 with low_latency_mode=True "
+                                         "(Buffer.get_low_latency_rdma_size_hint gives a size)", 0)
             if self.num_nodes > 1 and self.num_rdma_bytes == 0:
                 raise argument_error(InvalidArgument, "num_rdma_bytes",
                                      f"> 0 for {self.num_nodes} nodes of {self.ranks_per_node} ranks (the internode "
@@ -82,6 +86,7 @@ class Buffer:
             error = exc
         agree = None if error else dict(num_rdma_bytes=self.num_rdma_bytes, low_latency_mode=self.low_latency_mode)
         self._scaleout = None
+        self._ll = None  # _low_latency.LowLatencyState of a low_latency_mode Buffer
         if error is None and self.num_nvl_bytes == 0:
             _agree_on_no_window(group, self.ranks_per_node, agree)
             self._window_ptrs, self._nvl_counter = None, 0
@@ -91,10 +96,9 @@ class Buffer:
                 ranks_per_node=None if error else self.ranks_per_node, agree=agree, local_error=error)
             self._window_ptrs = self._windows.node_window_ptrs()
             self._nvl_counter = self._windows.counter_ptr("nvl")
-        if self.num_nodes > 1:
+        if self.num_nodes > 1 or self.low_latency_mode:
             try:
-                self._scaleout = ScaleOutWindows(group, self.num_rdma_bytes, ranks_per_node=self.ranks_per_node,
-                                                 num_signals=_internode.num_signals(self.num_nodes, self.ranks_per_node))
+                self._create_scaleout(bool(allow_nvlink_for_low_latency_mode))
             except BaseException:
                 self.destroy()
                 raise
@@ -115,10 +119,15 @@ class Buffer:
     def destroy(self) -> None:
         """Releases the windows (and joins the NIC thread). The Buffer is unusable afterwards.
         Idempotent."""
-        self._unusable = self._unusable or "the Buffer was destroyed"
         scaleout = getattr(self, "_scaleout", None)
         if scaleout is not None and not scaleout.closed:
+            # What this rank's NIC still holds (a kernel returns once it posted its last puts and
+            # signals, e.g. a clean's barrier) reaches the peers first; the NIC never stalls, so
+            # this is short even when a peer died.
+            if self._unusable is None:
+                scaleout.wait_idle(2.0)
             scaleout.close()
+        self._unusable = self._unusable or "the Buffer was destroyed"
         pool = getattr(self, "_pool", None)  # absent when __init__ failed before creating it
         if pool is not None:
             pool.clear()
@@ -139,6 +148,20 @@ class Buffer:
         if windows is not None and not windows.closed:
             windows.close()
 
+    def _create_scaleout(self, allow_nvlink: bool) -> None:
+        """The scale-out windows and NIC: for the internode path, and for the low-latency mode
+        (even on one node), whose signals and persistent words follow the internode signals."""
+        if not self.low_latency_mode:
+            self._scaleout = ScaleOutWindows(self.group, self.num_rdma_bytes, ranks_per_node=self.ranks_per_node,
+                                             num_signals=_internode.num_signals(self.num_nodes, self.ranks_per_node))
+            return
+        regions = _low_latency.window_regions(self.num_nodes, self.ranks_per_node, self.num_rdma_bytes)
+        self._scaleout = ScaleOutWindows(self.group, self.num_rdma_bytes, ranks_per_node=self.ranks_per_node,
+                                         num_signals=regions["num_signals"])
+        self._scaleout.reserved_head_bytes = regions["reserved_head"]
+        self._ll = _low_latency.LowLatencyState(self._scaleout, self.rank, self.group_size, self.num_nodes,
+                                                self.ranks_per_node, allow_nvlink)
+
     # Two phases per operation (see _intranode): `_node` describes the call's node without
     # touching anything, so a validation or sizing error leaves the Buffer usable; `_operation`
     # marks the start (the epoch every rank advances together) and poisons the Buffer on any
@@ -148,6 +171,10 @@ class Buffer:
         """The mode's description of where this call runs (_intranode.Node or _internode.InternodeNode)."""
         if self._unusable is not None:
             raise BufferUnusable(f"{op}: this Buffer cannot be used: {self._unusable}")
+        if self._ll is not None:  # low-latency rules (docs/semantics.md): no pending hook; clean afterwards
+            self._ll.check_idle(op)
+            if self.num_nodes > 1:
+                self._ll.dirty = op
         if self.num_nodes > 1:
             return _internode.InternodeNode(self.rank, self.num_nodes, self.ranks_per_node,
                                             self._window_ptrs or [0] * self.ranks_per_node, self.num_nvl_bytes,
@@ -375,8 +402,9 @@ class Buffer:
         windows of other ranks of its node (whole queue slots); "rdma", what its NIC delivered to
         other nodes (put bytes: wire messages, notify messages; signals not counted)."""
         nvl = self._windows.counters()["nvl"] if self._windows is not None else 0
-        rdma = self._scaleout.counters()["rdma"] if self._scaleout is not None else 0
-        return {"nvl": nvl, "rdma": rdma}
+        scaleout = self._scaleout.counters() if self._scaleout is not None else {"nvl": 0, "rdma": 0}
+        # The low-latency mode's NVLink path counts into the scale-out windows' "nvl" counter.
+        return {"nvl": nvl + scaleout["nvl"], "rdma": scaleout["rdma"]}
 
     def reset_bytes_moved(self) -> None:
         if self._windows is not None:

@@ -1,7 +1,7 @@
 """moelink's main benchmark: dispatch and combine against the all_to_all_single baseline and the
 memcpy floor, with each mode's figures in one table.
 
-    python -m moelink.bench [--mode all|intranode] [--ranks 4] [--tokens 2048] [--hidden 7168]
+    python -m moelink.bench [--mode all|intranode|internode|low-latency] [--ranks 4] [--tokens 2048] [--hidden 7168]
                             [--num-sms 20] [--fp8] [--json] [--sweep [--out DIR]] [--plot DIR/sweep.json]
 
 Launches ``--ranks`` local rank processes in a gloo group per mode (``bench/modes.py``: ``--mode
@@ -75,8 +75,8 @@ def _int_list(text: str) -> list[int]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m moelink.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=("all",) + MODE_MODULES, default="all",
-                   help="benchmark mode (default all: every mode this build can run)")
+    p.add_argument("--mode", choices=("all",) + MODE_MODULES, default="all", type=lambda text: text.replace("-", "_"),
+                   help="benchmark mode (default all: every mode this build can run; low-latency = low_latency)")
     p.add_argument("--ranks", type=_positive, default=4, help="rank processes (default 4)")
     p.add_argument("--tokens", type=_positive, default=2048, help="tokens per rank (default 2048)")
     p.add_argument("--hidden", type=_positive, default=7168, help="hidden size (default 7168, DeepSeek-V3)")

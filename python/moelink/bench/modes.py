@@ -1,8 +1,8 @@
 """Benchmark modes: what ``python -m moelink.bench --mode NAME`` runs.
 
 A mode is one module of this package that defines ``MODE = Mode(...)``; ``MODE_MODULES`` lists
-them, in the order ``--mode all`` (the default) runs them. Today: ``intranode`` and ``internode``.
-To add one (the planned ``low_latency``):
+them, in the order ``--mode all`` (the default) runs them: ``intranode``, ``internode``, ``low_latency``.
+To add one:
 
 1. write ``bench/<name>.py`` with, as ``bench/intranode.py`` does,
    - ``make_options(args) -> options``: a picklable (frozen dataclass) options object from the
@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 
 __all__ = ["Row", "Mode", "MODE_MODULES", "all_modes", "get_mode"]
 
-MODE_MODULES = ("intranode", "internode")
+MODE_MODULES = ("intranode", "internode", "low_latency")
 
 
 @dataclasses.dataclass(frozen=True)
