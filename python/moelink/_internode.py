@@ -16,7 +16,7 @@ from typing import List, Optional
 import torch
 
 from . import _validate, _host, runtime
-from ._intranode import CombineCall, DispatchCall, DispatchHandle, _ptr
+from ._intranode import CombineCall, DispatchCall, DispatchHandle, _ptr, output_rows, receive_outputs
 from ._pool import OutputPool
 from .config import Config
 from .errors import InvalidArgument, InvalidType, argument_error
@@ -132,9 +132,7 @@ def run_dispatch(plan: DispatchPlan):
     node, call, native = plan.node, plan.call, plan.native
     x, num_tokens = call.x, call.x.shape[0]
     ranks, nodes = node.num_nodes * node.ranks_per_node, node.num_nodes
-    num_topk = 0 if call.topk_idx is None else call.topk_idx.shape[1]
     experts_per_rank = call.num_experts // ranks
-    num_scales = 0 if call.x_scales is None else call.x_scales.shape[1]
     channels = call.config.num_sms // 2
     handle = call.handle
     if handle is None:
@@ -150,21 +148,8 @@ def run_dispatch(plan: DispatchPlan):
                                                                handle.is_token_in_rank)
         per_expert = handle.num_recv_tokens_per_expert_list
     num_recv, num_forwarded = int(recv_channel_start[-1]), int(forward_start[-1])
-    if call.num_worst_tokens:
-        if num_recv > call.num_worst_tokens:
-            raise argument_error(InvalidArgument, "num_worst_tokens",
-                                 f"at least {num_recv} (the rows this rank receives)", call.num_worst_tokens)
-        rows = call.num_worst_tokens
-    else:
-        rows = handle.num_output_rows if handle is not None else num_recv
-    recv_x = node.empty((rows, x.shape[1]), x.dtype)
-    recv_x[num_recv:].zero_()
-    recv_scales = None
-    if num_scales:
-        recv_scales = node.empty((rows, num_scales), call.x_scales.dtype)
-        recv_scales[num_recv:].zero_()
-    recv_topk_idx = node.empty((rows, num_topk), torch.int64).fill_(-1) if num_topk else None
-    recv_topk_weights = node.empty((rows, num_topk), torch.float32).zero_() if call.topk_weights is not None else None
+    rows = output_rows(call, handle, num_recv)
+    recv_x, recv_scales, recv_topk_idx, recv_topk_weights = receive_outputs(node, call, rows, num_recv)
     recv_src_idx = torch.empty(num_recv, dtype=torch.int32)
     rdma_send_head = torch.empty((num_tokens, nodes), dtype=torch.int32)
     forward_head = torch.empty((num_forwarded, node.ranks_per_node), dtype=torch.int32)

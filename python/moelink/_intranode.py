@@ -358,6 +358,38 @@ def _direct_rows(rank_counts: torch.Tensor, ranks: int) -> int:
     return int(max(rank_counts[:, :ranks].sum(0).max(), rank_counts[:, ranks].max())) if ranks else 0
 
 
+def output_rows(call: DispatchCall, handle, num_recv: int) -> int:
+    """Rows a dispatch returns: ``num_worst_tokens`` (at least the received ones), else as many
+    as the handle's dispatch returned (cached, padded or not), else the received count."""
+    if call.num_worst_tokens:
+        if num_recv > call.num_worst_tokens:
+            raise argument_error(InvalidArgument, "num_worst_tokens",
+                                 f"at least {num_recv} (the rows this rank receives)", call.num_worst_tokens)
+        return call.num_worst_tokens
+    return handle.num_output_rows if handle is not None else num_recv
+
+
+def receive_outputs(node, call: DispatchCall, rows: int, num_recv: int):
+    """(recv_x, recv_scales, recv_topk_idx int64, recv_topk_weights) of ``rows`` rows from the
+    node's pool, None where the call has none. The kernels overwrite every received row (payload,
+    scales, every top-k slot); only the ``num_worst_tokens`` padding past ``num_recv`` is filled
+    here (zeros, ids -1)."""
+    num_topk = 0 if call.topk_idx is None else call.topk_idx.shape[1]
+    recv_x = node.empty((rows, call.x.shape[1]), call.x.dtype)
+    recv_x[num_recv:].zero_()
+    recv_scales = recv_topk_idx = recv_topk_weights = None
+    if call.x_scales is not None:
+        recv_scales = node.empty((rows, call.x_scales.shape[1]), call.x_scales.dtype)
+        recv_scales[num_recv:].zero_()
+    if num_topk:
+        recv_topk_idx = node.empty((rows, num_topk), torch.int64)
+        recv_topk_idx[num_recv:] = -1
+    if call.topk_weights is not None:
+        recv_topk_weights = node.empty((rows, num_topk), torch.float32)
+        recv_topk_weights[num_recv:] = 0
+    return recv_x, recv_scales, recv_topk_idx, recv_topk_weights
+
+
 def run_dispatch(plan: DispatchPlan):
     """Returns (payload, recv_topk_idx, recv_topk_weights, handle, error, recv_region): error is an
     InvalidArgument the caller raises once the operation is over (a one-copy dispatch whose rows do
@@ -386,14 +418,7 @@ def run_dispatch(plan: DispatchPlan):
         per_expert = handle.num_recv_tokens_per_expert_list
         rank_counts, send_row_start, direct_rows = handle.rank_counts, handle.send_row_start, handle.direct_rows
     num_recv = int(recv_channel_start[-1])
-    if call.num_worst_tokens:
-        if num_recv > call.num_worst_tokens:
-            raise argument_error(InvalidArgument, "num_worst_tokens",
-                                 f"at least {num_recv} (the rows this rank receives)", call.num_worst_tokens)
-        rows = call.num_worst_tokens
-    else:
-        # A cached dispatch returns as many rows as the handle's dispatch did (padded or not).
-        rows = handle.num_output_rows if handle is not None else num_recv
+    rows = output_rows(call, handle, num_recv)
     send_head = torch.empty((num_tokens, ranks), dtype=torch.int32)
     common = (native, handle is not None, call.config.num_max_nvl_chunked_send_tokens, num_tokens, _ptr(x),
               _ptr(call.x_scales), _ptr(call.topk_idx), _ptr(call.topk_weights))
@@ -433,21 +458,7 @@ def run_dispatch(plan: DispatchPlan):
         # The handle outlives the region (a later dispatch rewrites it): its own copy of the indices.
         recv_src_idx = node.view(base + region["src"], num_recv * 4, torch.int32).clone()
     else:
-        # Every received row is overwritten by the kernel (payload, scales, every top-k slot); only the
-        # num_worst_tokens padding is filled here. Outputs come from the Buffer's pool.
-        recv_x = node.empty((rows, x.shape[1]), x.dtype)
-        recv_x[num_recv:].zero_()
-        recv_scales = None
-        if num_scales:
-            recv_scales = node.empty((rows, num_scales), call.x_scales.dtype)
-            recv_scales[num_recv:].zero_()
-        recv_topk_idx = recv_topk_weights = None
-        if num_topk:
-            recv_topk_idx = node.empty((rows, num_topk), torch.int64)
-            recv_topk_idx[num_recv:] = -1
-        if call.topk_weights is not None:
-            recv_topk_weights = node.empty((rows, num_topk), torch.float32)
-            recv_topk_weights[num_recv:] = 0
+        recv_x, recv_scales, recv_topk_idx, recv_topk_weights = receive_outputs(node, call, rows, num_recv)
         recv_src_idx = torch.empty(num_recv, dtype=torch.int32)
         _host.intranode.dispatch(*common, _ptr(is_token_in_rank), recv_channel_start.data_ptr(), _ptr(send_head),
                                  _ptr(recv_x), _ptr(recv_scales), _ptr(recv_topk_idx), _ptr(recv_topk_weights),
