@@ -5,15 +5,31 @@ docs/semantics.md."""
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
-from . import _low_latency
+from . import _interop, _low_latency
+from ._interop import accepts_arrays
 from .errors import BufferUnusable, InvalidArgument
 from .event import EventOverlap
 
 __all__ = ["LowLatencyMethods"]
+
+
+def _remembers_array_library(method):
+    """DLPack for get_next_low_latency_combine_buffer, which takes only a handle: a dispatch
+    called with another library's arrays records that library on its handle."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        result = method(self, *args, **kwargs)
+        foreign = next((v for v in (*args, *kwargs.values()) if _interop.is_foreign_array(v)), None)
+        if foreign is not None:
+            result[2].array_library = _interop.library_of(foreign)
+        return result
+
+    return wrapper
 
 
 class LowLatencyMethods:
@@ -34,6 +50,8 @@ class LowLatencyMethods:
         any top-k up to 32, any node split of ``num_ranks``). By formula (docs/low-latency.md)."""
         return _low_latency.rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
+    @_remembers_array_library
+    @accepts_arrays(bits={"x": torch.bfloat16})
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
                              num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
                              dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None, use_fp8: bool = True,
@@ -66,6 +84,7 @@ class LowLatencyMethods:
             return_recv_hook, payload, nvfp4_global_scale)
         return recv_x, recv_count, handle, EventOverlap(), hook
 
+    @accepts_arrays(bits={"x": torch.bfloat16, "out": torch.bfloat16})
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle,
                             use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,
                             return_recv_hook: bool = False, out: Optional[torch.Tensor] = None,
@@ -89,9 +108,12 @@ class LowLatencyMethods:
         """The bf16 ``[num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, hidden]``
         region of the scale-out window the next low-latency call (the combine of ``handle``) sends
         from: write the expert outputs there and combine with ``zero_copy=True``. Valid until the
-        next low-latency call starts."""
+        next low-latency call starts. A NumPy (DLPack) dispatch's handle gives that library's array
+        (bf16 as raw uint16 bits), zero-copy."""
         state = self._low_latency_state("get_next_low_latency_combine_buffer")
-        return _low_latency.combine_buffer_view(state, handle)
+        view = _low_latency.combine_buffer_view(state, handle)
+        library = getattr(handle, "array_library", None)
+        return view if library is None else _interop.from_torch(view, library)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """A barrier of every rank over the scale-out window: call it on every rank after

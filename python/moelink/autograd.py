@@ -24,7 +24,10 @@
 Options: ``dispatch(..., expert_alignment=1, num_worst_tokens=0, config=None, backward_config=None)``
 and ``combine(..., bias=None, config=None, backward_config=None)``; ``config`` goes to the forward
 call, ``backward_config`` to the backward one (default: the Buffer's config for that call with
-the handle's SM count). Low-latency variants follow when that mode exists.
+the handle's SM count).
+
+Low-latency mode: ``low_latency_dispatch`` / ``low_latency_combine`` (bf16 payloads), in
+``moelink.autograd_low_latency`` (its docstring has what they compute and refuse).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from ._intranode import DispatchHandle
 from .config import Config
 from .errors import InvalidArgument, InvalidDType, InvalidType, argument_error
 
-__all__ = ["dispatch", "combine", "DOUBLE_BACKWARD_MESSAGE"]
+__all__ = ["dispatch", "combine", "low_latency_dispatch", "low_latency_combine",
+           "DOUBLE_BACKWARD_MESSAGE"]
 
 DOUBLE_BACKWARD_MESSAGE = (
     "moelink.autograd: double backward is not supported: the gradient of {op}'s backward (a {backward}) "
@@ -203,3 +207,7 @@ def combine(buffer, x: torch.Tensor, handle: DispatchHandle, *, bias=None, confi
         raise argument_error(InvalidType, "bias", "None, a tensor or a pair of tensors", f"a {len(biases)}-tuple")
     state = _CombineState(buffer, handle, config, backward_config)
     return _Combine.apply(x, biases[0], biases[1], state)
+
+
+# After _once_differentiable, which the low-latency module uses.
+from .autograd_low_latency import low_latency_combine, low_latency_dispatch  # noqa: E402
