@@ -104,10 +104,18 @@ def _as_weights(topk_weights) -> Optional[torch.Tensor]:
     return topk_weights.float().contiguous()
 
 
+def _ids(topk_idx) -> torch.Tensor:
+    """int64 ids (int32 widened); other dtypes are left for the call's validation to name."""
+    if not isinstance(topk_idx, torch.Tensor):
+        raise argument_error(InvalidType, "topk_idx", "a tensor", type(topk_idx).__name__)
+    return topk_idx.to(torch.int64) if topk_idx.dtype in (torch.int32, torch.int64) else topk_idx
+
+
 def _valid_rows(handle) -> torch.Tensor:
     """[EL, R*T, 1] bool: the rows a dispatch of ``handle`` wrote (the rest are unspecified)."""
     rows = handle[0].shape[1]
-    return (torch.arange(rows).unsqueeze(0) < handle.recv_count.to(torch.int64).unsqueeze(1)).unsqueeze(2)
+    count = handle.recv_count.to(torch.int64)
+    return (torch.arange(rows, device=count.device).unsqueeze(0) < count.unsqueeze(1)).unsqueeze(2)
 
 
 # ---- dispatch ----------------------------------------------------------------------------------
@@ -151,9 +159,9 @@ class _LowLatencyDispatch(torch.autograd.Function):
         buffer, handle, topk = state.buffer, state.handle, state.topk_idx
         ll = buffer._low_latency_state("low_latency_combine")
         need_w = weights is not None and ctx.needs_input_grad[1]
-        unit = torch.ones(topk.shape, dtype=torch.float32) if weights is None else weights
-        slot_values = torch.zeros(*topk.shape, x.shape[1], dtype=torch.bfloat16) if need_w else None
         grad = grad_recv_x.to(torch.bfloat16).contiguous()
+        unit = torch.ones(topk.shape, dtype=torch.float32, device=grad.device) if weights is None else weights
+        slot_values = torch.zeros(*topk.shape, x.shape[1], dtype=torch.bfloat16, device=grad.device) if need_w else None
         combined, _ = _low_latency.combine(ll, buffer._operation, grad, topk, unit, handle, slot_values=slot_values)
         grad_w = None
         if need_w:  # d(w * x[t]) / dw = x[t]: <the slot's gradient row, x[t]>
@@ -170,11 +178,10 @@ def low_latency_dispatch(buffer, x, topk_idx, num_max_dispatch_tokens_per_rank: 
     the Buffer method's keywords; ``use_fp8`` defaults to False."""
     _check_options("low_latency_dispatch", options, _DISPATCH_OPTIONS)
     options.setdefault("use_fp8", False)
-    if not isinstance(topk_idx, torch.Tensor):
-        raise argument_error(InvalidType, "topk_idx", "a tensor", type(topk_idx).__name__)
+    ids = _ids(topk_idx)
     x, weights = _as_bf16("x", x), _as_weights(topk_weights)
     stats = {name: options.pop(name, None) for name in _DISPATCH_OPTIONS[:2]}
-    state = _DispatchState(buffer, topk_idx.to(torch.int64), num_max_dispatch_tokens_per_rank, num_experts, stats)
+    state = _DispatchState(buffer, ids, num_max_dispatch_tokens_per_rank, num_experts, stats)
     if weights is not None and (options["use_fp8"] or options.get("payload") not in (None, "bf16")):
         raise argument_error(InvalidArgument, "topk_weights", "None unless the payload is bf16 (the receiver scales "
                              "bf16 rows by their weight)", f"weights with use_fp8={options['use_fp8']}, "
@@ -206,7 +213,8 @@ class _LowLatencyCombine(torch.autograd.Function):
         ll = buffer._low_latency_state("low_latency_combine")
         slot_values = None
         if ctx.needs_input_grad[1]:
-            slot_values = torch.zeros(handle.num_tokens, handle.num_topk, handle[3], dtype=torch.bfloat16)
+            slot_values = torch.zeros(handle.num_tokens, handle.num_topk, handle[3], dtype=torch.bfloat16,
+                                      device=x.device)
         combined, _ = _low_latency.combine(ll, buffer._operation, x, state.topk_idx, weights, handle,
                                            combine_wait_recv_cost_stats=state.stats, slot_values=slot_values)
         ctx.state = state
@@ -260,8 +268,7 @@ def low_latency_combine(buffer, x, topk_idx, topk_weights, handle, **options):
     _check_options("low_latency_combine", options, _COMBINE_OPTIONS)
     if not isinstance(handle, _low_latency.LowLatencyHandle):
         raise argument_error(InvalidType, "handle", "the handle of a low-latency dispatch", type(handle).__name__)
-    if not isinstance(topk_idx, torch.Tensor):
-        raise argument_error(InvalidType, "topk_idx", "a tensor", type(topk_idx).__name__)
+    topk = _ids(topk_idx)
     if topk_weights is None:
         raise argument_error(InvalidType, "topk_weights", "a tensor [num_tokens, num_topk]", "None")
     x, weights = _as_bf16("x", x), _as_weights(topk_weights)
@@ -269,7 +276,6 @@ def low_latency_combine(buffer, x, topk_idx, topk_weights, handle, **options):
         return buffer.low_latency_combine(x, topk_idx, weights, handle, **options)
     _refuse_not_differentiable(options, _COMBINE_NOT_DIFFERENTIABLE)
     _low_latency._flag("async_finish", options.get("async_finish", False))
-    topk = topk_idx.to(torch.int64)
     replay = _replay_ids(handle, topk) if x.requires_grad else None
     state = _CombineState(buffer, topk, handle, replay, options.get("combine_wait_recv_cost_stats"))
     return _LowLatencyCombine.apply(x, weights, state), EventOverlap(), None
