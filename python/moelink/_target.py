@@ -129,7 +129,7 @@ class CudaTarget:
             done.record(stream)
         deadline = time.monotonic() + self.timeout_s
         pause = 1e-5
-        while not done.query():
+        while not self._finished(done, what):
             if time.monotonic() > deadline:
                 raise CommTimeout(f"{what} (rank {rank}): the comm stream did not finish within {self.timeout_s:g} s "
                                   "(MOELINK_TIMEOUT_S), though every kernel wait has that deadline")
@@ -139,7 +139,18 @@ class CudaTarget:
         # The pinned buffers are reused by the next call: hand out copies the caller may keep.
         return tuple(c.clone() for c in copies)
 
+    def _finished(self, event, what: str) -> bool:
+        """``event.query()``; when CUDA reports a failed kernel, a CommTimeout the AbortRecord holds
+        is raised first (it names the root cause). A failed device check traps: CUDA's error is
+        raised, and its message went to the kernel's printf (docs/semantics.md, "Trust")."""
+        try:
+            return event.query()
+        except RuntimeError:
+            self.check_abort(what)
+            raise
+
     def check_abort(self, what: str) -> None:
+        """CommTimeout from the process's AbortRecord, if a device wait expired."""
         self.module.abort.raise_if_aborted(what)
 
     def comm_stream(self):
