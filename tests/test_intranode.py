@@ -605,17 +605,17 @@ def _poisoning_phases(ctx):
             buffer.dispatch(torch.ones(30, 16, dtype=torch.bfloat16), **layout)
     # a non-moelink exception inside the kernels' phase poisons as well
     with moelink.Buffer(ctx.group, hint) as buffer:
-        original = moelink._intranode._host.intranode.dispatch
+        original = moelink._host.intranode.dispatch
 
         def failing(*args, **kwargs):
             raise RuntimeError("injected after the notify step")
 
-        moelink._intranode._host.intranode.dispatch = failing
+        moelink._host.intranode.dispatch = failing
         try:
             with pytest.raises(RuntimeError, match="injected"):
                 buffer.dispatch(torch.ones(30, 16, dtype=torch.bfloat16), **layout)
         finally:
-            moelink._intranode._host.intranode.dispatch = original
+            moelink._host.intranode.dispatch = original
         assert "RuntimeError" in buffer._unusable
     return True
 

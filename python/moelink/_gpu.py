@@ -36,6 +36,7 @@ with a deadline (how a dispatch learns its output size before allocating it). A 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Optional, Union
 
@@ -120,6 +121,13 @@ class CommOp:
     def keep(self, *tensors: Optional[torch.Tensor]) -> None:
         """Tensors the operation's kernels read or write (None entries are skipped)."""
         self._kept.extend(t for t in tensors if t is not None)
+
+    def on_stream(self):
+        """A scope in which torch's current stream is the comm stream: for torch ops that must run
+        after the operation's kernels (or before its next ones) in stream order. A no-op on the host."""
+        if not self.is_cuda:
+            return contextlib.nullcontext()
+        return torch.cuda.stream(self.comm_stream.stream)
 
     def __enter__(self) -> "CommOp":
         if not self.is_cuda:

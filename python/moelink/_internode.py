@@ -128,7 +128,7 @@ def plan_dispatch(node: InternodeNode, call: DispatchCall) -> DispatchPlan:
     return DispatchPlan(node, call, native)
 
 
-def run_dispatch(plan: DispatchPlan):
+def run_dispatch(plan: DispatchPlan, op=None):  # op: host target only (no stream)
     node, call, native = plan.node, plan.call, plan.native
     x, num_tokens = call.x, call.x.shape[0]
     ranks, nodes = node.num_nodes * node.ranks_per_node, node.num_nodes
@@ -184,7 +184,7 @@ def plan_combine(node: InternodeNode, call: CombineCall) -> CombinePlan:
     return CombinePlan(node, call, node.context("combine", call.config, call.x.shape[1] * 2, 0, num_topk, 0))
 
 
-def run_combine(plan: CombinePlan):
+def run_combine(plan: CombinePlan, op=None):
     node, call, native = plan.node, plan.call, plan.native
     handle, x = call.handle, call.x
     num_topk = 0 if call.topk_weights is None else call.topk_weights.shape[1]

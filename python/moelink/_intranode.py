@@ -19,7 +19,8 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from . import _agreement, _host, _validate, runtime
+from . import _agreement, _validate, runtime
+from ._target import HOST
 from ._pool import OutputPool
 from .config import Config
 from .errors import InvalidArgument, InvalidShape, InvalidType, argument_error
@@ -63,10 +64,11 @@ class DispatchHandle:
     direct_rows: int = 0  # one-copy row capacity M every rank of the dispatch agreed on
     hidden: int = 0  # the dispatch's hidden size (the combine input buffer's row length)
     serial: int = 0  # the Buffer operation of its dispatch, the same on every rank (moelink._handles)
+    num_recv: int = -1  # recv_channel_start[-1], kept on the host (on the GPU target the tensor is not)
 
     @property
     def num_recv_tokens(self) -> int:
-        return int(self.recv_channel_start[-1])
+        return self.num_recv if self.num_recv >= 0 else int(self.recv_channel_start[-1])
 
     @property
     def num_output_rows(self) -> int:
@@ -84,13 +86,13 @@ class DispatchHandle:
         if self.rank_counts is not None:
             rank_prefix = self.rank_counts[:, :ranks].cumsum(0, dtype=torch.int32).contiguous()
         else:
-            rank_prefix = torch.full((ranks, ranks), -1, dtype=torch.int32)
+            rank_prefix = torch.full((ranks, ranks), -1, dtype=torch.int32, device=starts.device)
             rank_prefix[:, rank] = starts[virtual::virtual][:ranks]
         # channel_prefix_matrix[d][c]: this rank's tokens sent to rank d in channels 0..c (inclusive),
         # with DeepEP's channels (ceil(N / C) tokens each; moelink's own split is finer).
         num_tokens = self.is_token_in_rank.shape[0]
         per_channel = -(-num_tokens // channels) if num_tokens else 0
-        padded = torch.zeros((channels * per_channel, ranks), dtype=torch.int32)
+        padded = torch.zeros((channels * per_channel, ranks), dtype=torch.int32, device=starts.device)
         padded[:num_tokens] = self.is_token_in_rank.to(torch.int32)
         counts = padded.view(channels, per_channel, ranks).sum(1, dtype=torch.int32)  # [C, R]
         channel_prefix = counts.t().cumsum(1, dtype=torch.int32).contiguous()
@@ -149,10 +151,20 @@ class Node:
     pool: Optional[OutputPool] = None  # the Buffer's output pool (None: fresh tensors)
     view: Optional[Callable[[int, int, torch.dtype], torch.Tensor]] = None  # (offset, bytes, dtype) of my window
     live_recv_region: Optional[Tuple[int, int]] = None  # [begin, end) of the last one-copy dispatch's outputs
+    target: object = HOST  # moelink._target: where the kernels run (host target or a GPU)
+
+    @property
+    def module(self):
+        """The extension whose kernels run this call (moelink._host or moelink._cuda)."""
+        return self.target.module
 
     def empty(self, shape, dtype) -> torch.Tensor:
         """An output tensor: from the Buffer's pool (no page faults once warm) or fresh."""
-        return _validate.allocate(self.pool, shape, dtype)
+        return _validate.allocate(self.pool, shape, dtype, self.target.device)
+
+    def control(self, shape, dtype=torch.int32) -> torch.Tensor:
+        """A small tensor the kernels fill for the host or a later kernel (counts, positions)."""
+        return torch.empty(shape, dtype=dtype, device=self.target.device)
 
     def shape(self, op: str, config: Config, row_bytes: int, num_scales: int, num_topk: int,
               experts_per_rank: int, sub_channels: Optional[int] = None, check_queues: bool = True,
@@ -164,8 +176,8 @@ class Node:
         channels, queue = config.num_sms // 2, config.num_max_nvl_chunked_recv_tokens
         warps = runtime.block_warps(self.num_ranks)
         if sub_channels is None:
-            sub_channels = _host.intranode.default_sub_channels(self.num_ranks, warps, channels, queue)
-        native = _host.intranode.Node(
+            sub_channels = self.module.intranode.default_sub_channels(self.num_ranks, warps, channels, queue)
+        native = self.module.intranode.Node(
             rank=self.rank, num_ranks=self.num_ranks, num_channels=channels, block_warps=warps,
             sub_channels=sub_channels, queue_tokens=queue, row_bytes=row_bytes, num_scales=num_scales,
             num_topk=num_topk, experts_per_rank=experts_per_rank, windows=self.window_ptrs or [0] * self.num_ranks,
@@ -196,7 +208,7 @@ def _tensor(name: str, value, dtypes, shape: Tuple[int, ...], layout: str) -> to
     if tuple(value.shape) != shape:
         raise argument_error(InvalidShape, name, f"shape {shape} {layout}", f"shape {tuple(value.shape)}")
     _validate.contiguous(name, value)
-    _validate.host_device(name, value)
+    _validate.supported_device(name, value)
     return value
 
 
@@ -210,7 +222,7 @@ def _scales(x_scales, num_tokens: int) -> torch.Tensor:
     if x_scales.shape[0] != num_tokens or x_scales.shape[1] < 1:
         raise argument_error(InvalidShape, name, f"shape ({num_tokens}, num_scales >= 1) [num_tokens, num_scales]",
                              f"shape {tuple(x_scales.shape)}")
-    _validate.host_device(name, x_scales)
+    _validate.supported_device(name, x_scales)
     return x_scales.contiguous()
 
 
@@ -293,7 +305,10 @@ class DispatchCall:
             _tensor("is_token_in_rank", is_token_in_rank, (torch.bool,), (num_tokens, num_ranks), "[num_tokens, ranks]")
             _tensor("num_tokens_per_expert", num_tokens_per_expert, (torch.int32,), (num_experts,), "[num_experts]")
         if topk_idx is not None:
-            if topk_idx.numel() and (int(topk_idx.min()) < -1 or int(topk_idx.max()) >= num_experts):
+            # (On the GPU this would cost a host sync per call; the kernels map any id outside a rank's
+            # experts to -1 there, so a bad id cannot index out of bounds.)
+            if topk_idx.numel() and not topk_idx.is_cuda and (int(topk_idx.min()) < -1 or
+                                                              int(topk_idx.max()) >= num_experts):
                 raise argument_error(InvalidArgument, "topk_idx", f"expert ids in [-1, {num_experts})",
                                      f"min {int(topk_idx.min())}, max {int(topk_idx.max())}")
             topk_idx_dtype = topk_idx.dtype
@@ -390,12 +405,13 @@ def receive_outputs(node, call: DispatchCall, rows: int, num_recv: int):
     return recv_x, recv_scales, recv_topk_idx, recv_topk_weights
 
 
-def run_dispatch(plan: DispatchPlan):
-    """Returns (payload, recv_topk_idx, recv_topk_weights, handle, error, recv_region): error is an
+def run_dispatch(plan: DispatchPlan, op):
+    """``op``: the operation's stream scope (moelink._target). Returns (payload, recv_topk_idx, recv_topk_weights, handle, error, recv_region): error is an
     InvalidArgument the caller raises once the operation is over (a one-copy dispatch whose rows do
     not fit ran as an empty one on every rank, so the windows stay consistent), recv_region the
     [begin, end) of a one-copy dispatch's outputs in the window."""
     node, call, native = plan.node, plan.call, plan.native
+    kernels, stream = node.module.intranode, op.stream_handle
     x, num_tokens, ranks = call.x, call.x.shape[0], node.num_ranks
     num_topk = 0 if call.topk_idx is None else call.topk_idx.shape[1]
     experts_per_rank = call.num_experts // ranks
@@ -403,23 +419,28 @@ def run_dispatch(plan: DispatchPlan):
     channels = call.config.num_sms // 2
     handle = call.handle
     if handle is None:
-        recv_channel_start = torch.empty(ranks * native.virtual_channels + 1, dtype=torch.int32)
-        recv_counts = torch.empty(1 + experts_per_rank, dtype=torch.int32)
-        rank_counts = torch.empty((ranks, ranks + 1), dtype=torch.int32)
-        send_row_start = torch.empty(ranks * native.virtual_channels, dtype=torch.int32)
-        _host.intranode.notify(native, num_tokens, _ptr(call.is_token_in_rank), _ptr(call.num_tokens_per_expert),
-                               call.expert_alignment, recv_channel_start.data_ptr(), recv_counts.data_ptr(),
-                               rank_counts.data_ptr(), send_row_start.data_ptr(), call.num_worst_tokens,
-                               rank=node.rank)
-        is_token_in_rank, per_expert = call.is_token_in_rank, recv_counts[1:].tolist()
-        direct_rows = _direct_rows(rank_counts, ranks)
+        recv_channel_start = node.control(ranks * native.virtual_channels + 1)
+        recv_counts = node.control(1 + experts_per_rank)
+        rank_counts = node.control((ranks, ranks + 1))
+        send_row_start = node.control(ranks * native.virtual_channels)
+        kernels.notify(native, num_tokens, _ptr(call.is_token_in_rank), _ptr(call.num_tokens_per_expert),
+                       call.expert_alignment, recv_channel_start.data_ptr(), recv_counts.data_ptr(),
+                       rank_counts.data_ptr(), send_row_start.data_ptr(), call.num_worst_tokens, stream=stream,
+                       rank=node.rank)
+        op.keep(recv_counts)
+        # The sizes the outputs need, on the host (on the GPU: the one wait for the device per dispatch).
+        starts_seen, counts_seen, rank_counts_seen = node.target.to_host(
+            op, "dispatch: the notify kernel's receive counts", node.rank, recv_channel_start, recv_counts, rank_counts)
+        is_token_in_rank, per_expert = call.is_token_in_rank, counts_seen[1:].tolist()
+        direct_rows = _direct_rows(rank_counts_seen, ranks)
+        num_recv = int(starts_seen[-1])
     else:
         recv_channel_start, is_token_in_rank = handle.recv_channel_start, handle.is_token_in_rank
         per_expert = handle.num_recv_tokens_per_expert_list
         rank_counts, send_row_start, direct_rows = handle.rank_counts, handle.send_row_start, handle.direct_rows
-    num_recv = int(recv_channel_start[-1])
+        num_recv = handle.num_recv_tokens
     rows = output_rows(call, handle, num_recv)
-    send_head = torch.empty((num_tokens, ranks), dtype=torch.int32)
+    send_head = node.control((num_tokens, ranks))
     common = (native, handle is not None, call.config.num_max_nvl_chunked_send_tokens, num_tokens, _ptr(x),
               _ptr(call.x_scales), _ptr(call.topk_idx), _ptr(call.topk_weights))
     error = region_extent = None
@@ -429,48 +450,55 @@ def run_dispatch(plan: DispatchPlan):
             # Every rank knows M and fails here alike: run an empty dispatch so that every window's
             # epoch and queue counters advance together, then report.
             empty = torch.zeros_like(recv_channel_start)
-            _host.intranode.dispatch(native, handle is not None, 1, 0, 0, 0, 0, 0, 0, empty.data_ptr(), 0, 0, 0, 0,
-                                     0, 0, rank=node.rank)
+            kernels.dispatch(native, handle is not None, 1, 0, 0, 0, 0, 0, 0, empty.data_ptr(), 0, 0, 0, 0, 0, 0,
+                             stream=stream, rank=node.rank)
             error = _window_error("dispatch", needed, node, f"a receive region of {direct_rows} rows, the most any "
                                   "rank receives or asks for")
             return None, None, None, None, error, None
-        _host.intranode.dispatch(*common, _ptr(is_token_in_rank), recv_channel_start.data_ptr(), _ptr(send_head),
-                                 0, 0, 0, 0, 0, direct=True, direct_rows=direct_rows, window_bytes=node.window_bytes,
-                                 send_row_start=send_row_start.data_ptr(), rank=node.rank)
-        base = region["base"]
-        region_extent = (base, base + region["bytes"])
-        row_bytes = x.shape[1] * x.element_size()
-        recv_x = node.view(base + region["row"], rows * row_bytes, x.dtype).view(rows, x.shape[1])
-        recv_x[num_recv:].zero_()
-        recv_scales = None
-        if num_scales:
-            recv_scales = node.view(base + region["scales"], rows * num_scales * 4,
-                                    call.x_scales.dtype).view(rows, num_scales)
-            recv_scales[num_recv:].zero_()
-        recv_topk_idx = recv_topk_weights = None
-        if num_topk:
-            recv_topk_idx = node.view(base + region["topk"], rows * num_topk * 8, torch.int64).view(rows, num_topk)
-            recv_topk_idx[num_recv:] = -1
-        if call.topk_weights is not None:
-            recv_topk_weights = node.view(base + region["weights"], rows * num_topk * 4,
-                                          torch.float32).view(rows, num_topk)
-            recv_topk_weights[num_recv:] = 0
-        # The handle outlives the region (a later dispatch rewrites it): its own copy of the indices.
-        recv_src_idx = node.view(base + region["src"], num_recv * 4, torch.int32).clone()
+        kernels.dispatch(*common, _ptr(is_token_in_rank), recv_channel_start.data_ptr(), _ptr(send_head),
+                         0, 0, 0, 0, 0, direct=True, direct_rows=direct_rows, window_bytes=node.window_bytes,
+                         send_row_start=send_row_start.data_ptr(), stream=stream, rank=node.rank)
+        op.keep(send_head)
+        with op.on_stream():  # what follows reads the kernel's rows: after it, on its stream
+            base = region["base"]
+            region_extent = (base, base + region["bytes"])
+            row_bytes = x.shape[1] * x.element_size()
+            recv_x = node.view(base + region["row"], rows * row_bytes, x.dtype).view(rows, x.shape[1])
+            recv_x[num_recv:].zero_()
+            recv_scales = None
+            if num_scales:
+                recv_scales = node.view(base + region["scales"], rows * num_scales * 4,
+                                        call.x_scales.dtype).view(rows, num_scales)
+                recv_scales[num_recv:].zero_()
+            recv_topk_idx = recv_topk_weights = None
+            if num_topk:
+                recv_topk_idx = node.view(base + region["topk"], rows * num_topk * 8, torch.int64).view(rows, num_topk)
+                recv_topk_idx[num_recv:] = -1
+            if call.topk_weights is not None:
+                recv_topk_weights = node.view(base + region["weights"], rows * num_topk * 4,
+                                              torch.float32).view(rows, num_topk)
+                recv_topk_weights[num_recv:] = 0
+            # The handle outlives the region (a later dispatch rewrites it): its own copy of the indices.
+            recv_src_idx = node.view(base + region["src"], num_recv * 4, torch.int32).clone()
     else:
         recv_x, recv_scales, recv_topk_idx, recv_topk_weights = receive_outputs(node, call, rows, num_recv)
-        recv_src_idx = torch.empty(num_recv, dtype=torch.int32)
-        _host.intranode.dispatch(*common, _ptr(is_token_in_rank), recv_channel_start.data_ptr(), _ptr(send_head),
-                                 _ptr(recv_x), _ptr(recv_scales), _ptr(recv_topk_idx), _ptr(recv_topk_weights),
-                                 _ptr(recv_src_idx), rank=node.rank)
+        recv_src_idx = node.control(num_recv)
+        kernels.dispatch(*common, _ptr(is_token_in_rank), recv_channel_start.data_ptr(), _ptr(send_head),
+                         _ptr(recv_x), _ptr(recv_scales), _ptr(recv_topk_idx), _ptr(recv_topk_weights),
+                         _ptr(recv_src_idx), stream=stream, rank=node.rank)
+        op.keep(send_head, recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx)
+    op.keep(x, call.x_scales, call.topk_idx, call.topk_weights, is_token_in_rank, recv_channel_start, rank_counts,
+            send_row_start)
     if handle is None:
         handle = DispatchHandle(channels, call.num_experts, recv_channel_start, recv_src_idx, is_token_in_rank,
                                 send_head, per_expert, plan.sub_channels, rank=node.rank, num_ranks=ranks,
                                 num_rows=rows, rank_counts=rank_counts, send_row_start=send_row_start,
-                                direct_rows=direct_rows, hidden=x.shape[1], serial=node.epoch)
+                                direct_rows=direct_rows, hidden=x.shape[1], serial=node.epoch, num_recv=num_recv)
     if recv_topk_idx is not None and call.topk_idx_dtype != torch.int64:
         narrow = node.empty(tuple(recv_topk_idx.shape), call.topk_idx_dtype)
-        narrow.copy_(recv_topk_idx)
+        with op.on_stream():
+            narrow.copy_(recv_topk_idx)
+        op.keep(narrow)
         recv_topk_idx = narrow
     payload = recv_x if recv_scales is None else (recv_x, recv_scales)
     return payload, recv_topk_idx, recv_topk_weights, handle, error, region_extent
@@ -572,7 +600,7 @@ def plan_combine(node: Node, call: CombineCall) -> CombinePlan:
     return CombinePlan(node, call, native)
 
 
-def run_combine(plan: CombinePlan):
+def run_combine(plan: CombinePlan, op):
     node, call, native = plan.node, plan.call, plan.native
     handle, x = call.handle, call.x
     num_topk = 0 if call.topk_weights is None else call.topk_weights.shape[1]
@@ -585,14 +613,17 @@ def run_combine(plan: CombinePlan):
         region = plan.input_region
         if num_topk:  # peers read the weights where the rows are: beside them in this rank's window
             rows = call.topk_weights.shape[0]
-            node.view(region["base"] + region["weights"], rows * num_topk * 4,
-                      torch.float32).view(rows, num_topk).copy_(call.topk_weights)
+            with op.on_stream():
+                node.view(region["base"] + region["weights"], rows * num_topk * 4,
+                          torch.float32).view(rows, num_topk).copy_(call.topk_weights)
         direct = dict(direct=True, direct_rows=handle.direct_rows, send_row_start=handle.send_row_start.data_ptr())
     # Rows past the received ones (num_worst_tokens padding) are never read: the kernels address
     # rows through recv_channel_start (and send_row_start).
-    _host.intranode.combine(
+    node.module.intranode.combine(
         native, call.config.num_max_nvl_chunked_send_tokens, hidden, handle.num_recv_tokens,
         0 if direct else _ptr(x), 0 if direct else _ptr(call.topk_weights), handle.recv_channel_start.data_ptr(),
         num_tokens, _ptr(handle.is_token_in_rank), _ptr(handle.send_head), _ptr(call.bias[0]), _ptr(call.bias[1]),
-        _ptr(combined_x), _ptr(combined_weights), **direct, rank=node.rank)
+        _ptr(combined_x), _ptr(combined_weights), **direct, stream=op.stream_handle, rank=node.rank)
+    op.keep(x, call.topk_weights, handle.recv_channel_start, handle.is_token_in_rank, handle.send_head, *call.bias,
+            combined_x, combined_weights, handle.send_row_start)
     return combined_x, combined_weights

@@ -171,6 +171,22 @@ class NcclWindows:
                                  (offset, nbytes))
         return self._node_ptrs[peer - self.node_ranks[0]] + offset
 
+    def view(self, peer: int, offset: int = 0, nbytes: Optional[int] = None,
+             dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+        """``nbytes`` (default: to the end) of ``peer``'s window from ``offset`` as a 1-D CUDA tensor
+        of ``dtype`` on this rank's device, aliasing the window (as the host windows' ``view``).
+        torch takes the address through ``__cuda_array_interface__``; the tensor must not outlive
+        :meth:`close`."""
+        if nbytes is None:
+            nbytes = self.data_bytes - offset
+        address = self.peer_ptr(peer, offset, nbytes)
+        element = torch.empty(0, dtype=dtype).element_size()
+        if nbytes % element or address % element:
+            raise argument_error(InvalidArgument, "offset, nbytes", f"multiples of {element} (the size of {dtype})",
+                                 (offset, nbytes))
+        raw = torch.as_tensor(_DeviceBytes(address, nbytes), device=torch.device("cuda", self.device))
+        return raw.view(dtype)
+
     @property
     def local_ptr(self) -> int:
         """This rank's own allocation (``ncclMemAlloc``), the same memory as its table entry."""
@@ -224,6 +240,15 @@ class NcclWindows:
                 f"ranks {self.node_ranks} (LSA team {self.lsa_size}) {state}>")
 
 
+class _DeviceBytes:
+    """``nbytes`` bytes of device memory at ``address``, as torch.as_tensor reads them (the CUDA
+    array interface, version 3: shape, typestr, data, no stream to synchronise)."""
+
+    def __init__(self, address: int, nbytes: int):
+        self.__cuda_array_interface__ = dict(shape=(nbytes,), typestr="|u1", data=(address, False), version=3,
+                                             strides=None, stream=None)
+
+
 # --- bootstrap -------------------------------------------------------------------------------
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -270,6 +295,8 @@ def bootstrap_nccl_windows(
     ranks_per_node: Optional[int] = None,
     device: Optional[int] = None,
     timeout_s: Optional[float] = None,
+    agree: Optional[dict] = None,
+    local_error: Optional[MoelinkError] = None,
     _fault: Optional[Callable[[str], None]] = None,
 ) -> NcclWindows:
     """Creates this rank's NCCL window of ``data_bytes`` bytes (rounded up to 4096) and the LSA
@@ -280,6 +307,10 @@ def bootstrap_nccl_windows(
     torch has no CUDA. ``timeout_s``: deadline of each NCCL step; default ``MOELINK_TIMEOUT_S``
     (100 s). ``_fault`` (tests only) is called with the name of each step once it succeeded
     locally: "prepared", "unique_id", "communicator", "allocated", "registered".
+
+    ``agree``: more arguments every rank must pass alike (compared in step 1, as ``data_bytes``);
+    ``local_error``: an argument error the caller found on this rank, which travels in step 1 so
+    that every rank raises (Buffer's own checks).
     """
     if group is None:
         group = dist.group.WORLD
@@ -290,8 +321,10 @@ def bootstrap_nccl_windows(
     native = None
     try:
         # 1. Prepare locally, then compare across ranks.
-        local: Optional[BaseException] = None
+        local: Optional[BaseException] = local_error
         try:
+            if local_error is not None:
+                raise local_error
             _check_int("data_bytes", data_bytes, 1)
             if ranks_per_node is not None:
                 _check_int("ranks_per_node", ranks_per_node, 1)
@@ -305,11 +338,11 @@ def bootstrap_nccl_windows(
             fault("prepared")
         except MoelinkError as exc:
             local = exc
-        outcomes = _gather(group, ((data_bytes, ranks_per_node), _outcome(local)))
+        outcomes = _gather(group, ((data_bytes, ranks_per_node, repr(sorted((agree or {}).items()))), _outcome(local)))
         _raise_if_failed("prepare", [o for _, o in outcomes], local)
         if any(args != outcomes[0][0] for args, _ in outcomes):
             listing = ", ".join(f"rank {r}: {args}" for r, (args, _) in enumerate(outcomes))
-            raise InvalidArgument(f"(data_bytes, ranks_per_node): expected the same on every rank, got {listing}")
+            raise InvalidArgument(f"(data_bytes, ranks_per_node, ...): expected the same on every rank, got {listing}")
 
         # 2. The unique id, from rank 0.
         local, unique_id = None, None

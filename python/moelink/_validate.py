@@ -57,17 +57,25 @@ def divides(divisor_name: str, divisor: int, dividend_name: str, dividend: int) 
 
 
 def host_device(name: str, value: torch.Tensor) -> None:
-    """The intranode Buffer runs on the host target only, so far: CPU tensors."""
+    """CPU tensors (the paths that run on the host target only: low-latency, internode)."""
     if value.device.type != "cpu":
-        raise argument_error(InvalidDevice, name, "a CPU tensor (host target; the GPU transport is not built yet)",
+        raise argument_error(InvalidDevice, name, "a CPU tensor (this path runs on the host target only, so far)",
                              f"device '{value.device}'")
 
 
-def allocate(pool, shape, dtype: torch.dtype) -> torch.Tensor:
+def supported_device(name: str, value: torch.Tensor) -> None:
+    """A CPU (host target) or CUDA (GPU target) tensor; which one a call needs is the Buffer's
+    to say (moelink._target: ``check_device``)."""
+    if value.device.type not in ("cpu", "cuda"):
+        raise argument_error(InvalidDevice, name, "a CPU tensor (host target) or a CUDA tensor (GPU target)",
+                             f"device '{value.device}'")
+
+
+def allocate(pool, shape, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> torch.Tensor:
     """An output tensor (from ``pool`` when given); a size the host cannot allocate (absurd shapes,
     e.g. num_worst_tokens near 2^31) is an InvalidArgument naming the shape, not torch's RuntimeError."""
     try:
-        return pool.empty(shape, dtype) if pool is not None else torch.empty(shape, dtype=dtype)
+        return pool.empty(shape, dtype) if pool is not None else torch.empty(shape, dtype=dtype, device=device)
     except (RuntimeError, MemoryError) as exc:
         raise argument_error(InvalidArgument, "num_worst_tokens (or the shapes)",
                              "outputs the host can allocate", f"an output of shape {tuple(shape)} {dtype}: {exc}") from None

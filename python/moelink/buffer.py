@@ -3,9 +3,11 @@
 Names, arguments, return tuples and handle reuse follow DeepEP V1 (``deep_ep.Buffer``), so a
 framework switches by changing an import. Where they differ, docs/semantics.md says so.
 
-Targets: with a gloo process group and CPU tensors, every rank is a process and the kernels run
-on the SIMT host runtime over shared-memory windows. The GPU transport (NCCL symmetric windows)
-is not built yet: asking for it raises :class:`moelink.errors.GPUUnavailable`.
+Targets (moelink._target): with a gloo process group and CPU tensors, every rank is a process and
+the kernels run on the SIMT host runtime over shared-memory windows. With any other group (NCCL)
+the Buffer is on the GPU target: CUDA tensors on torch's current device, NCCL symmetric windows,
+kernels on the Buffer's comm stream. The GPU target runs the intranode normal mode; the internode
+and low-latency paths are host-only so far. Nothing of the GPU target has run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch.distributed as dist
 
 import os
 
-from . import _agreement, _backend, _host_windows, _internode, _intranode, _low_latency, _rendezvous, _validate
+from . import _agreement, _backend, _host_windows, _internode, _intranode, _low_latency, _rendezvous, _target, _validate
 from ._handles import HandleBook
 from ._host_windows import bootstrap_host_windows
 from ._scaleout import ScaleOutWindows
@@ -62,8 +64,8 @@ class Buffer(LowLatencyMethods):
         self._windows = None
         self._unusable: Optional[str] = None
         self.rank, self.group_size = group.rank(), group.size()
-        if dist.get_backend(group) != "gloo":
-            raise GPUUnavailable(_gpu_group_refusal(dist.get_backend(group)))
+        on_gpu = dist.get_backend(group) != "gloo"
+        self._target = _target.HOST
         # Argument errors travel in the bootstrap's first exchange: every rank raises, none waits.
         error = None
         try:
@@ -82,12 +84,20 @@ class Buffer(LowLatencyMethods):
                 raise argument_error(InvalidArgument, "num_rdma_bytes",
                                      f"> 0 for {self.num_nodes} nodes of {self.ranks_per_node} ranks (the internode "
                                      "path needs a scale-out window; Config.get_rdma_buffer_size_hint gives its size)", 0)
+            if on_gpu and (self.num_nodes > 1 or self.low_latency_mode):
+                raise GPUUnavailable(_gpu_group_refusal(dist.get_backend(group), self.num_nodes, self.low_latency_mode))
         except MoelinkError as exc:
             error = exc
         agree = None if error else dict(num_rdma_bytes=self.num_rdma_bytes, low_latency_mode=self.low_latency_mode)
         self._scaleout = None
         self._ll = None  # _low_latency.LowLatencyState of a low_latency_mode Buffer
-        if error is None and self.num_nvl_bytes == 0:
+        if on_gpu:
+            self._target, self._windows = _target.bootstrap_gpu(
+                group, self.num_nvl_bytes if error is None else 1, None if error else self.ranks_per_node, agree,
+                error, _host_windows._deadline_s()[0])
+            self._window_ptrs = None if self._windows is None else self._windows.node_window_ptrs()
+            self._nvl_counter = 0 if self._windows is None else self._windows.counter_ptr("nvl")
+        elif error is None and self.num_nvl_bytes == 0:
             _agree_on_no_window(group, self.ranks_per_node, agree)
             self._window_ptrs, self._nvl_counter = None, 0
         else:
@@ -108,8 +118,9 @@ class Buffer(LowLatencyMethods):
         self._handles = HandleBook()
         self._handle_type = _internode.InternodeHandle if self.num_nodes > 1 else DispatchHandle
         # Outputs (recv_x, combined_x, ...) come from here and are reused once the caller dropped
-        # them, so a steady-state call takes no page faults (moelink._pool).
-        self._pool = OutputPool()
+        # them, so a steady-state call takes no page faults (moelink._pool). On the GPU target
+        # torch's caching allocator already does that.
+        self._pool = None if self._target.is_cuda else OutputPool()
         # [begin, end) of the window bytes the last one-copy dispatch's outputs live in (None when the
         # last dispatch was queue-based): later combines must leave it intact.
         self._live_recv_region = None
@@ -132,6 +143,7 @@ class Buffer(LowLatencyMethods):
         if pool is not None:
             pool.clear()
         if self._windows is not None and not self._windows.closed:
+            self._target.drain("destroy")
             self._windows.close()
 
     def __enter__(self) -> "Buffer":
@@ -181,16 +193,21 @@ class Buffer(LowLatencyMethods):
                                             self._nvl_counter, self._scaleout, pool=self._pool)
         return _intranode.Node(rank=self.rank, num_ranks=self.group_size, window_ptrs=self._window_ptrs,
                                window_bytes=self.num_nvl_bytes, epoch=self._epoch + 1, nvl_counter=self._nvl_counter,
-                               pool=self._pool, view=self._window_view, live_recv_region=self._live_recv_region)
+                               pool=self._pool, view=self._window_view, live_recv_region=self._live_recv_region,
+                               target=self._target)
 
     def _window_view(self, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
         return self._windows.view(self.rank, offset, nbytes, dtype)
 
     @contextlib.contextmanager
-    def _operation(self, op: str) -> Iterator[None]:
+    def _operation(self, op: str, previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                   allocate_on_comm_stream: bool = False) -> Iterator[object]:
+        """Yields the operation's stream scope (moelink._target: ``stream_handle``, ``keep``,
+        ``on_stream``, and ``event`` once the block is left)."""
         self._epoch += 1
         try:
-            yield
+            with self._target.operation(previous_event, async_finish, allocate_on_comm_stream) as scope:
+                yield scope
         except BaseException as original:
             exc = _agreement.translate(op, original)  # ranks that disagree: RankMismatch on every rank
             explained = self._poison(op, exc)
@@ -206,7 +223,8 @@ class Buffer(LowLatencyMethods):
         # The scale-out windows map every rank (for the NIC), the NVL windows only the node's.
         scaleout = getattr(self, "_scaleout", None)
         windows = scaleout.windows if scaleout is not None else self._windows
-        if windows is None or windows.closed or not isinstance(exc, MoelinkError):
+        if windows is None or windows.closed or not isinstance(exc, MoelinkError) or \
+                not hasattr(windows, "explain_failure"):  # (the GPU's AbortRecord already names the wait)
             return exc
         return windows.explain_failure(exc, sequence=self._epoch)
 
@@ -220,13 +238,13 @@ class Buffer(LowLatencyMethods):
         return module is not None and any(arch.startswith("90") for arch in module.build_info()["archs"])
 
     def get_comm_stream(self):
-        """DeepEP returns the CUDA stream its kernels run on. The host target has no streams (every
-        operation runs on the calling thread and has finished when it returns): None."""
-        return None
+        """The ``torch.cuda.Stream`` the kernels run on (GPU target). The host target has no streams
+        (every operation runs on the calling thread and has finished when it returns): None."""
+        return self._target.comm_stream()
 
     def get_local_buffer_tensor(self, dtype: torch.dtype, size: Optional[torch.Size] = None, offset: int = 0,
                                 use_rdma_buffer: bool = False) -> torch.Tensor:
-        """This rank's NVL window as a 1-D CPU tensor of ``dtype`` from byte ``offset`` (a multiple
+        """This rank's NVL window as a 1-D tensor (on the Buffer's device) of ``dtype`` from byte ``offset`` (a multiple
         of the element size) to the end, or its first ``size.numel()`` elements viewed as ``size``.
 
         The tensor aliases the shared window: peers write into it during every operation, and it
@@ -247,7 +265,7 @@ class Buffer(LowLatencyMethods):
                                  f"[0, num_nvl_bytes = {self.num_nvl_bytes}]", offset)
         count = (self.num_nvl_bytes - offset) // element
         if self._windows is None or count == 0:
-            tensor = torch.empty(0, dtype=dtype)
+            tensor = torch.empty(0, dtype=dtype, device=self._target.device)
         else:
             tensor = self._windows.view(self.rank, offset, count * element, dtype)
         if size is None:
@@ -281,8 +299,10 @@ class Buffer(LowLatencyMethods):
 
     @staticmethod
     def capture() -> EventOverlap:
-        """An event at the current point of the stream (empty on the host target)."""
-        return EventOverlap()
+        """An event at the current point of torch's current CUDA stream, to pass as
+        ``previous_event``; empty where torch has no CUDA (the host target, whose operations
+        ignore it)."""
+        return EventOverlap.capture() if torch.cuda.is_available() else EventOverlap()
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, config: Optional[Config] = None) -> int:
         return (config if config is not None else self.get_dispatch_config(self.group_size)).get_nvl_buffer_size_hint(hidden_bytes, self.group_size)
@@ -337,9 +357,12 @@ class Buffer(LowLatencyMethods):
         call = _intranode.DispatchCall.validate(
             x, handle, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
             num_worst_tokens, config, self.group_size, zero_copy)
+        self._check_devices(x=call.x, x_scales=call.x_scales, is_token_in_rank=call.is_token_in_rank,
+                            num_tokens_per_expert=call.num_tokens_per_expert, topk_idx=call.topk_idx,
+                            topk_weights=call.topk_weights)
         plan = self._mode.plan_dispatch(self._node("dispatch"), call)
-        with self._operation("dispatch"):
-            recv_x, recv_topk_idx, recv_topk_weights, handle, error, region = self._mode.run_dispatch(plan)
+        with self._operation("dispatch", previous_event, async_finish, allocate_on_comm_stream) as op:
+            recv_x, recv_topk_idx, recv_topk_weights, handle, error, region = self._mode.run_dispatch(plan, op)
             # Any dispatch may overwrite the last one-copy dispatch's outputs; this one's are live now.
             self._live_recv_region = region
         if error is not None:  # every rank ran an empty dispatch: the windows are consistent
@@ -349,7 +372,7 @@ class Buffer(LowLatencyMethods):
         # With num_worst_tokens the GPU path never brings the counts to the host (that is the point
         # of the mode), so, as in DeepEP, the list is empty on every target.
         per_expert = [] if num_worst_tokens else handle.num_recv_tokens_per_expert_list
-        return recv_x, recv_topk_idx, recv_topk_weights, per_expert, handle, EventOverlap()
+        return recv_x, recv_topk_idx, recv_topk_weights, per_expert, handle, op.event
 
     @accepts_arrays(bits={"x": torch.bfloat16, "bias": torch.bfloat16})
     def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None,
@@ -371,10 +394,17 @@ class Buffer(LowLatencyMethods):
         config = config if config is not None else self.get_combine_config(self.group_size)
         self._handles.check(handle, self._handle_type)
         call = _intranode.CombineCall.validate(x, handle, topk_weights, bias, config, self.group_size, zero_copy)
+        self._check_devices(x=call.x, topk_weights=call.topk_weights, bias=call.bias[0], **{"bias[1]": call.bias[1]})
         plan = self._mode.plan_combine(self._node("combine"), call)
-        with self._operation("combine"):
-            combined_x, combined_topk_weights = self._mode.run_combine(plan)
-        return combined_x, combined_topk_weights, EventOverlap()
+        with self._operation("combine", previous_event, async_finish, allocate_on_comm_stream) as op:
+            combined_x, combined_topk_weights = self._mode.run_combine(plan, op)
+        return combined_x, combined_topk_weights, op.event
+
+    def _check_devices(self, **tensors: Optional[torch.Tensor]) -> None:
+        """Every tensor of a call on this Buffer's device: CPU on the host target, its GPU else."""
+        for name, value in tensors.items():
+            if value is not None:
+                self._target.check_device(name, value)
 
     def get_combine_input_buffer(self, handle: DispatchHandle) -> torch.Tensor:
         """This rank's combine input buffer for ``handle``'s dispatch (moelink; as DeepEP's
@@ -431,18 +461,14 @@ def _agree_on_no_window(group: dist.ProcessGroup, ranks_per_node: int, agree: Op
                              f"(num_nvl_bytes, ranks_per_node, ...) {listing}")
 
 
-def _gpu_group_refusal(backend: str) -> str:
-    """Why a Buffer on a non-gloo group (the GPU target) cannot be created here, in one sentence:
-    first what this machine lacks (the CUDA extension, a GPU, NCCL), else that Buffer's dispatch
-    and combine do not take CUDA tensors yet. The GPU pieces exist and are tested without a GPU
-    where they can be: NCCL windows (moelink._nccl_windows), the GIN scale-out transport
-    (moelink._gin), streams, events and pinned receive counts (moelink._gpu)."""
-    from . import _gin
-    missing = _gin.available()
-    where = (f"this machine cannot run moelink's GPU target ({missing})" if missing else
-             "Buffer's dispatch and combine do not take CUDA tensors yet (docs/gpu-transport.md: what is wired)")
-    return (f"group: a '{backend}' group selects the GPU target, but {where}; the host target needs a gloo "
-            "group and CPU tensors")
+def _gpu_group_refusal(backend: str, num_nodes: int, low_latency_mode: bool) -> str:
+    """Why a Buffer on a non-gloo group (the GPU target) cannot run this mode, in one sentence: the
+    GPU target runs the intranode normal mode; the internode and low-latency kernels compile for
+    sm_90 and their GIN transport exists (moelink._gin), but Buffer does not drive them on CUDA
+    tensors yet."""
+    mode = "the low-latency mode" if low_latency_mode else f"the internode path ({num_nodes} nodes)"
+    return (f"group: a '{backend}' group selects the GPU target, which runs the intranode normal mode only so far; "
+            f"{mode} runs on the host target (a gloo group and CPU tensors)")
 
 
 RANKS_PER_NODE_ENV = "MOELINK_RANKS_PER_NODE"
