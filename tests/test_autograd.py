@@ -68,13 +68,19 @@ def _expert_parallel_layer(buffer, x, topk_idx, topk_weights, local_experts, num
     return autograd.combine(buffer, out.to(torch.bfloat16), handle), handle, recv_x
 
 
-def _close(name, got, want, rank):
+def _close(name, got, want, bound, rank):
+    """Element by element within 2% of ``bound``, the sum of the |terms| of that element (the
+    reference on |inputs|): bf16 roundings of the rows scale with the terms, and a gradient whose
+    terms cancel can be far smaller than they are (seed 1548526915 failed a check against the
+    tensor's max)."""
     assert got is not None and tuple(got.shape) == tuple(want.shape), f"{name} on rank {rank}: shape"
     if want.numel() == 0:
         return
-    scale = max(float(want.abs().max()), 1e-3)
-    err = float((got.double() - want).abs().max())
-    assert err <= 2e-2 * scale + 1e-6, f"{name} on rank {rank}: max error {err:.3g} vs scale {scale:.3g}"
+    err = (got.double() - want).abs()
+    tol = 2e-2 * bound + 1e-4 * max(float(bound.max()), 1e-3)
+    worst = int((err - tol).argmax())
+    assert bool((err <= tol).all()), (f"{name} on rank {rank}: error {float(err.flatten()[worst]):.3g} at element "
+                                      f"{worst}, allowed {float(tol.flatten()[worst]):.3g}")
 
 
 def _gradients_match(ctx, seed, case):
@@ -83,6 +89,9 @@ def _gradients_match(ctx, seed, case):
     xs, idx, weights, experts, out_grads = _problem(seed, world, case)
     epr = case["experts_per_rank"]
     ref_x, ref_w, ref_W = _reference(xs, idx, weights, experts, out_grads)
+    # Every gradient element is a sum of products of inputs: on |inputs| it is the sum of |terms|.
+    abs_x, abs_w, abs_W = _reference([x.abs() for x in xs], idx, [w.abs() for w in weights], experts.abs(),
+                                     [g.abs() for g in out_grads])
 
     x = xs[rank].to(case.get("dtype", torch.float32)).requires_grad_()
     w = weights[rank].clone().requires_grad_()
@@ -96,10 +105,11 @@ def _gradients_match(ctx, seed, case):
     if case.get("worst"):
         assert recv_x.shape[0] == options["num_worst_tokens"] and handle.num_recv_tokens <= recv_x.shape[0]
     (y.float() * out_grads[rank]).sum().backward()
-    _close("x.grad", x.grad, ref_x[rank], rank)
+    _close("x.grad", x.grad, ref_x[rank], abs_x[rank], rank)
     assert x.grad.dtype == x.dtype
-    _close("topk_weights.grad", w.grad, ref_w[rank], rank)
-    _close("expert weights grad", local.grad, ref_W[rank * epr:(rank + 1) * epr], rank)
+    _close("topk_weights.grad", w.grad, ref_w[rank], abs_w[rank], rank)
+    experts_here = slice(rank * epr, (rank + 1) * epr)
+    _close("expert weights grad", local.grad, ref_W[experts_here], abs_W[experts_here], rank)
     return True
 
 
