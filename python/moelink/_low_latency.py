@@ -29,6 +29,7 @@ _ll = _host.low_latency
 _FORMATS = dict(_ll.FORMATS)
 _SEND, _RECV = _ll.SEND_PHASE, _ll.RECV_PHASE
 MAX_TOPK = _ll.MAX_TOPK
+MASKED_SLOT = _ll.MASKED_SLOT  # send_slots of a (token, k) whose expert's rank was masked (shrink mode)
 assert MAX_TOPK == _low_latency_args.MAX_TOPK
 _codec_split = 0  # CodecLaneSplit of the encoders: 0 as the target suggests, 1 the GPU's warp form
 
@@ -121,10 +122,11 @@ class LowLatencyState:
     claims, the call mirror and the pending receive half."""
 
     def __init__(self, scaleout, rank: int, num_ranks: int, num_nodes: int, ranks_per_node: int,
-                 allow_nvlink: bool):
+                 allow_nvlink: bool, shrink: bool = False):
         self.scaleout = scaleout
         self.rank, self.num_ranks, self.num_nodes, self.ranks_per_node = rank, num_ranks, num_nodes, ranks_per_node
         self.allow_nvlink = allow_nvlink
+        self.shrink = shrink  # Buffer(enable_shrink=True): the mask of ranks (see "shrink mode" below)
         self.window = window_regions(num_nodes, ranks_per_node, scaleout.data_bytes)
         self.claims = torch.zeros(0, dtype=torch.int32)
         self.calls = 0  # mirror of the kernels' own count (ops_low_latency.h: own word `calls`)
@@ -172,7 +174,7 @@ class LowLatencyState:
         return _ll.Context(rank=self.rank, **shape, **self.scaleout.handle(), use_nvlink=self.allow_nvlink,
                            node_windows=node.node_window_ptrs() if self.allow_nvlink else [],
                            nvl_bytes=node.counter_ptr("nvl"), claims=self.claims.data_ptr(),
-                           claim_capacity=self.claims.numel() // 2, codec_split=_codec_split)
+                           claim_capacity=self.claims.numel() // 2, codec_split=_codec_split, shrink=self.shrink)
 
     @staticmethod
     def num_blocks() -> int:
@@ -358,7 +360,7 @@ def combine(state: LowLatencyState, guard, x, topk_idx, topk_weights, handle, us
     topk = _topk("topk_idx", topk_idx, num_tokens, num_experts)
     if topk.shape[1] != k:
         raise argument_error(InvalidShape, "topk_idx", f"{k} columns (the dispatch's top-k)", tuple(topk.shape))
-    unsent = (topk >= 0) & (handle.send_slots < 0)
+    unsent = (topk >= 0) & (handle.send_slots < 0) & (handle.send_slots != MASKED_SLOT)  # masked: combined as 0
     if bool(unsent.any()):
         t, slot = unsent.nonzero()[0].tolist()
         raise argument_error(InvalidArgument, "topk_idx", "the dispatch's ids, or -1 (a slot the dispatch did not send "
@@ -393,3 +395,63 @@ def clean(state: LowLatencyState, guard, num_max_dispatch_tokens_per_rank, hidde
     with guard(op):
         _ll.clean(native, rank=state.rank)
     state.dirty = None
+
+
+# ---- shrink mode: the mask of ranks (ops_low_latency.h "Shrink mode", docs/low-latency.md) ----------
+
+def _own_words(state: LowLatencyState, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """``count`` own words of this rank's window at ``offset`` bytes after the fixed ones."""
+    base = state.window["own_offset"] + _ll.OWN_FIXED_BYTES + offset
+    return state.scaleout.windows.view(state.rank, base, count * torch.empty(0, dtype=dtype).element_size(), dtype)
+
+
+def _mask_words(state: LowLatencyState) -> torch.Tensor:
+    return _own_words(state, 56 * state.num_ranks, state.num_ranks, torch.int32)
+
+
+def _check_shrink(state: LowLatencyState, op: str) -> None:
+    if not state.shrink:
+        raise argument_error(InvalidArgument, "enable_shrink", f"True at Buffer(...) for {op} (the mask buffer exists "
+                             "in shrink mode only)", False)
+    state.check_idle(op)
+
+
+def _rejoin(state: LowLatencyState, peer: int) -> None:
+    """``peer`` is unmasked: whatever it sent while masked is consumed (its seen words catch up
+    with its signals), so the next call waits for exactly that call's messages. Exact when the peer
+    sent nothing meanwhile or all of it landed (ranks unmask at one point between calls)."""
+    ranks = state.num_ranks
+    seen = _own_words(state, 0, 6 * ranks, torch.int64)
+    signals = state.scaleout.windows.view(state.rank, 0, 8 * state.window["num_signals"], torch.int64)
+    base = state.window["signal_base"]
+    for i in range(6):  # count[2], tokens[2], comb[2]: seen index i * R + s is signal base + i * R + s
+        seen[i * ranks + peer] = signals[base + i * ranks + peer]
+
+
+def update_mask(state: LowLatencyState, rank_to_mask, mask) -> None:
+    """Buffer.low_latency_update_mask_buffer."""
+    op = "low_latency_update_mask_buffer"
+    _check_shrink(state, op)
+    _validate.integer("rank_to_mask", rank_to_mask, minimum=0, maximum=state.num_ranks - 1)
+    _flag("mask", mask)
+    words = _mask_words(state)
+    if not mask and int(words[rank_to_mask]) != 0:
+        _rejoin(state, rank_to_mask)
+    words[rank_to_mask] = 1 if mask else 0
+
+
+def query_mask(state: LowLatencyState, mask_status) -> None:
+    """Buffer.low_latency_query_mask_buffer: mask_status[r] = 1 if rank r is masked, else 0."""
+    op = "low_latency_query_mask_buffer"
+    _check_shrink(state, op)
+    _host_tensor("mask_status", mask_status, (torch.int32,), (state.num_ranks,), "[num_ranks] int32")
+    mask_status.copy_((_mask_words(state) != 0).to(torch.int32))
+
+
+def clean_mask(state: LowLatencyState) -> None:
+    """Buffer.low_latency_clean_mask_buffer: every rank unmasked."""
+    _check_shrink(state, "low_latency_clean_mask_buffer")
+    words = _mask_words(state)
+    for peer in (words != 0).nonzero().flatten().tolist():
+        _rejoin(state, peer)
+    words.zero_()
