@@ -13,6 +13,9 @@
 //   - warp w reduces tokens t = w, w + G, ...: combined[t] = sum over k of topk_weights[t][k] *
 //     row(t, k) in float32, k in order, slots whose topk_idx is -1 skipped, rounded once to bf16;
 //   - the last block advances the seen words.
+// Shrink mode (ops_low_latency.h): no "done" and no row goes to a masked rank; in the receive half
+// block 0 waits for every rank (an expired wait masks it) and publishes verdicts; slots whose expert
+// lives on a masked rank add nothing (and store zeros into slot_values).
 #pragma once
 
 #include "kernels/low_latency_codec.cuh"

@@ -18,6 +18,10 @@
 //     message into recv_x[e][row], finds the message's k in its top-k row, and records
 //     src_info = token * K + k and layout_range[e][s] = count | begin << 32;
 //   - the last block advances the seen words by what was consumed.
+// Shrink mode (ops_low_latency.h): nothing goes to a masked rank (send_counts 0, slots
+// kLowLatencyMaskedSlot); in the receive half block 0 waits for every source's counts and tokens
+// (an expired wait masks the source) and publishes verdicts; a masked source counts 0 everywhere
+// and its seen words stay.
 #pragma once
 
 #include "kernels/low_latency_codec.cuh"
