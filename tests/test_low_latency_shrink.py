@@ -43,7 +43,7 @@ def _mask_of(buffer, world):
     return status.tolist()
 
 
-def _step(ctx, buffer, seed, it, masked, payload):
+def _step(ctx, buffer, seed, it, masked, payload, hook=False):
     """One dispatch + combine, checked against the reference over the ranks that are not masked for
     this rank (all of them when this rank itself is masked: it talks to no one)."""
     world, rank = ctx.world_size, ctx.rank
@@ -54,13 +54,18 @@ def _step(ctx, buffer, seed, it, masked, payload):
     # Dispatch: a masked source sends nothing (as if it had no tokens).
     xs_seen = [x[:0] if s in out_of_view else x for s, x in enumerate(xs)]
     idx_seen = [t[:0] if s in out_of_view else t for s, t in enumerate(idx)]
-    recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(xs[rank], idx[rank], t_max, experts,
-                                                                   **_DISPATCH[payload])
+    recv_x, recv_count, handle, _, recv_hook = buffer.low_latency_dispatch(
+        xs[rank], idx[rank], t_max, experts, return_recv_hook=hook, **_DISPATCH[payload])
+    if hook:
+        recv_hook()
     rows = _check_dispatch(ctx, _CASE, xs_seen, idx_seen, recv_x, recv_count, handle, payload)
     expert_out = torch.zeros(el, world * t_max, hidden, dtype=torch.bfloat16)
     for (e, i), values in rows.items():
         expert_out[e, i] = _expert(values, rank * el + e)
-    combined, _, _ = buffer.low_latency_combine(expert_out, idx[rank], weights[rank], handle)
+    combined, _, recv_hook = buffer.low_latency_combine(expert_out, idx[rank], weights[rank], handle,
+                                                        return_recv_hook=hook)
+    if hook:
+        recv_hook()
     # Combine: the slots whose expert lives on a masked rank add nothing (DeepEP: no renormalising;
     # a token routed only to masked experts combines to 0).
     mine = ref.dequantize_rows(ref.encode_rows(xs[rank], payload), payload, hidden) if xs[rank].shape[0] else None
@@ -93,8 +98,12 @@ def _killed_mid_loop(ctx, seed, victim, kill_at, rpn, allow_nvlink, enable_shrin
                 with pytest.raises(errors.BufferUnusable):
                     _step(ctx, buffer, seed, it + 1, masked, "fp8")
                 return dict(message=str(info.value))
-            _step(ctx, buffer, seed, it, masked, ("fp8", "bf16")[it % 2])
+            _step(ctx, buffer, seed, it, masked, ("fp8", "bf16")[it % 2], hook=it % 3 == 1)
             times.append(time.monotonic() - start)
+        start = time.monotonic()
+        buffer.clean_low_latency_buffer(_CASE["t_max"], _CASE["hidden"], _CASE["experts"])  # skips the dead rank
+        _step(ctx, buffer, seed, kill_at + 3, {victim}, "fp8")
+        times.append(time.monotonic() - start)
         return dict(mask=_mask_of(buffer, world), times=times)
     finally:
         buffer.destroy()
@@ -138,8 +147,9 @@ def _together(ctx, change):
     dist.barrier(group=ctx.group)
 
 
-def _masked_by_hand(ctx, seed, victim):
+def _masked_by_hand(ctx, seed, victim, schedule):
     world = ctx.world_size
+    runtime.set_schedule(schedule)
     buffer = _buffer(ctx)
     update = buffer.low_latency_update_mask_buffer
     try:
@@ -147,8 +157,8 @@ def _masked_by_hand(ctx, seed, victim):
         _step(ctx, buffer, seed, 0, set(), "fp8")
         _together(ctx, lambda: update(victim, True))
         assert _mask_of(buffer, world) == [int(r == victim) for r in range(world)]
-        for it in (1, 2, 3):  # both halves while masked
-            _step(ctx, buffer, seed, it, {victim}, ("fp8", "bf16")[it % 2])
+        for it in (1, 2, 3):  # both halves while masked, with and without hooks
+            _step(ctx, buffer, seed, it, {victim}, ("fp8", "bf16")[it % 2], hook=it == 2)
         _together(ctx, buffer.low_latency_clean_mask_buffer)
         assert _mask_of(buffer, world) == [0] * world
         _step(ctx, buffer, seed, 4, set(), "fp8")
@@ -159,14 +169,17 @@ def _masked_by_hand(ctx, seed, victim):
         assert _mask_of(buffer, world) == [0] * world
         _step(ctx, buffer, seed, 6, set(), "fp8")
         _together(ctx, lambda: update(other, False))  # unmasking an unmasked rank: no-op
-        _step(ctx, buffer, seed, 7, set(), "bf16")
+        _step(ctx, buffer, seed, 7, set(), "bf16", hook=True)
     finally:
         buffer.destroy()
+        runtime.set_schedule("deterministic")
     return True
 
 
-def test_masking_by_hand_gives_the_reference_without_that_rank(group, seed):
-    assert all(group.run(_masked_by_hand, seed, seed % group.world_size))
+@pytest.mark.parametrize("schedule", ["deterministic", "random"])
+def test_masking_by_hand_gives_the_reference_without_that_rank(group, seed, schedule):
+    schedule = f"random:{seed}" if schedule == "random" else schedule
+    assert all(group.run(_masked_by_hand, seed, seed % group.world_size, schedule))
 
 
 def _expect(exc_type, name, fn, *args, **kwargs):
