@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from . import _low_latency
+from . import _low_latency, _low_latency_shrink
 from .errors import BufferUnusable, InvalidArgument
 from .event import EventOverlap
 
@@ -108,13 +108,13 @@ class LowLatencyMethods:
         a masked rank gets nothing and nothing is awaited from it (its experts receive nothing and
         return nothing); a rank masked in its own mask talks to no one. Unmask on every rank at one
         point between calls."""
-        _low_latency.update_mask(self._low_latency_state("low_latency_update_mask_buffer"), rank_to_mask, mask)
+        _low_latency_shrink.update_mask(self._low_latency_state("low_latency_update_mask_buffer"), rank_to_mask, mask)
 
     def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
         """Fills ``mask_status`` (int32 ``[num_ranks]``): 1 where the rank is masked (by hand, or
         because a low-latency wait for it reached its deadline), else 0."""
-        _low_latency.query_mask(self._low_latency_state("low_latency_query_mask_buffer"), mask_status)
+        _low_latency_shrink.query_mask(self._low_latency_state("low_latency_query_mask_buffer"), mask_status)
 
     def low_latency_clean_mask_buffer(self) -> None:
         """Unmasks every rank (call it on every rank at one point between calls)."""
-        _low_latency.clean_mask(self._low_latency_state("low_latency_clean_mask_buffer"))
+        _low_latency_shrink.clean_mask(self._low_latency_state("low_latency_clean_mask_buffer"))
