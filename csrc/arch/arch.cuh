@@ -65,6 +65,14 @@
 //                             same CommTimeout from the record. Both name the kernel or wait, rank,
 //                             peer, channel, block, thread, `site` and the last value seen. Kernels
 //                             therefore use waited-for values only within bounds they check.
+//   wait_until_or_expire<S>(p, cmp, value, site, T* seen) -> bool
+//                             The same wait, for a caller that survives a peer that never writes
+//                             (low-latency shrink mode): true with the first satisfying value in
+//                             `*seen`, as wait_until; at the deadline (the same MOELINK_TIMEOUT_S)
+//                             it gives up and returns false with the last value seen, and neither
+//                             fails the host launch nor fills the AbortRecord. Once another wait
+//                             of the process claimed the record (GPU) it returns true at once with
+//                             a satisfying value, like every wait: check aborted().
 //   aborted() -> bool         true once a wait of this process timed out on the GPU (the AbortRecord
 //                             is claimed); always false on the host, where a timeout ends the launch.
 //                             A loop that waits on a doorbell rather than on the data it consumes

@@ -334,9 +334,49 @@ __device__ __noinline__ T wait_slow(const T* p, Cmp cmp, T value, WaitSite site)
   }
 }
 
+// wait_until_or_expire's slow path: the same polling, but the deadline makes it give up (false)
+// instead of claiming the AbortRecord. Once another wait claimed the record it returns true with a
+// satisfying value, like every wait (the caller checks aborted()).
+template <Scope S, typename T>
+__device__ __noinline__ bool wait_or_expire_slow(const T* p, Cmp cmp, T value, T* seen) {
+  const uint64_t start = globaltimer_ns();
+  const uint64_t timeout_ns = g_wait_timeout_ns;
+  for (uint32_t polls = 1;; ++polls) {
+    if (compare<T>(ld_relaxed<S>(p), cmp, value)) {
+      const T got = ld_acquire<S>(p);
+      if (compare<T>(got, cmp, value)) {
+        *seen = got;
+        return true;
+      }
+    }
+    if (polls % kPollsPerDeadlineCheck == 0) {
+      if (aborted()) {
+        *seen = satisfying(cmp, value);
+        return true;
+      }
+      if (globaltimer_ns() - start > timeout_ns) {
+        *seen = ld_relaxed<S>(p);
+        return false;
+      }
+    }
+  }
+}
+
 }  // namespace detail
 
 MOELINK_DEVICE bool aborted() { return detail::aborted(); }
+
+template <Scope S = Scope::kSys, typename T>
+MOELINK_DEVICE bool wait_until_or_expire(const T* p, Cmp cmp, std::type_identity_t<T> value, WaitSite site, T* seen) {
+  MOELINK_REQUIRE_WORD(T, "wait_until_or_expire");
+  (void)site;  // an expiry is the caller's to report (nothing is recorded)
+  const T got = ld_acquire<S>(p);
+  if (compare<T>(got, cmp, value)) {
+    *seen = got;
+    return true;
+  }
+  return detail::wait_or_expire_slow<S, T>(p, cmp, value, seen);
+}
 
 template <Scope S = Scope::kSys, typename T>
 MOELINK_DEVICE T wait_until(const T* p, Cmp cmp, std::type_identity_t<T> value, WaitSite site) {

@@ -231,6 +231,23 @@ MOELINK_DEVICE T wait_until(const T* p, Cmp cmp, std::type_identity_t<T> value, 
                                          sizeof(T), std::is_signed_v<T>, site));
 }
 
+template <Scope S = Scope::kSys, typename T>
+MOELINK_DEVICE bool wait_until_or_expire(const T* p, Cmp cmp, std::type_identity_t<T> value, const WaitSite& site,
+                                         T* seen) {
+  detail::check_word<T>();
+  detail::memory_op();
+  T observed = __atomic_load_n(p, __ATOMIC_ACQUIRE);
+  if (compare<T>(observed, cmp, value)) {
+    *seen = observed;
+    return true;
+  }
+  uint64_t last = 0;
+  const bool met = simt::park_until_or_expire(p, &detail::check_wait<T>, cmp, static_cast<uint64_t>(value), sizeof(T),
+                                              std::is_signed_v<T>, site, &last);
+  *seen = static_cast<T>(last);
+  return met;
+}
+
 MOELINK_DEVICE bool aborted() { return false; }  // a timeout ends the whole launch on the host
 
 // ---- warp collectives --------------------------------------------------------------------------

@@ -69,6 +69,8 @@ void bind_low_latency(py::module_& parent) {
   m.attr("MAX_TOPK") = kLowLatencyMaxTopk;
   m.attr("SEND_PHASE") = kLowLatencySendPhase;
   m.attr("RECV_PHASE") = kLowLatencyRecvPhase;
+  m.attr("MASKED_SLOT") = kLowLatencyMaskedSlot;
+  m.attr("OWN_FIXED_BYTES") = kLowLatencyOwnFixedBytes;
   py::dict formats;
   formats["bf16"] = static_cast<int>(LowLatencyFormat::kBf16);
   formats["fp8"] = static_cast<int>(LowLatencyFormat::kFp8);
@@ -104,7 +106,7 @@ void bind_low_latency(py::module_& parent) {
                        int64_t window_bytes, int net_kind, uintptr_t net_window, uint64_t net_window_bytes,
                        uint32_t num_signals, uintptr_t net_queue, uintptr_t net_rdma_bytes, bool use_nvlink,
                        const std::vector<uintptr_t>& node_windows, uintptr_t nvl_bytes, uintptr_t claims,
-                       int64_t claim_capacity, int codec_split) {
+                       int64_t claim_capacity, int codec_split, bool shrink) {
              if (use_nvlink && (node_windows.size() != static_cast<size_t>(ranks_per_node) ||
                                 ranks_per_node > kIntranodeMaxRanks)) {
                throw Error(ErrorKind::kInvalidArgument, "low-latency Context: expected " +
@@ -131,12 +133,13 @@ void bind_low_latency(py::module_& parent) {
              c.claims = ptr<uint32_t>(claims);
              c.claim_capacity = claim_capacity;
              c.codec_split = codec_split;
+             c.shrink = shrink;
              return c;
            }),
            py::kw_only(), py::arg("rank"), MOELINK_LL_SHAPE_ARGS, py::arg("net_kind"), py::arg("net_window"),
            py::arg("net_window_bytes"), py::arg("num_signals"), py::arg("net_queue"), py::arg("net_rdma_bytes") = 0,
            py::arg("use_nvlink") = false, py::arg("node_windows") = std::vector<uintptr_t>{}, py::arg("nvl_bytes") = 0,
-           py::arg("claims"), py::arg("claim_capacity"), py::arg("codec_split") = 0)
+           py::arg("claims"), py::arg("claim_capacity"), py::arg("codec_split") = 0, py::arg("shrink") = false)
       .def_property_readonly("layout", [](const LowLatencyContext& c) { return layout_dict(c.shape); });
 
   m.def(

@@ -13,6 +13,9 @@
 //   - warp w reduces tokens t = w, w + G, ...: combined[t] = sum over k of topk_weights[t][k] *
 //     row(t, k) in float32, k in order, slots whose topk_idx is -1 skipped, rounded once to bf16;
 //   - the last block advances the seen words.
+// Shrink mode (ops_low_latency.h): no "done" and no row goes to a masked rank; in the receive half
+// block 0 waits for every rank (an expired wait masks it) and publishes verdicts; slots whose expert
+// lives on a masked rank add nothing (and store zeros into slot_values).
 #pragma once
 
 #include "kernels/low_latency_codec.cuh"
@@ -30,7 +33,7 @@ MOELINK_DEVICE_NOINLINE void combine_send(const LowLatencyCombineArgs& a, const 
   clean_next_claims(c, h);
   if (block_rank() == 0) {
     for (int d = static_cast<int>(thread_rank()); d < ranks; d += static_cast<int>(num_threads()))
-      signal_peer(c, d, signal_id(c, kCombineSignal, h, c.rank));
+      if (!is_masked(c, d)) signal_peer(c, d, signal_id(c, kCombineSignal, h, c.rank));
   }
   for (int p = global_warp(); p < el * ranks; p += global_warps()) {
     const int e = p / ranks, src = p % ranks;
@@ -40,6 +43,7 @@ MOELINK_DEVICE_NOINLINE void combine_send(const LowLatencyCombineArgs& a, const 
                          "low-latency combine: rank %d: the handle gives local expert %d rows [%lld, +%lld) of rank %d "
                          "(outside [0, %lld))", c.rank, e, static_cast<long long>(begin), static_cast<long long>(count),
                          src, static_cast<long long>(rows));
+    if (warp_masked(c, src)) continue;  // shrink: no row goes to a masked rank
     for (int64_t i = 0; i < count; ++i) {
       const int64_t row = static_cast<int64_t>(e) * rows + begin + i;
       const int32_t info = a.src_info[row];
@@ -87,16 +91,43 @@ MOELINK_DEVICE bool await_rows(const LowLatencyCombineArgs& a, int h) {
   return !aborted();
 }
 
+// Shrink mode: block 0 decides every rank r for call `call` (its rows and "done" arrived, or it
+// is masked: already, or now because the wait expired) and publishes the verdicts; the other
+// blocks follow them. Every block, all threads.
+MOELINK_DEVICE bool decide_ranks(const LowLatencyCombineArgs& a, int h, uint64_t call) {
+  const LowLatencyContext& c = a.ctx;
+  if (block_rank() != 0) {
+    follow_verdicts(c, call, "low-latency combine: block 0's verdict on a rank");
+    sync_block();
+    return !aborted();
+  }
+  for (int r = static_cast<int>(thread_rank()); r < c.shape.num_ranks; r += static_cast<int>(num_threads())) {
+    const int32_t sent = a.send_counts[r];
+    MOELINK_DEVICE_CHECK(sent >= 0 && sent <= c.shape.num_max_tokens * c.shape.num_topk,
+                         "low-latency combine: rank %d: the handle says %d rows went to rank %d", c.rank, sent, r);
+    const uint64_t start = globaltimer_ns();
+    const uint64_t due = ld_relaxed(seen_word(c, kCombineSignal, h, r)) + static_cast<uint64_t>(sent) + 1;
+    const bool live = !is_masked(c, r) && await_or_mask(c, signal_id(c, kCombineSignal, h, r), due,
+                                                        "low-latency combine: expert outputs from peer", r);
+    if (a.wait_cost_stats != nullptr) atomic_add(a.wait_cost_stats + r, static_cast<int64_t>(globaltimer_ns() - start));
+    publish_verdict(c, call, r, live);
+  }
+  sync_block();
+  return !aborted();
+}
+
 template <F kFormat>
-MOELINK_DEVICE_NOINLINE void combine_recv(const LowLatencyCombineArgs& a, const LowLatencyLayout& l, int h) {
+MOELINK_DEVICE_NOINLINE void combine_recv(const LowLatencyCombineArgs& a, const LowLatencyLayout& l, int h,
+                                          uint64_t call) {
   const LowLatencyContext& c = a.ctx;
   const LowLatencyShape& s = c.shape;
-  if (!await_rows(a, h)) return;
-  const int lane = static_cast<int>(lane_id()), k_top = s.num_topk, hidden = s.hidden;
+  if (!(c.shrink ? decide_ranks(a, h, call) : await_rows(a, h))) return;
+  const int lane = static_cast<int>(lane_id()), k_top = s.num_topk, hidden = s.hidden, el = s.experts_per_rank();
   const char* recv = own_at<const char>(c, half_offset(c, h) + l.comb_recv);
   for (int64_t t = global_warp(); t < a.num_tokens; t += global_warps()) {
     for (int k = lane; k < k_top; k += kWarpSize) {
-      MOELINK_DEVICE_CHECK(a.topk_idx[t * k_top + k] < 0 || a.send_slots[t * k_top + k] >= 0,
+      MOELINK_DEVICE_CHECK(a.topk_idx[t * k_top + k] < 0 || a.send_slots[t * k_top + k] >= 0 ||
+                           (c.shrink && a.send_slots[t * k_top + k] == kLowLatencyMaskedSlot),
                            "low-latency combine: rank %d: token %lld slot %d names expert %lld, which the dispatch did "
                            "not send it to", c.rank, static_cast<long long>(t), k,
                            static_cast<long long>(a.topk_idx[t * k_top + k]));
@@ -104,9 +135,16 @@ MOELINK_DEVICE_NOINLINE void combine_recv(const LowLatencyCombineArgs& a, const 
     for (int g = 0; g < hidden / 128; ++g) {
       float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       for (int k = 0; k < k_top; ++k) {
-        if (a.topk_idx[t * k_top + k] < 0) continue;
+        const int64_t expert = a.topk_idx[t * k_top + k];
+        if (expert < 0) continue;
+        float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (c.shrink && (a.send_slots[t * k_top + k] < 0 || !live_source(c, call, static_cast<int>(expert / el)))) {
+          // shrink: the expert's rank is masked; its row adds nothing (a zero row for autograd)
+          if (a.slot_values != nullptr)
+            codec::store4(a.slot_values + (t * k_top + k) * hidden, CodecDType::kBFloat16, 128 * g + 4 * lane, 4, v);
+          continue;
+        }
         const float w = a.topk_weights[t * k_top + k];
-        float v[4];
         decode_lane<kFormat>(recv + (t * k_top + k) * l.comb_msg, hidden, g, CodecDType::kFloat32, v);
         for (int i = 0; i < 4; ++i) sum[i] = rn_add(sum[i], rn_mul(w, v[i]));
         if (a.slot_values != nullptr)
@@ -117,9 +155,11 @@ MOELINK_DEVICE_NOINLINE void combine_recv(const LowLatencyCombineArgs& a, const 
   }
 }
 
-MOELINK_DEVICE void combine_consumed(const LowLatencyCombineArgs& a, int h) {
+// Shrink: a masked rank's seen word stays.
+MOELINK_DEVICE void combine_consumed(const LowLatencyCombineArgs& a, int h, uint64_t call) {
   const LowLatencyContext& c = a.ctx;
   for (int r = static_cast<int>(thread_rank()); r < c.shape.num_ranks; r += static_cast<int>(num_threads())) {
+    if (!live_source(c, call, r)) continue;
     uint64_t* seen = seen_word(c, kCombineSignal, h, r);
     st_relaxed(seen, ld_relaxed(seen) + static_cast<uint64_t>(a.send_counts[r]) + 1);
   }
@@ -129,12 +169,13 @@ template <F kFormat>
 MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) combine_kernel(LowLatencyCombineArgs args) {
   const LowLatencyContext& c = args.ctx;
   const LowLatencyLayout l = LowLatencyLayout::of(c.shape);
-  const int h = call_half(c, args.phases);
+  const uint64_t call = call_number(c, args.phases);
+  const int h = static_cast<int>(call & 1);
   const bool owned = encoders_owned(c);
   if (args.phases & kLowLatencySendPhase) combine_send<kFormat>(args, l, h, owned);
-  if (args.phases & kLowLatencyRecvPhase) combine_recv<kFormat>(args, l, h);
+  if (args.phases & kLowLatencyRecvPhase) combine_recv<kFormat>(args, l, h, call);
   if (last_block(c)) {
-    if ((args.phases & kLowLatencyRecvPhase) && !aborted()) combine_consumed(args, h);
+    if ((args.phases & kLowLatencyRecvPhase) && !aborted()) combine_consumed(args, h, call);
     if (args.phases & kLowLatencySendPhase) advance_calls(c);
   }
 }

@@ -50,12 +50,48 @@ MOELINK_DEVICE uint64_t* seen_word(const LowLatencyContext& c, int kind, int h, 
   return own_at<uint64_t>(c, c.shape.window.own_offset + kLowLatencyOwnFixedBytes + 8 * ((2 * kind + h) * r + s));
 }
 
-// The half a kernel works on: the call it belongs to is the one starting now (a send half), or
-// the one whose send half ran last (a receive half alone: a hook).
-MOELINK_DEVICE int call_half(const LowLatencyContext& c, int phases) {
+// The call a kernel belongs to: the one starting now (a send half), or the one whose send half
+// ran last (a receive half alone: a hook). It works on half call % 2; shrink-mode verdicts name it.
+MOELINK_DEVICE uint64_t call_number(const LowLatencyContext& c, int phases) {
   const uint64_t calls = ld_relaxed(calls_word(c));
-  const uint64_t call = (phases & kLowLatencySendPhase) ? calls : calls - 1;
-  return static_cast<int>(call & 1);
+  return (phases & kLowLatencySendPhase) ? calls : calls - 1;
+}
+
+// ---- shrink mode (ops_low_latency.h: "Shrink mode") ------------------------------------------------
+
+MOELINK_DEVICE uint64_t* verdict_word(const LowLatencyContext& c, int s) {
+  return own_at<uint64_t>(c, c.shape.window.own_offset + kLowLatencyOwnFixedBytes + 48 * int64_t{c.shape.num_ranks} + 8 * s);
+}
+MOELINK_DEVICE int32_t* mask_word(const LowLatencyContext& c, int s) {
+  return own_at<int32_t>(c, c.shape.window.own_offset + kLowLatencyOwnFixedBytes + 56 * int64_t{c.shape.num_ranks} + 4 * s);
+}
+
+// True if this rank neither sends to `peer` nor waits for it (always false outside shrink mode).
+MOELINK_DEVICE bool is_masked(const LowLatencyContext& c, int peer) {
+  if (!c.shrink) return false;
+  return ld_relaxed(mask_word(c, peer)) != 0 || ld_relaxed(mask_word(c, c.rank)) != 0;
+}
+
+// is_masked as one value for every lane of the warp (lane 0 reads; the mask may change meanwhile).
+MOELINK_DEVICE bool warp_masked(const LowLatencyContext& c, int peer) {
+  if (!c.shrink) return false;
+  return shfl(kFullMask, lane_id() == 0 ? is_masked(c, peer) : false, 0);
+}
+
+// Source `s` is live for call `call`: its verdict (block 0's decision, published before) says so.
+MOELINK_DEVICE bool live_source(const LowLatencyContext& c, uint64_t call, int s) {
+  return !c.shrink || ld_relaxed(verdict_word(c, s)) == 2 * (call + 1);
+}
+
+// Block 0's thread that decided source `s` publishes it (after every read of s's data).
+MOELINK_DEVICE void publish_verdict(const LowLatencyContext& c, uint64_t call, int s, bool live) {
+  st_release<Scope::kGpu>(verdict_word(c, s), 2 * (call + 1) + (live ? 0u : 1u));
+}
+
+// The other blocks: wait until block 0 decided every source of this call (each block, all threads).
+MOELINK_DEVICE void follow_verdicts(const LowLatencyContext& c, uint64_t call, const char* what) {
+  for (int s = static_cast<int>(thread_rank()); s < c.shape.num_ranks; s += static_cast<int>(num_threads()))
+    wait_until<Scope::kGpu>(verdict_word(c, s), Cmp::kGe, 2 * (call + 1), WaitSite{what, c.rank, s});
 }
 
 // Base of `peer`'s scale-out window as this process maps it (a rank of this node, NVLink path).
@@ -106,6 +142,22 @@ MOELINK_DEVICE bool await_signal(const LowLatencyContext& c, int64_t id, uint64_
   return true;
 }
 
+// Shrink mode: await_signal for an unmasked peer that may be dead. Returns false, having masked
+// `peer` (mask[peer] = 1), if the wait reached its deadline; true once the signal is exactly due
+// (or, on the GPU, once another wait aborted the process: check aborted()).
+MOELINK_DEVICE bool await_or_mask(const LowLatencyContext& c, int64_t id, uint64_t expected, const char* what, int peer) {
+  uint64_t got = 0;
+  if (!wait_until_or_expire(transport::signal_address(c.net, id), Cmp::kGe, expected, WaitSite{what, c.rank, peer}, &got)) {
+    atomic_exch(mask_word(c, peer), 1);
+    return false;
+  }
+  if (aborted()) return true;
+  MOELINK_DEVICE_CHECK(got == expected, "%s: rank %d: signal %lld from rank %d is %llu, %llu was due (a peer ahead of "
+                       "the protocol, or a faulty one)", what, c.rank, static_cast<long long>(id), peer,
+                       static_cast<unsigned long long>(got), static_cast<unsigned long long>(expected));
+  return true;
+}
+
 // True on every thread of the block that counts itself out last among the grid's blocks (which
 // then sees what the others wrote before); blocks_done is back at 0 afterwards. Every thread of
 // every block calls it once, at the end of the kernel.
@@ -148,11 +200,13 @@ MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) clean_kernel(LowLate
   const LowLatencyContext& c = args.ctx;
   const int ranks = c.shape.num_ranks;
   const uint64_t expected = ld_relaxed(cleans_word(c)) + 1;
+  const char* what = "low-latency clean: barrier (rank has not entered the clean)";
   for (int p = static_cast<int>(thread_rank()); p < ranks; p += static_cast<int>(num_threads())) {
-    signal_peer(c, p, barrier_signal(c, c.rank));
+    if (!is_masked(c, p)) signal_peer(c, p, barrier_signal(c, c.rank));
   }
   for (int p = static_cast<int>(thread_rank()); p < ranks; p += static_cast<int>(num_threads())) {
-    await_signal(c, barrier_signal(c, p), expected, "low-latency clean: barrier (rank has not entered the clean)", p);
+    if (!c.shrink) await_signal(c, barrier_signal(c, p), expected, what, p);
+    else if (!is_masked(c, p)) await_or_mask(c, barrier_signal(c, p), expected, what, p);
   }
   sync_block();
   if (thread_rank() == 0) st_relaxed(cleans_word(c), expected);

@@ -18,6 +18,10 @@
 //     message into recv_x[e][row], finds the message's k in its top-k row, and records
 //     src_info = token * K + k and layout_range[e][s] = count | begin << 32;
 //   - the last block advances the seen words by what was consumed.
+// Shrink mode (ops_low_latency.h): nothing goes to a masked rank (send_counts 0, slots
+// kLowLatencyMaskedSlot); in the receive half block 0 waits for every source's counts and tokens
+// (an expired wait masks the source) and publishes verdicts; a masked source counts 0 everywhere
+// and its seen words stay.
 #pragma once
 
 #include "kernels/low_latency_codec.cuh"
@@ -41,6 +45,10 @@ MOELINK_DEVICE void send_count_messages(const LowLatencyDispatchArgs& a, const L
   const int lane = static_cast<int>(lane_id()), el = s.experts_per_rank();
   const int64_t pairs = a.num_tokens * s.num_topk, hb = half_offset(c, h);
   for (int d = warp; d < s.num_ranks; d += warps) {
+    if (warp_masked(c, d)) {  // shrink: nothing goes to a masked rank
+      if (lane == 0) a.send_counts[d] = 0;
+      continue;
+    }
     char* message = own_at(c, hb + l.count_out + d * l.count_bytes);
     int32_t* counts = reinterpret_cast<int32_t*>(message + 16);
     for (int e = lane; e < el; e += kWarpSize) counts[e] = 0;
@@ -101,7 +109,10 @@ MOELINK_DEVICE_NOINLINE void dispatch_send(const LowLatencyDispatchArgs& a, cons
     MOELINK_DEVICE_CHECK(expert >= -1 && expert < s.num_experts, "low-latency dispatch: rank %d: token %lld routes to "
                          "expert %lld (outside [-1, %d))", c.rank, static_cast<long long>(t),
                          static_cast<long long>(expert), s.num_experts);
-    if (expert >= 0) {
+    const bool masked = expert >= 0 && is_masked(c, static_cast<int>(expert / el));
+    if (masked) {
+      slot = kLowLatencyMaskedSlot;  // shrink: its rank is masked, nothing is sent
+    } else if (expert >= 0) {
       for (int j = 0; j < k_top; ++j)  // a receive slot per (token, expert): the ids of a row differ
         MOELINK_DEVICE_CHECK(j == lane || expert_of[w][j] != expert, "low-latency dispatch: rank %d: token %lld lists "
                              "expert %lld twice (top-k slots %d and %d)", c.rank, static_cast<long long>(t),
@@ -116,7 +127,7 @@ MOELINK_DEVICE_NOINLINE void dispatch_send(const LowLatencyDispatchArgs& a, cons
     syncwarp();  // the message and every slot are complete for every lane
     for (int k = 0; k < k_top; ++k) {
       const int32_t e = expert_of[w][k], sl = slot_of[w][k];
-      if (e < 0) continue;
+      if (e < 0 || sl < 0) continue;
       const int d = e / el, local = e % el;
       const int64_t slot_index = (static_cast<int64_t>(local) * s.num_ranks + c.rank) * t_max + sl;
       deliver(c, d, hb + l.disp_recv + slot_index * l.msg_bytes, message, l.msg_bytes,
@@ -159,11 +170,60 @@ MOELINK_DEVICE bool await_counts(const LowLatencyDispatchArgs& a, const LowLaten
   return !aborted();
 }
 
-template <F kFormat>
-MOELINK_DEVICE_NOINLINE void dispatch_recv(const LowLatencyDispatchArgs& a, const LowLatencyLayout& l, int h) {
+// Shrink mode: block 0 decides every source of call `call` (its counts message, checked, then
+// every token it announced, or masked: already, or now because a wait expired) and publishes the
+// verdicts; the other blocks follow them. Every block, all threads.
+MOELINK_DEVICE bool decide_sources(const LowLatencyDispatchArgs& a, const LowLatencyLayout& l, int h, uint64_t call) {
   const LowLatencyContext& c = a.ctx;
   const LowLatencyShape& s = c.shape;
-  if (!await_counts(a, l, h)) return;
+  if (block_rank() != 0) {
+    follow_verdicts(c, call, "low-latency dispatch: block 0's verdict on a source");
+    sync_block();
+    return !aborted();
+  }
+  const int el = s.experts_per_rank();
+  for (int src = static_cast<int>(thread_rank()); src < s.num_ranks; src += static_cast<int>(num_threads())) {
+    const uint64_t start = globaltimer_ns();
+    bool live = !is_masked(c, src) &&
+                await_or_mask(c, signal_id(c, kCountSignal, h, src), ld_relaxed(seen_word(c, kCountSignal, h, src)) + 1,
+                              "low-latency dispatch: token counts from peer", src);
+    if (live && !aborted()) {
+      const int32_t* m = counts_of(c, l, h, src);
+      MOELINK_DEVICE_CHECK(m[0] == src && static_cast<uint32_t>(m[1]) == s.fingerprint(),
+                           "low-latency dispatch: rank %d: the counts message of rank %d names rank %d and shape %08x, "
+                           "this call's is %08x (ranks disagree on hidden, tokens, experts, top-k or format)", c.rank,
+                           src, m[0], static_cast<uint32_t>(m[1]), s.fingerprint());
+      int64_t sum = 0;
+      for (int e = 0; e < el; ++e) {
+        MOELINK_DEVICE_CHECK(m[4 + e] >= 0 && m[4 + e] <= s.num_max_tokens, "low-latency dispatch: rank %d: rank %d "
+                             "announced %d tokens for local expert %d (at most %d)", c.rank, src, m[4 + e], e,
+                             s.num_max_tokens);
+        sum += m[4 + e];
+      }
+      MOELINK_DEVICE_CHECK(sum == m[2], "low-latency dispatch: rank %d: rank %d announced %d messages but %lld per "
+                           "expert", c.rank, src, m[2], static_cast<long long>(sum));
+      const uint64_t due = ld_relaxed(seen_word(c, kTokenSignal, h, src)) + static_cast<uint64_t>(m[2]);
+      live = await_or_mask(c, signal_id(c, kTokenSignal, h, src), due, "low-latency dispatch: tokens from peer", src);
+    }
+    if (a.wait_cost_stats != nullptr) atomic_add(a.wait_cost_stats + src, static_cast<int64_t>(globaltimer_ns() - start));
+    publish_verdict(c, call, src, live);
+  }
+  sync_block();
+  return !aborted();
+}
+
+// Messages source `src` announced for local expert `e` (0 from a source masked for the call).
+MOELINK_DEVICE int64_t announced(const LowLatencyContext& c, const LowLatencyLayout& l, int h, uint64_t call, int src,
+                                 int e) {
+  return live_source(c, call, src) ? counts_of(c, l, h, src)[4 + e] : 0;
+}
+
+template <F kFormat>
+MOELINK_DEVICE_NOINLINE void dispatch_recv(const LowLatencyDispatchArgs& a, const LowLatencyLayout& l, int h,
+                                           uint64_t call) {
+  const LowLatencyContext& c = a.ctx;
+  const LowLatencyShape& s = c.shape;
+  if (!(c.shrink ? decide_sources(a, l, h, call) : await_counts(a, l, h))) return;
   const int lane = static_cast<int>(lane_id()), ranks = s.num_ranks, el = s.experts_per_rank(), k_top = s.num_topk;
   const int64_t t_max = s.num_max_tokens, rows = ranks * t_max, hb = half_offset(c, h);
   const int groups = s.num_groups();
@@ -171,10 +231,10 @@ MOELINK_DEVICE_NOINLINE void dispatch_recv(const LowLatencyDispatchArgs& a, cons
   for (int p = global_warp(); p < el * ranks; p += global_warps()) {
     const int e = p / ranks, src = p % ranks;
     int64_t begin = 0;
-    for (int q = lane; q < src; q += kWarpSize) begin += counts_of(c, l, h, q)[4 + e];
+    for (int q = lane; q < src; q += kWarpSize) begin += announced(c, l, h, call, q, e);
     begin = warp_reduce_sum(kFullMask, begin);
     const int32_t* from = counts_of(c, l, h, src);
-    const int64_t count = from[4 + e];
+    const int64_t count = announced(c, l, h, call, src, e);
     if (lane == 0) {
       a.layout_range[static_cast<int64_t>(e) * ranks + src] = count | (begin << 32);
       if (src == ranks - 1) {
@@ -182,8 +242,8 @@ MOELINK_DEVICE_NOINLINE void dispatch_recv(const LowLatencyDispatchArgs& a, cons
         if (a.cumulative_recv_stats != nullptr) atomic_add(a.cumulative_recv_stats + e, static_cast<int32_t>(begin + count));
       }
     }
-    if (count == 0 && e != 0) continue;
-    if (lane == 0) {  // e == 0 waits for every source, for the wait statistics
+    if (count == 0 && (e != 0 || c.shrink)) continue;
+    if (lane == 0 && !c.shrink) {  // e == 0 waits for every source, for the wait statistics (shrink: block 0 waited)
       const uint64_t start = globaltimer_ns();
       const uint64_t due = ld_relaxed(seen_word(c, kTokenSignal, h, src)) + static_cast<uint64_t>(from[2]);
       await_signal(c, signal_id(c, kTokenSignal, h, src), due, "low-latency dispatch: tokens from peer", src);
@@ -246,9 +306,11 @@ MOELINK_DEVICE_NOINLINE void dispatch_recv(const LowLatencyDispatchArgs& a, cons
 }
 
 // The last block: every source's messages of this call are consumed.
-MOELINK_DEVICE void dispatch_consumed(const LowLatencyDispatchArgs& a, const LowLatencyLayout& l, int h) {
+// Shrink: a masked source's seen words stay (what it may have sent is not consumed).
+MOELINK_DEVICE void dispatch_consumed(const LowLatencyDispatchArgs& a, const LowLatencyLayout& l, int h, uint64_t call) {
   const LowLatencyContext& c = a.ctx;
   for (int src = static_cast<int>(thread_rank()); src < c.shape.num_ranks; src += static_cast<int>(num_threads())) {
+    if (!live_source(c, call, src)) continue;
     uint64_t* counts = seen_word(c, kCountSignal, h, src);
     uint64_t* tokens = seen_word(c, kTokenSignal, h, src);
     st_relaxed(tokens, ld_relaxed(tokens) + static_cast<uint64_t>(counts_of(c, l, h, src)[2]));
@@ -260,12 +322,13 @@ template <F kFormat>
 MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) dispatch_kernel(LowLatencyDispatchArgs args) {
   const LowLatencyContext& c = args.ctx;
   const LowLatencyLayout l = LowLatencyLayout::of(c.shape);
-  const int h = call_half(c, args.phases);
+  const uint64_t call = call_number(c, args.phases);
+  const int h = static_cast<int>(call & 1);
   const bool owned = encoders_owned(c);
   if (args.phases & kLowLatencySendPhase) dispatch_send<kFormat>(args, l, h, owned);
-  if (args.phases & kLowLatencyRecvPhase) dispatch_recv<kFormat>(args, l, h);
+  if (args.phases & kLowLatencyRecvPhase) dispatch_recv<kFormat>(args, l, h, call);
   if (last_block(c)) {
-    if ((args.phases & kLowLatencyRecvPhase) && !aborted()) dispatch_consumed(args, l, h);
+    if ((args.phases & kLowLatencyRecvPhase) && !aborted()) dispatch_consumed(args, l, h, call);
     if (args.phases & kLowLatencySendPhase) advance_calls(c);
   }
 }

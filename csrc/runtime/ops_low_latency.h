@@ -45,6 +45,22 @@
 //   8    u64 cleans          clean barriers completed
 //   64   u32 blocks_done     last-block accounting of the running kernel (0 between kernels)
 //   128  u64 seen_count[2][R], seen_tokens[2][R], seen_comb[2][R]
+//   128 + 48R  u64 verdict[R]   shrink mode: block 0's decision on source s for the running call,
+//                               2 * (call + 1) + (1 if s is masked for it); the other blocks wait for it
+//   128 + 56R  i32 mask[R]      shrink mode: 1 = rank s is masked (DeepEP's mask buffer): no message
+//                               goes to it, none is awaited from it. Written by this rank's kernels
+//                               (a wait for s expired) and by the host between calls (update/clean)
+//
+// Shrink mode (LowLatencyContext::shrink, Buffer(enable_shrink=True)). A rank p is *masked* for
+// this rank when mask[p] != 0 or mask[this rank] != 0 (a rank masked in its own mask is out of the
+// group: it talks to no one). Masked ranks get no message (counts, tokens, rows, "done", barrier)
+// and none is awaited from them; their seen words stay where they were. A wait for an unmasked
+// peer that reaches the deadline (arch::wait_until_or_expire) sets mask[p] = 1 and the call goes
+// on as if p were masked from the start of its receive half: recv count 0 from p, p's rows
+// dropped from the combine (slots whose expert lives on a masked rank add nothing). A dispatch
+// gives (token, k) of a masked destination the slot kLowLatencyMaskedSlot (not sent). In the
+// receive halves block 0 alone decides each source (counts, then every token, or the rows and
+// "done") and publishes verdict[s]; the other blocks follow it, so every block of the grid agrees.
 //
 // Scale-out window (the same offsets on every rank):
 //   [0, 8 * signal_base)          the internode layout's signals (multi-node Buffers), then LL signals,
@@ -87,6 +103,11 @@ constexpr int kLowLatencySendPhase = 1;
 constexpr int kLowLatencyRecvPhase = 2;
 constexpr int kLowLatencySignalKinds = 7;  // count[2], tokens[2], comb[2], barrier: each R signals
 constexpr int64_t kLowLatencyOwnFixedBytes = 128;
+// Own words after the fixed ones, per rank: seen_* (6 u64), verdict (u64), mask (i32).
+constexpr int64_t kLowLatencyOwnBytesPerRank = 8 * 6 + 8 + 4;
+// send_slots value of a (token, k) whose expert's rank is masked (shrink mode): not sent, and
+// combined as nothing; -1 stays "no expert" (topk_idx -1).
+constexpr int32_t kLowLatencyMaskedSlot = -2;
 
 // Payload formats. Dispatch: any; combine: kBf16 or kLogfmt*.
 enum class LowLatencyFormat : int32_t {
@@ -135,7 +156,7 @@ struct LowLatencyWindow {
     w.signal_base = num_nodes > 1 ? InternodeLayout::of(in).num_signals : 0;
     w.num_signals = w.signal_base + kLowLatencySignalKinds * ranks;
     w.own_offset = align(8 * w.num_signals);
-    w.reserved_head = w.own_offset + align(kLowLatencyOwnFixedBytes + 8 * 6 * ranks);
+    w.reserved_head = w.own_offset + align(kLowLatencyOwnFixedBytes + kLowLatencyOwnBytesPerRank * ranks);
     in.reserved_head_bytes = w.reserved_head;
     w.data_base = num_nodes > 1 ? InternodeLayout::of(in).notify_in : w.reserved_head;
     w.half_bytes = window_bytes > w.data_base ? (window_bytes - w.data_base) / 2 / 128 * 128 : 0;
@@ -247,6 +268,7 @@ struct LowLatencyContext {
   uint32_t* claims = nullptr;     // [2][claim_capacity] slot claims per global expert, zero between calls
   int64_t claim_capacity = 0;     // >= num_experts
   int codec_split = 0;            // CodecLaneSplit: 0 as the target suggests, 1 always the warp (GPU) form
+  bool shrink = false;            // shrink mode: masked ranks are skipped, an expired wait masks its peer
 
   MOELINK_HOST_DEVICE bool same_node(int peer) const {
     return peer / shape.ranks_per_node == rank / shape.ranks_per_node;
@@ -265,7 +287,8 @@ struct LowLatencyDispatchArgs {
   const int32_t* cached_slots = nullptr;  // [num_tokens][K]: replay a dispatch's slots (autograd), or null
   bool scale_by_weight = false;           // bf16 + carry_weights: the receiver stores w * row
   // Sender side.
-  int32_t* send_slots = nullptr;          // [num_tokens][K] receive slot of (token, k), -1 if not sent
+  int32_t* send_slots = nullptr;          // [num_tokens][K] receive slot of (token, k), -1 if no expert,
+                                          // kLowLatencyMaskedSlot if its rank is masked (shrink)
   int32_t* send_counts = nullptr;         // [R] messages sent to each rank
   // Receiver side (rows of local expert e at [e][0, recv_count[e]), by source rank).
   void* recv_x = nullptr;                 // [EL][R*T][payload]: bf16 (also LogFMT, decoded), codes, packed

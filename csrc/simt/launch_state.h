@@ -34,6 +34,8 @@ struct DataWait {
   bool value_signed = false;
   arch::WaitSite site{"?"};
   uint64_t since_ns = 0;
+  bool may_expire = false;  // wait_until_or_expire: at the deadline resume the fiber instead of failing the launch
+  bool expired = false;     // set when such a wait reached its deadline
 };
 
 struct Fiber {

@@ -119,6 +119,11 @@ void notify_store(const void* addr);
 using WaitCheck = bool (*)(const void* addr, arch::Cmp cmp, uint64_t value, uint64_t* seen);
 uint64_t park_until(const void* addr, WaitCheck check, arch::Cmp cmp, uint64_t value,
                     int value_bytes, bool value_signed, const arch::WaitSite& site);
+// The same wait, but one that reaches the deadline (MOELINK_TIMEOUT_S) resumes the caller instead
+// of failing the launch: returns false then (`*seen` the last value observed), true with the
+// satisfying value in `*seen` otherwise (arch::wait_until_or_expire).
+bool park_until_or_expire(const void* addr, WaitCheck check, arch::Cmp cmp, uint64_t value, int value_bytes,
+                          bool value_signed, const arch::WaitSite& site, uint64_t* seen);
 
 // Block barrier `id` with `count` participating threads; count < 0 means "every thread of the
 // block that has not exited" (sync_block). arrive_only: count the caller without waiting.

@@ -321,6 +321,9 @@ void Launch::poll_parked() {
     DataWait& w = fiber->wait;
     if (w.check(w.addr, w.cmp, w.value, &w.seen)) {
       unpark(fiber);
+    } else if (now - w.since_ns > timeout_ns_ && w.may_expire) {
+      w.expired = true;  // wait_until_or_expire: the fiber gives up on this wait and carries on
+      unpark(fiber);
     } else if (now - w.since_ns > timeout_ns_) {
       error_.emplace(ErrorKind::kCommTimeout, describe_timeout(*fiber, now));
       record_timeout(*fiber, now);
@@ -416,8 +419,31 @@ uint64_t park_until(const void* addr, WaitCheck check, arch::Cmp cmp, uint64_t v
   w.value_bytes = value_bytes;
   w.value_signed = value_signed;
   w.site = site;
+  w.may_expire = false;
+  w.expired = false;
   launch->park(fiber);
   return w.seen;
+}
+
+bool park_until_or_expire(const void* addr, WaitCheck check, arch::Cmp cmp, uint64_t value, int value_bytes,
+                          bool value_signed, const arch::WaitSite& site, uint64_t* seen) {
+  Launch* launch = t_launch;
+  if (launch == nullptr) throw Error(ErrorKind::kInvalidArgument, "arch::wait_until_or_expire called outside a kernel");
+  Fiber* fiber = launch->current();
+  DataWait& w = fiber->wait;
+  w.addr = addr;
+  w.check = check;
+  w.cmp = cmp;
+  w.value = value;
+  w.value_bytes = value_bytes;
+  w.value_signed = value_signed;
+  w.site = site;
+  w.may_expire = true;
+  w.expired = false;
+  launch->park(fiber);
+  w.may_expire = false;
+  *seen = w.seen;
+  return !w.expired;
 }
 
 [[noreturn]] void device_fail(const std::string& message) {

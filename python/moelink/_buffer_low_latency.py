@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from . import _interop, _low_latency
+from . import _interop, _low_latency, _low_latency_shrink
 from ._interop import accepts_arrays
 from .errors import BufferUnusable, InvalidArgument
 from .event import EventOverlap
@@ -122,3 +122,21 @@ class LowLatencyMethods:
         cleans the other half's slot claims for its successor)."""
         state = self._low_latency_state("clean_low_latency_buffer")
         _low_latency.clean(state, self._operation, num_max_dispatch_tokens_per_rank, hidden, num_experts)
+
+    # ---- shrink mode (Buffer(enable_shrink=True); docs/low-latency.md "Shrink mode") --------------
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Masks (``mask=True``) or unmasks rank ``rank_to_mask`` for this rank's low-latency calls:
+        a masked rank gets nothing and nothing is awaited from it (its experts receive nothing and
+        return nothing); a rank masked in its own mask talks to no one. Unmask on every rank at one
+        point between calls."""
+        _low_latency_shrink.update_mask(self._low_latency_state("low_latency_update_mask_buffer"), rank_to_mask, mask)
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        """Fills ``mask_status`` (int32 ``[num_ranks]``): 1 where the rank is masked (by hand, or
+        because a low-latency wait for it reached its deadline), else 0."""
+        _low_latency_shrink.query_mask(self._low_latency_state("low_latency_query_mask_buffer"), mask_status)
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Unmasks every rank (call it on every rank at one point between calls)."""
+        _low_latency_shrink.clean_mask(self._low_latency_state("low_latency_clean_mask_buffer"))

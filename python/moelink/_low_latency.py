@@ -29,6 +29,7 @@ _ll = _host.low_latency
 _FORMATS = dict(_ll.FORMATS)
 _SEND, _RECV = _ll.SEND_PHASE, _ll.RECV_PHASE
 MAX_TOPK = _ll.MAX_TOPK
+MASKED_SLOT = _ll.MASKED_SLOT  # send_slots of a (token, k) whose expert's rank was masked (shrink mode)
 assert MAX_TOPK == _low_latency_args.MAX_TOPK
 _codec_split = 0  # CodecLaneSplit of the encoders: 0 as the target suggests, 1 the GPU's warp form
 
@@ -121,10 +122,11 @@ class LowLatencyState:
     claims, the call mirror and the pending receive half."""
 
     def __init__(self, scaleout, rank: int, num_ranks: int, num_nodes: int, ranks_per_node: int,
-                 allow_nvlink: bool):
+                 allow_nvlink: bool, shrink: bool = False):
         self.scaleout = scaleout
         self.rank, self.num_ranks, self.num_nodes, self.ranks_per_node = rank, num_ranks, num_nodes, ranks_per_node
         self.allow_nvlink = allow_nvlink
+        self.shrink = shrink  # Buffer(enable_shrink=True): the mask of ranks (see "shrink mode" below)
         self.window = window_regions(num_nodes, ranks_per_node, scaleout.data_bytes)
         self.claims = torch.zeros(0, dtype=torch.int32)
         self.calls = 0  # mirror of the kernels' own count (ops_low_latency.h: own word `calls`)
@@ -172,7 +174,7 @@ class LowLatencyState:
         return _ll.Context(rank=self.rank, **shape, **self.scaleout.handle(), use_nvlink=self.allow_nvlink,
                            node_windows=node.node_window_ptrs() if self.allow_nvlink else [],
                            nvl_bytes=node.counter_ptr("nvl"), claims=self.claims.data_ptr(),
-                           claim_capacity=self.claims.numel() // 2, codec_split=_codec_split)
+                           claim_capacity=self.claims.numel() // 2, codec_split=_codec_split, shrink=self.shrink)
 
     @staticmethod
     def num_blocks() -> int:
@@ -358,7 +360,7 @@ def combine(state: LowLatencyState, guard, x, topk_idx, topk_weights, handle, us
     topk = _topk("topk_idx", topk_idx, num_tokens, num_experts)
     if topk.shape[1] != k:
         raise argument_error(InvalidShape, "topk_idx", f"{k} columns (the dispatch's top-k)", tuple(topk.shape))
-    unsent = (topk >= 0) & (handle.send_slots < 0)
+    unsent = (topk >= 0) & (handle.send_slots < 0) & (handle.send_slots != MASKED_SLOT)  # masked: combined as 0
     if bool(unsent.any()):
         t, slot = unsent.nonzero()[0].tolist()
         raise argument_error(InvalidArgument, "topk_idx", "the dispatch's ids, or -1 (a slot the dispatch did not send "
@@ -393,3 +395,4 @@ def clean(state: LowLatencyState, guard, num_max_dispatch_tokens_per_rank, hidde
     with guard(op):
         _ll.clean(native, rank=state.rank)
     state.dirty = None
+

@@ -57,7 +57,8 @@ class Buffer(LowLatencyMethods):
     def __init__(self, group: dist.ProcessGroup, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
                  allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
-                 explicitly_destroy: bool = False, *, ranks_per_node: Optional[int] = None) -> None:
+                 explicitly_destroy: bool = False, enable_shrink: bool = False, *,
+                 ranks_per_node: Optional[int] = None) -> None:
         if not isinstance(group, dist.ProcessGroup):
             raise argument_error(InvalidType, "group", "a torch.distributed ProcessGroup", type(group).__name__)
         self.group = group
@@ -73,6 +74,9 @@ class Buffer(LowLatencyMethods):
             self.num_rdma_bytes = _validate.integer("num_rdma_bytes", num_rdma_bytes, minimum=0)
             self.low_latency_mode = bool(low_latency_mode)
             self.explicitly_destroy = bool(explicitly_destroy)
+            if not isinstance(enable_shrink, bool):
+                raise argument_error(InvalidType, "enable_shrink", "a bool", type(enable_shrink).__name__)
+            self.enable_shrink = enable_shrink  # low-latency shrink mode (docs/low-latency.md "Shrink mode")
             self.ranks_per_node = _ranks_per_node(ranks_per_node, self.group_size)
             self.num_nodes = self.group_size // self.ranks_per_node
             if self.low_latency_mode:
@@ -88,7 +92,8 @@ class Buffer(LowLatencyMethods):
                 raise GPUUnavailable(_gpu_group_refusal(dist.get_backend(group), self.num_nodes, self.low_latency_mode))
         except MoelinkError as exc:
             error = exc
-        agree = None if error else dict(num_rdma_bytes=self.num_rdma_bytes, low_latency_mode=self.low_latency_mode)
+        agree = None if error else dict(num_rdma_bytes=self.num_rdma_bytes, low_latency_mode=self.low_latency_mode,
+                                        enable_shrink=self.enable_shrink)
         self._scaleout = None
         self._ll = None  # _low_latency.LowLatencyState of a low_latency_mode Buffer
         if on_gpu:
@@ -172,7 +177,7 @@ class Buffer(LowLatencyMethods):
                                          num_signals=regions["num_signals"])
         self._scaleout.reserved_head_bytes = regions["reserved_head"]
         self._ll = _low_latency.LowLatencyState(self._scaleout, self.rank, self.group_size, self.num_nodes,
-                                                self.ranks_per_node, allow_nvlink)
+                                                self.ranks_per_node, allow_nvlink, shrink=self.enable_shrink)
 
     # Two phases per operation (see _intranode): `_node` describes the call's node without
     # touching anything, so a validation or sizing error leaves the Buffer usable; `_operation`
