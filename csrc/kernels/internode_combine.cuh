@@ -180,8 +180,12 @@ MOELINK_DEVICE_NOINLINE void forward_reduce(const InternodeCombineArgs& args, co
       if (tid == 0) {  // room for the whole round in the source's ring
         const uint64_t end = start + static_cast<uint64_t>(round_end);
         if (end > static_cast<uint64_t>(s.rdma_queue_tokens)) {
-          wait_until(head, Cmp::kGe, end - static_cast<uint64_t>(s.rdma_queue_tokens),
-                     WaitSite{"internode combine: room in source's partial queue", ctx.rank, src, c});
+          const uint64_t seen = wait_until(head, Cmp::kGe, end - static_cast<uint64_t>(s.rdma_queue_tokens),
+                                           WaitSite{"internode combine: room in source's partial queue", ctx.rank, src, c});
+          // The source's signal: past what this rank published it would free partials never sent.
+          const uint64_t sent = start + static_cast<uint64_t>(round);
+          MOELINK_DEVICE_CHECK(seen <= sent, "internode combine: rank %d released head %llu past this rank's tail %llu",
+                               src, static_cast<unsigned long long>(seen), static_cast<unsigned long long>(sent));
         }
       }
       sync_block();
