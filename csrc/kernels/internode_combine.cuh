@@ -259,7 +259,7 @@ MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) combine_kernel(Inter
   const InternodeLayout layout = InternodeLayout::of(ctx.shape);
   const InternodeRoles roles = InternodeRoles::of(ctx.shape);
   const uint64_t epoch = operation_epoch(ctx);
-  global_barrier(ctx, layout, epoch, "internode combine: global barrier (rank has not entered this combine)");
+  global_barrier(ctx, epoch, "internode combine: global barrier (rank has not entered this combine)");
   const int c = static_cast<int>(block_rank()) / 2, warp = static_cast<int>(warp_id());
   if (block_rank() % 2 == 0) {
     if (warp < roles.combine_senders) {

@@ -62,8 +62,10 @@ MOELINK_DEVICE uint64_t operation_epoch(const InternodeContext& ctx) {
 // posted after everything this rank sent in earlier operations. The call's agreement words ride
 // along (runtime/ops_internode.h, "Agreement"): block 0 sends them with its barrier stores and
 // signals, then compares every rank's with its own once that rank's barrier store or signal is in.
-MOELINK_DEVICE void global_barrier(const InternodeContext& ctx, const InternodeLayout& layout, uint64_t epoch,
-                                   const char* what) {
+// Not inlined, and it computes the layout itself: the dispatch kernel's body is at the register
+// bound (sm_90), and this way nothing of it is live across the barrier; it runs once per operation.
+MOELINK_DEVICE_NOINLINE void global_barrier(const InternodeContext& ctx, uint64_t epoch, const char* what) {
+  const InternodeLayout layout = InternodeLayout::of(ctx.shape);
   const InternodeShape& s = ctx.shape;
   const int ranks = s.num_ranks(), lr = s.ranks_per_node, me_node = ctx.node();
   const int tid = static_cast<int>(thread_rank()), threads = static_cast<int>(num_threads());
@@ -72,7 +74,11 @@ MOELINK_DEVICE void global_barrier(const InternodeContext& ctx, const InternodeL
   if (block_rank() == 0) {
     // A put's source must lie in this rank's own scale-out window: stage the words there first.
     uint64_t* staged = net_at<uint64_t>(ctx, layout.agreement_out + parity * kWordBytes);
-    for (int w = tid; w < kAgreementWords; w += threads) staged[w] = ctx.agreement[w];
+    // (One thread, constant indices: a per-thread index into the kernel's parameters would make
+    // the compiler copy them to local memory.)
+    if (tid == 0) {
+      for (int w = 0; w < kAgreementWords; ++w) staged[w] = ctx.agreement[w];
+    }
     sync_block();
     for (int r = tid; r < ranks; r += threads) {
       if (r / lr == me_node) {

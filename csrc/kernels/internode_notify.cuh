@@ -27,7 +27,7 @@ MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) notify_kernel(Intern
   const uint64_t epoch = operation_epoch(ctx);
   uint64_t* notify_count = nvl_at<uint64_t>(ctx, me_local, kNotifyCountOffset);
   const uint64_t count_now = ld_relaxed(notify_count) + 1;
-  global_barrier(ctx, layout, epoch, "internode notify: global barrier (rank has not entered this dispatch)");
+  global_barrier(ctx, epoch, "internode notify: global barrier (rank has not entered this dispatch)");
 
   for (int dst = static_cast<int>(block_rank()); dst < ranks; dst += static_cast<int>(num_blocks())) {
     const bool local = dst / lr == me_node, forwarder = dst % lr == me_local;
