@@ -35,13 +35,14 @@ def _buffer(ctx, ranks_per_node: int, hidden_bytes: int, config: moelink.Config,
     return buffer
 
 
-def _expected_network_bytes(in_rank, world, rpn, rank, slot_bytes, notify_bytes):
+def _expected_network_bytes(in_rank, world, rpn, rank, slot_bytes, notify_bytes, agreement_bytes):
     """What this rank's NIC must deliver in a dispatch: one wire message per (token, distinct
-    remote destination node), plus one notify message per rank of another node."""
+    remote destination node), plus one notify message and one barrier put of agreement words
+    (docs/semantics.md, "Trust") per rank of another node."""
     nodes = world // rpn
     per_node = in_rank.view(in_rank.shape[0], nodes, rpn).any(dim=2)  # [N, nodes]
     per_node[:, rank // rpn] = False
-    return int(per_node.sum()) * slot_bytes + (world - rpn) * notify_bytes
+    return int(per_node.sum()) * slot_bytes + (world - rpn) * (notify_bytes + agreement_bytes)
 
 
 def _dispatch_and_combine(ctx, seed, case):
@@ -95,7 +96,7 @@ def _dispatch_and_combine(ctx, seed, case):
         num_scales=recv_x[1].shape[1] if isinstance(recv_x, tuple) else 0, num_topk=topk_idx.shape[1],
         experts_per_rank=num_experts // world)
     expected_rdma = _expected_network_bytes(in_rank, world, rpn, rank, sizes["dispatch_slot_bytes"],
-                                            sizes["notify_bytes"])
+                                            sizes["notify_bytes"], sizes["agreement_bytes"])
     assert moved["rdma"] == expected_rdma, f"rdma bytes {moved['rdma']} != {expected_rdma}"
     # NVL side: as a forwarder this rank writes one NVL slot per (message, other local rank that gets it).
     epr, node = num_experts // world, rank // rpn
@@ -141,7 +142,8 @@ def _dispatch_and_combine(ctx, seed, case):
             epr = num_experts // world
             on_my_node |= ((idx[src] >= dst * epr) & (idx[src] < (dst + 1) * epr)).any(dim=1)
         partials += int(on_my_node.sum())
-    assert moved["rdma"] == partials * sizes["partial_slot_bytes"], f"combine rdma bytes {moved['rdma']}"
+    barrier_puts = (world - rpn) * sizes["agreement_bytes"]  # the agreement words, one put per remote rank
+    assert moved["rdma"] == partials * sizes["partial_slot_bytes"] + barrier_puts, f"combine rdma bytes {moved['rdma']}"
     # Each row goes back over NVL to the forwarder it came through, unless that is this rank.
     own_local = rank % rpn
     via_others = int((all_dispatched[rank].recv_src_rank[:m] % rpn != own_local).sum())

@@ -41,7 +41,7 @@ ASAN_OPTIONS = ("detect_leaks=0:halt_on_error=1:abort_on_error=1:detect_stack_us
 UBSAN_OPTIONS = "halt_on_error=1:print_stacktrace=1"
 # The CI subset: the runtime and every kernel family on real inputs, the windows and bootstrap,
 # the intranode path on 2 and 4 ranks (one case of each kind), the root-cause machinery and the
-# faulty-peer harness.
+# faulty-peer harnesses (intranode and internode).
 SUBSET = [
     "tests/test_sanitizers.py", "tests/test_simt.py", "tests/test_layout.py", "tests/test_host_windows.py",
     "tests/test_root_cause.py",
@@ -54,6 +54,8 @@ SUBSET = [
     "tests/test_intranode.py::test_invalid_arguments_raise_typed_errors_on_every_rank",
     # A faulty peer's garbage at every stage: the victim raises and writes nothing out of bounds.
     "tests/test_faulty_peer.py",
+    # ... and at every stage of the internode protocol (both windows, 2 nodes of 2 ranks).
+    "tests/test_faulty_peer_internode.py",
 ]
 
 

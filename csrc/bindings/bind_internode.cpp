@@ -48,6 +48,48 @@ py::dict layout_dict(const InternodeShape& s) {
   d["forwarders"] = r.forwarders;
   d["tokens_per_warp"] = r.tokens_per_warp;
   d["combine_reducers"] = r.combine_reducers;
+  d["agreement_bytes"] = static_cast<int64_t>(8 * kAgreementWords);  // one rank's words: a put per remote rank
+  // Offsets of every region (byte offsets; sig_* are signal ids), for the faulty-peer tests and
+  // the docs (runtime/ops_internode.h documents each one).
+  py::dict o;
+  o["sig_barrier"] = l.sig_barrier;
+  o["sig_notify"] = l.sig_notify;
+  o["sig_rdma_tail"] = l.sig_rdma_tail;
+  o["sig_rdma_head"] = l.sig_rdma_head;
+  o["sig_comb_tail"] = l.sig_comb_tail;
+  o["sig_comb_head"] = l.sig_comb_head;
+  o["pos_rdma_sent"] = l.pos_rdma_sent;
+  o["pos_rdma_taken"] = l.pos_rdma_taken;
+  o["pos_comb_sent"] = l.pos_comb_sent;
+  o["pos_comb_taken"] = l.pos_comb_taken;
+  o["agreement_in"] = l.agreement_in;
+  o["agreement_out"] = l.agreement_out;
+  o["notify_in"] = l.notify_in;
+  o["notify_out"] = l.notify_out;
+  o["rdma_recv"] = l.rdma_recv;
+  o["rdma_send"] = l.rdma_send;
+  o["comb_recv"] = l.comb_recv;
+  o["comb_send"] = l.comb_send;
+  o["slot_scales"] = l.slot_scales;
+  o["slot_topk"] = l.slot_topk;
+  o["slot_weights"] = l.slot_weights;
+  o["slot_meta"] = l.slot_meta;
+  o["slot_mask"] = l.slot_mask;
+  o["partial_weights"] = l.partial_weights;
+  o["nvl_barrier"] = l.nvl_barrier;
+  o["nvl_notify_flag"] = l.nvl_notify_flag;
+  o["nvl_tail"] = l.nvl_tail;
+  o["nvl_head"] = l.nvl_head;
+  o["nvl_agreement"] = l.nvl_agreement;
+  o["nvl_notify_in"] = l.nvl_notify_in;
+  o["nvl_queues"] = l.nvl_queues;
+  o["nvl_queue_bytes"] = l.nvl_queue_bytes;
+  o["q_row"] = l.q_row;
+  o["q_scales"] = l.q_scales;
+  o["q_topk"] = l.q_topk;
+  o["q_weights"] = l.q_weights;
+  o["q_src"] = l.q_src;
+  d["offsets"] = o;
   return d;
 }
 
@@ -76,14 +118,20 @@ void bind_internode(py::module_& parent) {
                        int nvl_queue_tokens, int rdma_queue_tokens, int64_t row_bytes, int num_scales, int num_topk,
                        int experts_per_rank, const std::vector<uintptr_t>& nvl_windows, uintptr_t nvl_bytes,
                        int net_kind, uintptr_t net_window, uint64_t net_window_bytes, uint32_t num_signals,
-                       uintptr_t net_queue, uintptr_t net_rdma_bytes, int64_t reserved_head_bytes) {
+                       uintptr_t net_queue, uintptr_t net_rdma_bytes, int64_t reserved_head_bytes,
+                       const std::vector<uint64_t>& agreement) {
              if (nvl_windows.size() != static_cast<size_t>(ranks_per_node) || ranks_per_node > kIntranodeMaxRanks) {
                throw Error(ErrorKind::kInvalidArgument, "internode Context: expected " + std::to_string(ranks_per_node) +
                                                             " NVL window addresses, got " +
                                                             std::to_string(nvl_windows.size()));
              }
+             if (agreement.size() > static_cast<size_t>(kAgreementWords)) {
+               throw Error(ErrorKind::kInvalidArgument, "internode Context: at most " + std::to_string(kAgreementWords) +
+                                                            " agreement words, got " + std::to_string(agreement.size()));
+             }
              InternodeContext ctx;
              ctx.rank = rank;
+             for (size_t i = 0; i < agreement.size(); ++i) ctx.agreement[i] = agreement[i];
              ctx.shape = shape_of(num_nodes, ranks_per_node, num_channels, block_warps, nvl_queue_tokens,
                                   rdma_queue_tokens, row_bytes, num_scales, num_topk, experts_per_rank);
              ctx.shape.reserved_head_bytes = reserved_head_bytes;
@@ -101,7 +149,8 @@ void bind_internode(py::module_& parent) {
            }),
            py::kw_only(), py::arg("rank"), MOELINK_SHAPE_ARGS, py::arg("nvl_windows"), py::arg("nvl_bytes") = 0,
            py::arg("net_kind"), py::arg("net_window"), py::arg("net_window_bytes"), py::arg("num_signals"),
-           py::arg("net_queue"), py::arg("net_rdma_bytes") = 0, py::arg("reserved_head_bytes") = 0)
+           py::arg("net_queue"), py::arg("net_rdma_bytes") = 0, py::arg("reserved_head_bytes") = 0,
+           py::arg("agreement") = std::vector<uint64_t>{})
       .def_property_readonly("layout", [](const InternodeContext& ctx) { return layout_dict(ctx.shape); });
 
   m.def(

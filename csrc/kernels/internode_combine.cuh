@@ -180,8 +180,12 @@ MOELINK_DEVICE_NOINLINE void forward_reduce(const InternodeCombineArgs& args, co
       if (tid == 0) {  // room for the whole round in the source's ring
         const uint64_t end = start + static_cast<uint64_t>(round_end);
         if (end > static_cast<uint64_t>(s.rdma_queue_tokens)) {
-          wait_until(head, Cmp::kGe, end - static_cast<uint64_t>(s.rdma_queue_tokens),
-                     WaitSite{"internode combine: room in source's partial queue", ctx.rank, src, c});
+          const uint64_t seen = wait_until(head, Cmp::kGe, end - static_cast<uint64_t>(s.rdma_queue_tokens),
+                                           WaitSite{"internode combine: room in source's partial queue", ctx.rank, src, c});
+          // The source's signal: past what this rank published it would free partials never sent.
+          const uint64_t sent = start + static_cast<uint64_t>(round);
+          MOELINK_DEVICE_CHECK(seen <= sent, "internode combine: rank %d released head %llu past this rank's tail %llu",
+                               src, static_cast<unsigned long long>(seen), static_cast<unsigned long long>(sent));
         }
       }
       sync_block();
@@ -255,7 +259,7 @@ MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) combine_kernel(Inter
   const InternodeLayout layout = InternodeLayout::of(ctx.shape);
   const InternodeRoles roles = InternodeRoles::of(ctx.shape);
   const uint64_t epoch = operation_epoch(ctx);
-  global_barrier(ctx, layout, epoch, "internode combine: global barrier (rank has not entered this combine)");
+  global_barrier(ctx, epoch, "internode combine: global barrier (rank has not entered this combine)");
   const int c = static_cast<int>(block_rank()) / 2, warp = static_cast<int>(warp_id());
   if (block_rank() % 2 == 0) {
     if (warp < roles.combine_senders) {

@@ -59,25 +59,61 @@ MOELINK_DEVICE uint64_t operation_epoch(const InternodeContext& ctx) {
 
 // Every block returns once every rank of every node has entered operation `epoch`. Ranks of this
 // node meet through their NVL windows (as intranode); ranks of other nodes through signals, each
-// posted after everything this rank sent in earlier operations.
-MOELINK_DEVICE void global_barrier(const InternodeContext& ctx, const InternodeLayout& layout, uint64_t epoch,
-                                   const char* what) {
+// posted after everything this rank sent in earlier operations. The call's agreement words ride
+// along (runtime/ops_internode.h, "Agreement"): block 0 sends them with its barrier stores and
+// signals, then compares every rank's with its own once that rank's barrier store or signal is in.
+// Not inlined, and it computes the layout itself: the dispatch kernel's body is at the register
+// bound (sm_90), and this way nothing of it is live across the barrier; it runs once per operation.
+MOELINK_DEVICE_NOINLINE void global_barrier(const InternodeContext& ctx, uint64_t epoch, const char* what) {
+  const InternodeLayout layout = InternodeLayout::of(ctx.shape);
   const InternodeShape& s = ctx.shape;
   const int ranks = s.num_ranks(), lr = s.ranks_per_node, me_node = ctx.node();
-  for (int r = static_cast<int>(thread_rank()); r < ranks; r += static_cast<int>(num_threads())) {
-    const bool local = r / lr == me_node;
-    if (block_rank() == 0) {
-      if (local) {
-        st_release(nvl_at<uint64_t>(ctx, r % lr, layout.nvl_barrier) + ctx.local(), epoch);
+  const int tid = static_cast<int>(thread_rank()), threads = static_cast<int>(num_threads());
+  const int64_t parity = static_cast<int64_t>(epoch & 1u);
+  constexpr int64_t kWordBytes = 8 * kAgreementWords;
+  if (block_rank() == 0) {
+    // A put's source must lie in this rank's own scale-out window: stage the words there first.
+    uint64_t* staged = net_at<uint64_t>(ctx, layout.agreement_out + parity * kWordBytes);
+    // (One thread, constant indices: a per-thread index into the kernel's parameters would make
+    // the compiler copy them to local memory.)
+    if (tid == 0) {
+      for (int w = 0; w < kAgreementWords; ++w) staged[w] = ctx.agreement[w];
+    }
+    sync_block();
+    for (int r = tid; r < ranks; r += threads) {
+      if (r / lr == me_node) {
+        uint64_t* slot = nvl_at<uint64_t>(ctx, r % lr, layout.nvl_agreement + (parity * lr + ctx.local()) * kWordBytes);
+        for (int w = 0; w < kAgreementWords; ++w) slot[w] = ctx.agreement[w];
+        st_release(nvl_at<uint64_t>(ctx, r % lr, layout.nvl_barrier) + ctx.local(), epoch);  // orders the words too
       } else {
-        transport::signal(ctx.net, r, layout.sig_barrier + ctx.rank, 1);
+        // The signal lands after the words (ordering rule 1 of the transport).
+        transport::put(ctx.net, r, static_cast<uint64_t>(layout.agreement_in + (parity * ranks + ctx.rank) * kWordBytes),
+                       staged, static_cast<uint64_t>(kWordBytes), transport::SignalAdd{layout.sig_barrier + ctx.rank, 1});
       }
     }
+  }
+  // Every rank has this rank's words before any thread may fail a comparison (a failed check ends
+  // the launch: ranks it had not reached yet would wait for it until their deadline).
+  sync_block();
+  for (int r = tid; r < ranks; r += threads) {
+    const bool local = r / lr == me_node;
     const WaitSite site{what, ctx.rank, r};
     if (local) {
       wait_until(nvl_at<uint64_t>(ctx, ctx.local(), layout.nvl_barrier) + r % lr, Cmp::kGe, epoch, site);
     } else {
       transport::wait_signal(ctx.net, layout.sig_barrier + r, Cmp::kGe, epoch, site);
+    }
+    // Block 0 compares; the other blocks only wait (what they read from peers is range-checked
+    // where it is used).
+    if (block_rank() != 0) continue;
+    const uint64_t* theirs =
+        local ? nvl_at<const uint64_t>(ctx, ctx.local(), layout.nvl_agreement + (parity * lr + r % lr) * kWordBytes)
+              : net_at<const uint64_t>(ctx, layout.agreement_in + (parity * ranks + r) * kWordBytes);
+    for (int w = 0; w < kAgreementWords; ++w) {
+      const uint64_t value = theirs[w];
+      MOELINK_DEVICE_CHECK(value == ctx.agreement[w],
+                           "moelink agreement: rank %d and rank %d disagree on word %d (%llu here, %llu there)", ctx.rank,
+                           r, w, static_cast<unsigned long long>(ctx.agreement[w]), static_cast<unsigned long long>(value));
     }
   }
   sync_block();
@@ -146,6 +182,9 @@ struct NetSender {
       publish(ctx);
       const uint64_t needed = tail - static_cast<uint64_t>(capacity) + 1;
       head_seen = shfl(kFullMask, lane_id() == 0 ? wait_until(head, Cmp::kGe, needed, room) : uint64_t{0}, 0);
+      // The head is the receiver's signal: past the tail it would free slots never filled.
+      MOELINK_DEVICE_CHECK(head_seen <= tail, "internode queue: rank %d released head %llu past this rank's tail %llu",
+                           peer, static_cast<unsigned long long>(head_seen), static_cast<unsigned long long>(tail));
     }
     return slot(tail);
   }

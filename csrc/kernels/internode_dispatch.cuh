@@ -85,6 +85,7 @@ MOELINK_DEVICE_NOINLINE void nvl_receive(const InternodeDispatchArgs& args, cons
   const InternodeContext& ctx = args.ctx;
   const InternodeShape& s = ctx.shape;
   const int lane = static_cast<int>(lane_id()), lr = s.ranks_per_node, channels = s.num_channels;
+  const int forwarder = ctx.node() * lr + l;  // the rank that fills this queue (named in every check)
   Queue queue;
   const int64_t index = static_cast<int64_t>(c) * lr + l;
   queue.tail = nvl_at<uint64_t>(ctx, ctx.local(), layout.nvl_tail + index * kIntranodeCounterStride);
@@ -104,12 +105,12 @@ MOELINK_DEVICE_NOINLINE void nvl_receive(const InternodeDispatchArgs& args, cons
   for (int64_t received = 0; received < expected;) {
     const uint64_t tail = shfl(kFullMask, lane == 0 ? wait_until(queue.tail, Cmp::kGt, head,
                                                                  WaitSite{"internode dispatch: tokens from forwarder",
-                                                                          ctx.rank, ctx.node() * lr + l, c})
+                                                                          ctx.rank, forwarder, c})
                                                     : uint64_t{0}, 0);
     syncwarp();
     const int64_t ready = static_cast<int64_t>(tail - head);
     MOELINK_DEVICE_CHECK(ready >= 0 && ready <= expected - received,
-                         "internode dispatch: forwarder %d queued %lld tokens, %lld expected", l,
+                         "internode dispatch: forwarder rank %d queued %lld tokens, %lld expected", forwarder,
                          static_cast<long long>(received + ready), static_cast<long long>(expected));
     for (int64_t i = 0; i < ready; ++i) {
       while (taken == rows_of(node)) {
@@ -121,8 +122,8 @@ MOELINK_DEVICE_NOINLINE void nvl_receive(const InternodeDispatchArgs& args, cons
       const int64_t row = args.recv_channel_start[src * channels + c] + taken++;
       const int32_t* meta = reinterpret_cast<const int32_t*>(queue.base + layout.q_src) + 2 * static_cast<int64_t>(slot);
       // The forwarder's word: a message from another source here means the streams disagree.
-      MOELINK_DEVICE_CHECK(meta[0] == src, "internode dispatch: forwarder %d passed a token of rank %d where rank %d's "
-                           "were due", l, meta[0], src);
+      MOELINK_DEVICE_CHECK(meta[0] == src, "internode dispatch: forwarder rank %d passed a token of rank %d where rank "
+                           "%d's were due", forwarder, meta[0], src);
       warp_bulk_copy(kFullMask, stage, static_cast<char*>(args.recv_x) + row * s.row_bytes,
                      queue.base + layout.q_row + slot * s.row_bytes, static_cast<size_t>(s.row_bytes));
       const uint32_t* scales = reinterpret_cast<const uint32_t*>(queue.base + layout.q_scales) + static_cast<int64_t>(slot) * s.num_scales;
@@ -132,14 +133,15 @@ MOELINK_DEVICE_NOINLINE void nvl_receive(const InternodeDispatchArgs& args, cons
       for (int k = lane; k < s.num_topk; k += kWarpSize) {
         const int32_t expert = topk[k];  // the forwarder's word: callers index expert tables with it
         MOELINK_DEVICE_CHECK(expert >= -1 && expert < s.experts_per_rank,
-                             "internode dispatch: forwarder %d passed local expert id %d (this rank has %d)", l, expert,
+                             "internode dispatch: forwarder rank %d passed local expert id %d (this rank has %d)",
+                             forwarder, expert,
                              s.experts_per_rank);
         args.recv_topk_idx[row * s.num_topk + k] = expert;
         if (args.recv_topk_weights != nullptr) args.recv_topk_weights[row * s.num_topk + k] = weights[k];
       }
       if (lane == 0) {
-        MOELINK_DEVICE_CHECK(meta[1] >= 0, "internode dispatch: forwarder %d passed source token index %d of rank %d", l,
-                             meta[1], src);
+        MOELINK_DEVICE_CHECK(meta[1] >= 0, "internode dispatch: forwarder rank %d passed source token index %d of rank %d",
+                             forwarder, meta[1], src);
         args.recv_src_idx[row] = meta[1];
       }
     }

@@ -56,9 +56,12 @@ MOELINK_DEVICE void forward_message(const InternodeDispatchArgs& args, const Int
     out_weights[k] = mine ? weights[k] : 0.0f;
   }
   if (lane == 0) {
+    // The source's word, passed on to a local rank that keeps it as recv_src_idx.
+    const int32_t token = reinterpret_cast<const int32_t*>(message + layout.slot_meta)[0];
+    MOELINK_DEVICE_CHECK(token >= 0, "internode dispatch: source %d sent token index %d", src, token);
     int32_t* meta = reinterpret_cast<int32_t*>(base + layout.q_src) + 2 * static_cast<int64_t>(slot);
     meta[0] = src;
-    meta[1] = reinterpret_cast<const int32_t*>(message + layout.slot_meta)[0];
+    meta[1] = token;
   }
   sender.commit();
 }

@@ -27,7 +27,7 @@ MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) notify_kernel(Intern
   const uint64_t epoch = operation_epoch(ctx);
   uint64_t* notify_count = nvl_at<uint64_t>(ctx, me_local, kNotifyCountOffset);
   const uint64_t count_now = ld_relaxed(notify_count) + 1;
-  global_barrier(ctx, layout, epoch, "internode notify: global barrier (rank has not entered this dispatch)");
+  global_barrier(ctx, epoch, "internode notify: global barrier (rank has not entered this dispatch)");
 
   for (int dst = static_cast<int>(block_rank()); dst < ranks; dst += static_cast<int>(num_blocks())) {
     const bool local = dst / lr == me_node, forwarder = dst % lr == me_local;
@@ -97,10 +97,17 @@ MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) notify_kernel(Intern
       int64_t forwarded = 0;
       for (int c = 0; c < channels; ++c) {
         for (int n = 0; n < nodes; ++n) {
-          const int32_t count = message_of(n * lr + me_local)[channels + c];
+          const int32_t* message = message_of(n * lr + me_local);
+          const int32_t count = message[channels + c];
           args.forward_start[c * nodes + n] = static_cast<int32_t>(forwarded);
           MOELINK_DEVICE_CHECK(count >= 0 && forwarded + count <= INT32_MAX,
-                               "internode notify: rank %d announced %d tokens for this node", n * lr + me_local, count);
+                               "internode notify: rank %d announced %d tokens for this node (total so far %lld)",
+                               n * lr + me_local, count, static_cast<long long>(forwarded));
+          // Its tokens for this rank are some of those for this node: fewer node tokens than rank
+          // tokens would leave the NVL receivers waiting for rows the forwarder never gets.
+          MOELINK_DEVICE_CHECK(message[c] <= count,
+                               "internode notify: rank %d announced %d tokens for this node but %d for this rank "
+                               "(channel %d)", n * lr + me_local, count, message[c], c);
           forwarded += count;
         }
       }

@@ -27,12 +27,12 @@ namespace kernels::internode {
 // The dispatch kernel: block 2c sends channel c, block 2c + 1 forwards it (see the headers).
 MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) dispatch_kernel(InternodeDispatchArgs args, DispatchTuning tuning) {
   const InternodeContext& ctx = args.ctx;
-  const InternodeLayout layout = InternodeLayout::of(ctx.shape);
-  const InternodeRoles roles = InternodeRoles::of(ctx.shape);
   const uint64_t epoch = operation_epoch(ctx);
   if (args.barrier_first) {
-    global_barrier(ctx, layout, epoch, "internode dispatch: global barrier (rank has not entered this dispatch)");
+    global_barrier(ctx, epoch, "internode dispatch: global barrier (rank has not entered this dispatch)");
   }
+  const InternodeLayout layout = InternodeLayout::of(ctx.shape);  // after the barrier: nothing live across it
+  const InternodeRoles roles = InternodeRoles::of(ctx.shape);
   const int c = static_cast<int>(block_rank()) / 2;
   if (block_rank() % 2 == 0) {
     dispatch_send_block(args, layout, roles, c, tuning);

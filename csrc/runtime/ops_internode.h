@@ -40,6 +40,15 @@
 // (through the transport, after everything it sent before) and storing its epoch into the NVL
 // barrier of its node's ranks; then waiting for all of them. After it no rank is still in an
 // earlier operation, and every per-call region of both windows may be re-carved.
+// Agreement (docs/semantics.md, "Trust"): the barrier carries the call's parameter words
+// (InternodeContext::agreement) to every rank: stored into the NVL agreement slot of each rank of
+// the node before the barrier release, put into agreement_in of each rank of another node by the
+// put that carries the barrier signal (one entry, no extra round trip). Every rank compares every
+// rank's words with its own after the barrier; a difference fails with DeviceAssert("moelink
+// agreement: rank a and rank b disagree on word w ...") on every rank (each compares with all,
+// and every rank's words are out before any rank's comparison may fail). Parity: a rank can be at
+// most one operation ahead of a peer still comparing (it passes barrier e + 1 only once that peer
+// entered e + 1), and its staged words of e - 1 were read before the peer passed barrier e - 1.
 //
 // Scale-out window layout (offsets identical on every rank; regions 128-byte aligned):
 //   signals (u64, transport signal ids; never re-carved, monotonic: absolute stream positions):
@@ -54,6 +63,12 @@
 //   stream ends has got over all calls, the start of the next call's stream:
 //     rdma_sent[64][N] (source, per destination node), rdma_taken[64][N] (forwarder, per source
 //     node), comb_sent[64][N] (forwarder, per source node), comb_taken[64][N] (source, per node)
+//   agreement (u64, never re-carved; double-buffered by epoch parity, as intranode):
+//     agreement_in[2][R][kAgreementWords]   [epoch % 2][s]: the parameter words rank s (another
+//                                           node) entered that operation with, put beside its
+//                                           barrier signal (the put carries the signal)
+//     agreement_out[2][kAgreementWords]     this rank's words of operation e, staged at [e % 2]
+//                                           (the source of those puts)
 //   per call:
 //     notify_in[R]        [notify_bytes] counts message from rank s (other nodes)
 //     notify_out[R]       [notify_bytes] this rank's message to rank r (staging of its put)
@@ -73,7 +88,9 @@
 //
 // NVL window layout (node-local; offsets identical on every rank of a node):
 //   control (128 B; shared with the intranode layout: epoch, blocks_done, notify_count at 72)
-//   barrier u64 [L] | notify_flag u64 [L] | nvl_tail u64 [64][L], 64 B apart | nvl_head u64 [64][L]
+//   barrier u64 [L] | notify_flag u64 [L] | nvl_tail u64 [64][L], 64 B apart | nvl_head u64 [64][L] |
+//   agreement u64 [2][L][kAgreementWords] ([epoch % 2][l]: local rank l's words, stored before its
+//   barrier release)
 //   per call: notify_in [L][notify_bytes] (local senders' messages) |
 //   queue (c, l) for each channel and local sender, a ring of Qn slots stored as arrays:
 //     row [Qn][row_bytes] | scales [Qn][4P] | topk [Qn][K] i32 (local ids of the receiver) |
@@ -159,12 +176,13 @@ struct InternodeLayout {
   int64_t num_signals;                                   // the transport's signal region
   int64_t sig_barrier, sig_notify, sig_rdma_tail, sig_rdma_head, sig_comb_tail, sig_comb_head;  // signal ids
   int64_t pos_rdma_sent, pos_rdma_taken, pos_comb_sent, pos_comb_taken;    // byte offsets of the positions
+  int64_t agreement_in, agreement_out;                   // byte offsets (fixed per Buffer)
   int64_t notify_in, notify_out, rdma_recv, rdma_send, comb_recv, comb_send;  // byte offsets
   int64_t notify_bytes, dispatch_slot, partial_slot;     // sizes
   int64_t slot_scales, slot_topk, slot_weights, slot_meta, slot_mask, partial_weights;  // offsets inside a slot
   int64_t rdma_total_bytes;
   // NVL window
-  int64_t nvl_barrier, nvl_notify_flag, nvl_tail, nvl_head, nvl_notify_in, nvl_queues, nvl_queue_bytes;
+  int64_t nvl_barrier, nvl_notify_flag, nvl_tail, nvl_head, nvl_agreement, nvl_notify_in, nvl_queues, nvl_queue_bytes;
   int64_t q_row, q_scales, q_topk, q_weights, q_src;     // offsets inside an NVL queue
   int64_t nvl_total_bytes;
 
@@ -196,7 +214,9 @@ struct InternodeLayout {
     l.pos_rdma_taken = l.pos_rdma_sent + 8 * counters;
     l.pos_comb_sent = l.pos_rdma_taken + 8 * counters;
     l.pos_comb_taken = l.pos_comb_sent + 8 * counters;
-    l.notify_in = align(l.pos_comb_taken + 8 * counters);
+    l.agreement_in = align(l.pos_comb_taken + 8 * counters);
+    l.agreement_out = align(l.agreement_in + 8 * 2 * ranks * kAgreementWords);
+    l.notify_in = align(l.agreement_out + 8 * 2 * kAgreementWords);
     l.notify_out = align(l.notify_in + ranks * l.notify_bytes);
     l.rdma_recv = align(l.notify_out + ranks * l.notify_bytes);
     l.rdma_send = align(l.rdma_recv + c * n * qr * l.dispatch_slot);
@@ -208,7 +228,8 @@ struct InternodeLayout {
     l.nvl_notify_flag = align(l.nvl_barrier + 8 * lr);
     l.nvl_tail = align(l.nvl_notify_flag + 8 * lr);
     l.nvl_head = align(l.nvl_tail + kIntranodeCounterStride * kInternodeMaxChannels * lr);
-    l.nvl_notify_in = align(l.nvl_head + kIntranodeCounterStride * kInternodeMaxChannels * lr);
+    l.nvl_agreement = align(l.nvl_head + kIntranodeCounterStride * kInternodeMaxChannels * lr);
+    l.nvl_notify_in = align(l.nvl_agreement + 8 * 2 * lr * kAgreementWords);
     l.nvl_queues = align(l.nvl_notify_in + lr * l.notify_bytes);
     l.q_row = 0;
     l.q_scales = a16(qn * s.row_bytes);
@@ -228,6 +249,9 @@ struct InternodeContext {
   WindowTable nvl{};               // NVL window of every rank of this node, by local index
   transport::ScaleOut net;         // this rank's scale-out handle
   uint64_t* nvl_bytes = nullptr;   // NVL byte counter, or null
+  // The call's parameter words (op, shapes, dtypes, config, the handle's serial: the Python
+  // layer's words, moelink._agreement names them), compared by every rank in the global barrier.
+  uint64_t agreement[kAgreementWords] = {};
 
   MOELINK_HOST_DEVICE int node() const { return rank / shape.ranks_per_node; }
   MOELINK_HOST_DEVICE int local() const { return rank % shape.ranks_per_node; }

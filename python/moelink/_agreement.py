@@ -1,8 +1,11 @@
 """Ranks agree or fail together (docs/semantics.md, "Trust").
 
-Every intranode operation's first synchronisation, the node barrier, carries ``WORDS`` 64-bit
-parameter words from each rank to every peer (runtime/ops_intranode.h, IntranodeContext::agreement;
-the window's ``agreement`` region, docs/buffer-layout.md). Each rank compares every peer's words
+Every operation's first synchronisation carries ``WORDS`` 64-bit parameter words from each rank to
+every peer: intranode the node barrier (runtime/ops_intranode.h, IntranodeContext::agreement; the
+window's ``agreement`` region, docs/buffer-layout.md), internode the global barrier, whose NVL
+store carries them to the ranks of the node and whose scale-out put (the one that carries the
+barrier signal) to the ranks of other nodes (runtime/ops_internode.h, "Agreement"). Each rank
+compares every peer's words
 with its own right after the barrier, before any count or row moves, and a difference fails the
 kernel with ``DeviceAssert("moelink agreement: rank a and rank b disagree on word w ...")`` on
 every rank (each compares with all). :func:`translate` turns that into :class:`RankMismatch`
@@ -39,6 +42,7 @@ FIELDS = (
     "row bytes",                                   # hidden * x.element_size()
     "handle (the dispatch it came from)",          # the handle's serial, 0 without one
     "zero_copy",
+    "config.num_max_rdma_chunked_recv_tokens",     # internode only (0 on one node)
 )
 # Not compared, since they never reach another rank: expert_alignment (local counts), the send
 # chunk (how often a sender publishes), num_worst_tokens (exchanged by design: M is the largest),
@@ -64,11 +68,12 @@ def _dtype_name(code: int) -> str:
 def words(op: str, *, hidden: int, x_dtype: Optional[torch.dtype], num_scales: int = 0,
           scales_dtype: Optional[torch.dtype] = None, num_topk: int = 0, num_experts: int = 0, config=None,
           block_warps: int = 0, sub_channels: int = 0, row_bytes: int = 0, handle_serial: int = 0,
-          zero_copy: bool = False) -> List[int]:
-    """The agreement words of one call, in ``FIELDS`` order (every value in [0, 2^64))."""
+          zero_copy: bool = False, internode: bool = False) -> List[int]:
+    """The agreement words of one call, in ``FIELDS`` order (every value in [0, 2^64)).
+    ``internode``: the call spans nodes, so the scale-out queue size is compared too."""
     values = [OPS[op], hidden, _dtype_code(x_dtype), num_scales, _dtype_code(scales_dtype), num_topk, num_experts,
               config.num_sms, config.num_max_nvl_chunked_recv_tokens, block_warps * 256 + sub_channels, row_bytes,
-              handle_serial, int(zero_copy)]
+              handle_serial, int(zero_copy), config.num_max_rdma_chunked_recv_tokens if internode else 0]
     assert len(values) == len(FIELDS)
     return [int(v) & (2**64 - 1) for v in values]
 
@@ -99,7 +104,7 @@ def translate(op: str, exc: BaseException) -> BaseException:
         return exc
     field = FIELDS[word]
     return RankMismatch(f"{op}: ranks {rank} and {peer} disagree on {field}: rank {rank} has {_show(word, mine)}, "
-                        f"rank {peer} has {_show(word, theirs)} (every rank of the node raises; the Buffer is "
+                        f"rank {peer} has {_show(word, theirs)} (every rank raises; the Buffer is "
                         "unusable)", ranks=(rank, peer), field=field)
 
 

@@ -1,7 +1,9 @@
 """Mechanics of the internode dispatch and combine (csrc/runtime/ops_internode.h): sizing, output
 allocation and the kernel calls. Arguments are validated by the same ``DispatchCall`` /
 ``CombineCall`` as the intranode path (``_intranode``), and calls have the same two phases
-(``plan_*`` raises before anything runs; ``run_*`` launches, and a failure there poisons).
+(``plan_*`` raises before anything runs; ``run_*`` launches, and a failure there poisons). Every
+call's first kernel compares the call's parameters across all ranks in its global barrier
+(moelink._agreement): ranks that disagree raise RankMismatch together, and the Buffer is poisoned.
 
 A token crosses the network once per destination node, to the rank with its source's local index
 there, and fans out over NVLink (docs/internode.md). Receive order is the intranode path's: by
@@ -15,7 +17,7 @@ from typing import List, Optional
 
 import torch
 
-from . import _validate, _host, runtime
+from . import _agreement, _validate, _host, runtime
 from ._intranode import CombineCall, DispatchCall, DispatchHandle, _ptr, output_rows, receive_outputs
 from ._pool import OutputPool
 from .config import Config
@@ -63,13 +65,17 @@ class InternodeNode:
     nvl_counter: int
     scaleout: object  # _scaleout.ScaleOutWindows
     pool: Optional[OutputPool] = None  # the Buffer's output pool (None: fresh tensors)
+    epoch: int = 0  # the Buffer operation this call is (a dispatch's handle serial, moelink._handles)
 
     def empty(self, shape, dtype) -> torch.Tensor:
         """An output tensor: from the Buffer's pool (no page faults once warm) or fresh."""
         return _validate.allocate(self.pool, shape, dtype)
 
-    def context(self, op: str, config: Config, row_bytes: int, num_scales: int, num_topk: int, experts_per_rank: int):
-        """The native context for one call; raises before anything runs if a window is too small."""
+    def context(self, op: str, config: Config, row_bytes: int, num_scales: int, num_topk: int, experts_per_rank: int,
+                agreement: Optional[dict] = None):
+        """The native context for one call; raises before anything runs if a window is too small.
+        ``agreement``: the call's parameters for moelink._agreement.words (the global barrier
+        carries them to every rank, each compares them with its own)."""
         shape = dict(num_nodes=self.num_nodes, ranks_per_node=self.ranks_per_node, num_channels=config.num_sms // 2,
                      block_warps=max(2, runtime.block_warps()), nvl_queue_tokens=config.num_max_nvl_chunked_recv_tokens,
                      rdma_queue_tokens=config.num_max_rdma_chunked_recv_tokens, row_bytes=row_bytes,
@@ -93,9 +99,11 @@ class InternodeNode:
                 raise argument_error(InvalidArgument, name, f"at least {need} bytes for this {op} "
                                      "(Config.get_nvl_buffer_size_hint / get_rdma_buffer_size_hint give a size for "
                                      "every call of a shape)", have)
+        words = [] if agreement is None else _agreement.words(
+            **agreement, config=config, block_warps=shape["block_warps"], row_bytes=row_bytes, internode=True)
         return _host.internode.Context(rank=self.rank, **shape, nvl_windows=self.nvl_window_ptrs,
                                        nvl_bytes=self.nvl_counter, reserved_head_bytes=reserved,
-                                       **self.scaleout.handle())
+                                       agreement=words, **self.scaleout.handle())
 
 
 @dataclasses.dataclass
@@ -124,7 +132,12 @@ def plan_dispatch(node: InternodeNode, call: DispatchCall) -> DispatchPlan:
     num_scales = 0 if call.x_scales is None else call.x_scales.shape[1]
     row_bytes = call.x.shape[1] * call.x.element_size()
     ranks = node.num_nodes * node.ranks_per_node
-    native = node.context("dispatch", call.config, row_bytes, num_scales, num_topk, call.num_experts // ranks)
+    agreement = dict(op="dispatch" if call.handle is None else "cached dispatch", hidden=call.x.shape[1],
+                     x_dtype=call.x.dtype, num_scales=num_scales,
+                     scales_dtype=None if call.x_scales is None else call.x_scales.dtype, num_topk=num_topk,
+                     num_experts=call.num_experts, handle_serial=0 if call.handle is None else call.handle.serial)
+    native = node.context("dispatch", call.config, row_bytes, num_scales, num_topk, call.num_experts // ranks,
+                          agreement)
     return DispatchPlan(node, call, native)
 
 
@@ -162,7 +175,8 @@ def run_dispatch(plan: DispatchPlan, op=None):  # op: host target only (no strea
     if handle is None:
         handle = InternodeHandle(channels, call.num_experts, recv_channel_start, recv_src_idx, is_token_in_rank,
                                  rdma_send_head, per_expert, 1, rank=node.rank, num_ranks=ranks, num_rows=rows,
-                                 forward_start=forward_start, forward_head=forward_head, num_nodes=nodes)
+                                 forward_start=forward_start, forward_head=forward_head, num_nodes=nodes,
+                                 serial=node.epoch)
     if recv_topk_idx is not None and call.topk_idx_dtype != torch.int64:
         recv_topk_idx = recv_topk_idx.to(call.topk_idx_dtype)
     payload = recv_x if recv_scales is None else (recv_x, recv_scales)
@@ -181,7 +195,10 @@ def plan_combine(node: InternodeNode, call: CombineCall) -> CombinePlan:
     if not isinstance(call.handle, InternodeHandle):
         _check_handle(call.handle)
     num_topk = 0 if call.topk_weights is None else call.topk_weights.shape[1]
-    return CombinePlan(node, call, node.context("combine", call.config, call.x.shape[1] * 2, 0, num_topk, 0))
+    agreement = dict(op="combine", hidden=call.x.shape[1], x_dtype=torch.bfloat16, num_topk=num_topk,
+                     num_experts=call.handle.num_experts, handle_serial=call.handle.serial)
+    return CombinePlan(node, call, node.context("combine", call.config, call.x.shape[1] * 2, 0, num_topk, 0,
+                                                agreement))
 
 
 def run_combine(plan: CombinePlan, op=None):

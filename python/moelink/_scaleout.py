@@ -29,6 +29,7 @@ __all__ = ["ScaleOutWindows", "nic_shaping_from_env", "SCALE_OUT_KIND_HOST_NIC",
 
 SCALE_OUT_KIND_HOST_NIC = 1  # transport::ScaleOutKind::kHostNic
 NIC_RING_ENTRIES = 4096
+DRAIN_S = 2.0  # how long close() lets the NIC deliver what is still in its queue
 _GBPS_ENV = "MOELINK_HOST_NIC_GBPS"
 _LATENCY_ENV = "MOELINK_HOST_NIC_LATENCY_US"
 
@@ -109,7 +110,12 @@ class ScaleOutWindows:
         self.windows.reset_counters()
 
     def close(self) -> None:
-        """Joins the NIC thread, then unmaps the windows. Idempotent."""
+        """Delivers what kernels posted (up to ``DRAIN_S``), joins the NIC thread, then unmaps the
+        windows. Idempotent. The drain matters after a failed operation: a kernel that failed a
+        check (an agreement mismatch, say) had posted its barrier signals first, and peers wait for
+        them to raise the same error rather than time out (docs/semantics.md, "Trust")."""
+        if not self.nic.is_closed:
+            self.nic.wait_idle(DRAIN_S)
         self.nic.close()
         self.windows.close()
         _open_nics.discard(self)

@@ -195,7 +195,8 @@ class Buffer(LowLatencyMethods):
         if self.num_nodes > 1:
             return _internode.InternodeNode(self.rank, self.num_nodes, self.ranks_per_node,
                                             self._window_ptrs or [0] * self.ranks_per_node, self.num_nvl_bytes,
-                                            self._nvl_counter, self._scaleout, pool=self._pool)
+                                            self._nvl_counter, self._scaleout, pool=self._pool,
+                                            epoch=self._epoch + 1)
         return _intranode.Node(rank=self.rank, num_ranks=self.group_size, window_ptrs=self._window_ptrs,
                                window_bytes=self.num_nvl_bytes, epoch=self._epoch + 1, nvl_counter=self._nvl_counter,
                                pool=self._pool, view=self._window_view, live_recv_region=self._live_recv_region,

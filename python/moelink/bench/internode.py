@@ -90,8 +90,10 @@ def run_rank(rank: int, world: int, group, opts: InternodeOptions, progress: Opt
             num_nodes=world // rpn, ranks_per_node=rpn, num_channels=dispatch_config.num_sms // 2, block_warps=2,
             nvl_queue_tokens=2, rdma_queue_tokens=2, row_bytes=rows["row_bytes"], num_scales=rows["num_scales"],
             num_topk=opts.topk, experts_per_rank=opts.experts // world)
-        minimum = messages * sizes["dispatch_slot_bytes"] + (world - rpn) * sizes["notify_bytes"]
-        naive = per_rank_transfers * sizes["dispatch_slot_bytes"] + (world - rpn) * sizes["notify_bytes"]
+        # Metadata per rank of another node: the notify message and the barrier's agreement words.
+        metadata = (world - rpn) * (sizes["notify_bytes"] + sizes["agreement_bytes"])
+        minimum = messages * sizes["dispatch_slot_bytes"] + metadata
+        naive = per_rank_transfers * sizes["dispatch_slot_bytes"] + metadata
         payload_bytes = rows["row_bytes"] + 4 * rows["num_scales"]
         floor = SharedCopyFloor(group, max(rows["recv_rows"] * payload_bytes, 1), opts.floor_seconds)
 

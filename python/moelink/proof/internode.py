@@ -192,7 +192,9 @@ def _run(group: RankGroup, case: Case, absent: Optional[str] = None) -> Dict:
         per_node = [_remote_nodes(k.in_rank.get(), N, L, r) for r, k in enumerate(rk)]
         moved = read_rdma()
         for r in range(R):
-            expected = int(per_node[r].sum()) * d_sizes["dispatch_slot_bytes"] + (R - L) * d_sizes["notify_bytes"]
+            # Metadata per rank of another node: the notify message, the barrier's agreement words.
+            expected = (int(per_node[r].sum()) * d_sizes["dispatch_slot_bytes"] +
+                        (R - L) * (d_sizes["notify_bytes"] + d_sizes["agreement_bytes"]))
             assert moved[r] == expected, f"rank {r}: dispatch moved {moved[r]} network bytes, expected {expected}"
         details["dispatch_rdma_bytes"] = sum(moved)
         details["max_wraps"] = max(float(pn.sum()) for pn in per_node) / max(1, C) / rdma_q
@@ -242,7 +244,7 @@ def _run(group: RankGroup, case: Case, absent: Optional[str] = None) -> Dict:
         for r in range(R):
             partials = sum(int(per_node[src][:, r // L].sum()) for src in range(R)
                            if src % L == r % L and src // L != r // L)
-            assert moved[r] == partials * c_sizes["partial_slot_bytes"], \
+            assert moved[r] == partials * c_sizes["partial_slot_bytes"] + (R - L) * c_sizes["agreement_bytes"], \
                 f"rank {r}: combine moved {moved[r]} network bytes, expected {partials} partials"
         details["combine_rdma_bytes"] = sum(moved)
         group.read_counters(clear=True)
