@@ -41,7 +41,7 @@ def _layout(buffer, n, num_topk, num_experts, seed):
     return dict(topk_idx=topk, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
 
 
-def _case(ctx, field):
+def _case(ctx, field, cached=False):
     world, rank = ctx.world_size, ctx.rank
     odd = rank == world - 1
     hidden, num_topk, experts, config, scales = 16, 2, 2 * world, _CONFIGS[0], 0
@@ -70,7 +70,10 @@ def _case(ctx, field):
             recv2, _, _, _, second, _ = buffer.dispatch(x, config=config, **layout)
             # Same shapes, so every local check passes: only the handles' dispatches differ.
             with pytest.raises(errors.RankMismatch) as info:
-                buffer.combine(recv, first if odd else second, config=config)
+                if cached:
+                    buffer.dispatch(x, handle=first if odd else second, config=config)
+                else:
+                    buffer.combine(recv, first if odd else second, config=config)
         elif field == "operation":
             recv, _, _, _, handle, _ = buffer.dispatch(x, config=config, **layout)
             with pytest.raises(errors.RankMismatch) as info:
@@ -119,6 +122,10 @@ _FIELDS = ["hidden", "num_topk", "num_experts", "config.num_sms", "config.num_ma
 @pytest.mark.parametrize("field", _FIELDS)
 def test_a_rank_that_disagrees_fails_every_rank(group, field):
     assert group.run(_case, field) == [True] * group.world_size
+
+
+def test_cached_dispatches_with_different_handles_fail_every_rank(group):
+    assert group.run(_case, "handle (the dispatch it came from)", cached=True) == [True] * group.world_size
 
 
 def test_agreeing_ranks_pass(group):
