@@ -21,7 +21,7 @@ import torch
 import moelink
 from moelink import codecs, compat, errors
 from multiproc import rank_group_fixture
-from test_autograd import _close, _problem, _reference
+from test_autograd import _close, _problem, _reference, _term_bounds
 
 group = rank_group_fixture(2, 4, case_timeout=240)
 
@@ -159,8 +159,9 @@ def _megatron(ctx, seed, async_finish):
     try:
         epr = 2
         xs, idx, weights, experts, out_grads = _problem(seed, world, dict(hidden=64, num_topk=4, experts_per_rank=epr))
-        ref_x, ref_w, ref_W = _reference([x.to(torch.bfloat16).double() for x in xs], idx, weights, experts, out_grads,
-                                         slot_term=False)
+        bf16_xs = [x.to(torch.bfloat16).double() for x in xs]
+        ref_x, ref_w, ref_W = _reference(bf16_xs, idx, weights, experts, out_grads, slot_term=False)
+        abs_x, abs_w, abs_W = _term_bounds(bf16_xs, idx, weights, experts, out_grads, slot_term=False)
         x = xs[rank].to(torch.bfloat16).requires_grad_()
         probs = weights[rank].clone().requires_grad_()
         local = experts[rank * epr:(rank + 1) * epr].clone().requires_grad_()
@@ -174,9 +175,10 @@ def _megatron(ctx, seed, async_finish):
             hidden = hidden + gate * (recv_x.float() @ local[e])
         y, _ = mega.FusedCombine.apply(hidden.to(torch.bfloat16), ctx.group, handle, async_finish)
         (y.float() * out_grads[rank]).sum().backward()
-        _close("x.grad", x.grad, ref_x[rank], rank)
-        _close("token_probs.grad", probs.grad, ref_w[rank], rank)
-        _close("expert grad", local.grad, ref_W[rank * epr:(rank + 1) * epr], rank)
+        _close("x.grad", x.grad, ref_x[rank], rank, abs_x[rank])
+        _close("token_probs.grad", probs.grad, ref_w[rank], rank, abs_w[rank])
+        here = slice(rank * epr, (rank + 1) * epr)
+        _close("expert grad", local.grad, ref_W[here], rank, abs_W[here])
         buffer = mega.state["buffer"]
         assert buffer.num_nvl_bytes > 0 and buffer.num_rdma_bytes == 0
     finally:
