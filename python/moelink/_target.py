@@ -105,9 +105,8 @@ class CudaTarget:
 
     def operation(self, previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
                   allocate_on_comm_stream: bool = False) -> CommOp:
-        # An earlier asynchronous operation whose wait expired left the AbortRecord claimed: its
-        # CommTimeout is raised now, before this one queues kernels that would drain at once.
-        self.check_abort("an earlier asynchronous operation")
+        """The operation's stream scope; its arguments are checked here, before it starts (an error
+        then does not poison the Buffer). Buffer calls ``check_abort`` once it has started."""
         return CommOp(self.device, self._comm, previous_event, async_finish, allocate_on_comm_stream)
 
     def to_host(self, op: CommOp, what: str, rank: int, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:

@@ -210,10 +210,14 @@ class Buffer(LowLatencyMethods):
                    allocate_on_comm_stream: bool = False) -> Iterator[object]:
         """Yields the operation's stream scope (moelink._target: ``stream_handle``, ``keep``,
         ``on_stream``, and ``event`` once the block is left)."""
+        scope = self._target.operation(previous_event, async_finish, allocate_on_comm_stream)  # checks its arguments
         self._epoch += 1
         try:
-            with self._target.operation(previous_event, async_finish, allocate_on_comm_stream) as scope:
-                yield scope
+            # An earlier asynchronous operation whose device wait expired left the AbortRecord
+            # claimed (GPU target): its CommTimeout is raised now, before kernels that would drain.
+            self._target.check_abort("an earlier asynchronous operation")
+            with scope as entered:
+                yield entered
         except BaseException as original:
             exc = _agreement.translate(op, original)  # ranks that disagree: RankMismatch on every rank
             explained = self._poison(op, exc)
