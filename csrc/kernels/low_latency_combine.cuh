@@ -74,15 +74,22 @@ MOELINK_DEVICE_NOINLINE void combine_send(const LowLatencyCombineArgs& a, const 
   }
 }
 
+// The combine signal value from rank r once its rows (as many as this rank's dispatch sent it,
+// which the handle says) and its "done" arrived.
+MOELINK_DEVICE uint64_t rows_due(const LowLatencyCombineArgs& a, int h, int r) {
+  const LowLatencyContext& c = a.ctx;
+  const int32_t sent = a.send_counts[r];
+  MOELINK_DEVICE_CHECK(sent >= 0 && sent <= c.shape.num_max_tokens * c.shape.num_topk,
+                       "low-latency combine: rank %d: the handle says %d rows went to rank %d", c.rank, sent, r);
+  return ld_relaxed(seen_word(c, kCombineSignal, h, r)) + static_cast<uint64_t>(sent) + 1;
+}
+
 // Waits (each block, all threads) for every rank's rows and "done" of this call.
 MOELINK_DEVICE bool await_rows(const LowLatencyCombineArgs& a, int h) {
   const LowLatencyContext& c = a.ctx;
   for (int r = static_cast<int>(thread_rank()); r < c.shape.num_ranks; r += static_cast<int>(num_threads())) {
-    const int32_t sent = a.send_counts[r];
-    MOELINK_DEVICE_CHECK(sent >= 0 && sent <= c.shape.num_max_tokens * c.shape.num_topk,
-                         "low-latency combine: rank %d: the handle says %d rows went to rank %d", c.rank, sent, r);
     const uint64_t start = globaltimer_ns();
-    const uint64_t due = ld_relaxed(seen_word(c, kCombineSignal, h, r)) + static_cast<uint64_t>(sent) + 1;
+    const uint64_t due = rows_due(a, h, r);
     await_signal(c, signal_id(c, kCombineSignal, h, r), due, "low-latency combine: expert outputs from peer", r);
     if (block_rank() == 0 && a.wait_cost_stats != nullptr)
       atomic_add(a.wait_cost_stats + r, static_cast<int64_t>(globaltimer_ns() - start));
@@ -102,11 +109,8 @@ MOELINK_DEVICE bool decide_ranks(const LowLatencyCombineArgs& a, int h, uint64_t
     return !aborted();
   }
   for (int r = static_cast<int>(thread_rank()); r < c.shape.num_ranks; r += static_cast<int>(num_threads())) {
-    const int32_t sent = a.send_counts[r];
-    MOELINK_DEVICE_CHECK(sent >= 0 && sent <= c.shape.num_max_tokens * c.shape.num_topk,
-                         "low-latency combine: rank %d: the handle says %d rows went to rank %d", c.rank, sent, r);
     const uint64_t start = globaltimer_ns();
-    const uint64_t due = ld_relaxed(seen_word(c, kCombineSignal, h, r)) + static_cast<uint64_t>(sent) + 1;
+    const uint64_t due = rows_due(a, h, r);
     const bool live = !is_masked(c, r) && await_or_mask(c, signal_id(c, kCombineSignal, h, r), due,
                                                         "low-latency combine: expert outputs from peer", r);
     if (a.wait_cost_stats != nullptr) atomic_add(a.wait_cost_stats + r, static_cast<int64_t>(globaltimer_ns() - start));

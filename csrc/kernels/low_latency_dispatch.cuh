@@ -142,29 +142,34 @@ MOELINK_DEVICE const int32_t* counts_of(const LowLatencyContext& c, const LowLat
   return own_at<const int32_t>(c, half_offset(c, h) + l.count_in + src * l.count_bytes);
 }
 
+// Never trust the window: the counts message of `src` names its sender and this call's shape,
+// announces at most num_max_tokens per local expert, and a total equal to their sum.
+MOELINK_DEVICE void check_counts_message(const LowLatencyContext& c, const int32_t* m, int src) {
+  const LowLatencyShape& s = c.shape;
+  MOELINK_DEVICE_CHECK(m[0] == src && static_cast<uint32_t>(m[1]) == s.fingerprint(),
+                       "low-latency dispatch: rank %d: the counts message of rank %d names rank %d and shape %08x, "
+                       "this call's is %08x (ranks disagree on hidden, tokens, experts, top-k or format)", c.rank,
+                       src, m[0], static_cast<uint32_t>(m[1]), s.fingerprint());
+  int64_t sum = 0;
+  for (int e = 0; e < s.experts_per_rank(); ++e) {
+    MOELINK_DEVICE_CHECK(m[4 + e] >= 0 && m[4 + e] <= s.num_max_tokens, "low-latency dispatch: rank %d: rank %d "
+                         "announced %d tokens for local expert %d (at most %d)", c.rank, src, m[4 + e], e,
+                         s.num_max_tokens);
+    sum += m[4 + e];
+  }
+  MOELINK_DEVICE_CHECK(sum == m[2], "low-latency dispatch: rank %d: rank %d announced %d messages but %lld per expert",
+                       c.rank, src, m[2], static_cast<long long>(sum));
+}
+
 // Waits for and checks every source's counts message (each block, all threads).
 MOELINK_DEVICE bool await_counts(const LowLatencyDispatchArgs& a, const LowLatencyLayout& l, int h) {
   const LowLatencyContext& c = a.ctx;
   const LowLatencyShape& s = c.shape;
-  const int el = s.experts_per_rank();
   for (int src = static_cast<int>(thread_rank()); src < s.num_ranks; src += static_cast<int>(num_threads())) {
     const uint64_t due = ld_relaxed(seen_word(c, kCountSignal, h, src)) + 1;
     if (!await_signal(c, signal_id(c, kCountSignal, h, src), due, "low-latency dispatch: token counts from peer", src))
       continue;
-    const int32_t* m = counts_of(c, l, h, src);
-    MOELINK_DEVICE_CHECK(m[0] == src && static_cast<uint32_t>(m[1]) == s.fingerprint(),
-                         "low-latency dispatch: rank %d: the counts message of rank %d names rank %d and shape %08x, "
-                         "this call's is %08x (ranks disagree on hidden, tokens, experts, top-k or format)", c.rank,
-                         src, m[0], static_cast<uint32_t>(m[1]), s.fingerprint());
-    int64_t sum = 0;
-    for (int e = 0; e < el; ++e) {
-      MOELINK_DEVICE_CHECK(m[4 + e] >= 0 && m[4 + e] <= s.num_max_tokens, "low-latency dispatch: rank %d: rank %d "
-                           "announced %d tokens for local expert %d (at most %d)", c.rank, src, m[4 + e], e,
-                           s.num_max_tokens);
-      sum += m[4 + e];
-    }
-    MOELINK_DEVICE_CHECK(sum == m[2], "low-latency dispatch: rank %d: rank %d announced %d messages but %lld per expert",
-                         c.rank, src, m[2], static_cast<long long>(sum));
+    check_counts_message(c, counts_of(c, l, h, src), src);
   }
   sync_block();
   return !aborted();
@@ -181,7 +186,6 @@ MOELINK_DEVICE bool decide_sources(const LowLatencyDispatchArgs& a, const LowLat
     sync_block();
     return !aborted();
   }
-  const int el = s.experts_per_rank();
   for (int src = static_cast<int>(thread_rank()); src < s.num_ranks; src += static_cast<int>(num_threads())) {
     const uint64_t start = globaltimer_ns();
     bool live = !is_masked(c, src) &&
@@ -189,19 +193,7 @@ MOELINK_DEVICE bool decide_sources(const LowLatencyDispatchArgs& a, const LowLat
                               "low-latency dispatch: token counts from peer", src);
     if (live && !aborted()) {
       const int32_t* m = counts_of(c, l, h, src);
-      MOELINK_DEVICE_CHECK(m[0] == src && static_cast<uint32_t>(m[1]) == s.fingerprint(),
-                           "low-latency dispatch: rank %d: the counts message of rank %d names rank %d and shape %08x, "
-                           "this call's is %08x (ranks disagree on hidden, tokens, experts, top-k or format)", c.rank,
-                           src, m[0], static_cast<uint32_t>(m[1]), s.fingerprint());
-      int64_t sum = 0;
-      for (int e = 0; e < el; ++e) {
-        MOELINK_DEVICE_CHECK(m[4 + e] >= 0 && m[4 + e] <= s.num_max_tokens, "low-latency dispatch: rank %d: rank %d "
-                             "announced %d tokens for local expert %d (at most %d)", c.rank, src, m[4 + e], e,
-                             s.num_max_tokens);
-        sum += m[4 + e];
-      }
-      MOELINK_DEVICE_CHECK(sum == m[2], "low-latency dispatch: rank %d: rank %d announced %d messages but %lld per "
-                           "expert", c.rank, src, m[2], static_cast<long long>(sum));
+      check_counts_message(c, m, src);
       const uint64_t due = ld_relaxed(seen_word(c, kTokenSignal, h, src)) + static_cast<uint64_t>(m[2]);
       live = await_or_mask(c, signal_id(c, kTokenSignal, h, src), due, "low-latency dispatch: tokens from peer", src);
     }

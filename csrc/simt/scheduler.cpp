@@ -406,10 +406,13 @@ void notify_store(const void* addr) {
   if (t_launch != nullptr) t_launch->notify(addr);
 }
 
-uint64_t park_until(const void* addr, WaitCheck check, arch::Cmp cmp, uint64_t value, int value_bytes,
-                    bool value_signed, const arch::WaitSite& site) {
+namespace {
+
+// Parks the calling fiber on a data wait; returns its DataWait once the fiber runs again.
+DataWait& park_on(const char* what, const void* addr, WaitCheck check, arch::Cmp cmp, uint64_t value,
+                  int value_bytes, bool value_signed, const arch::WaitSite& site, bool may_expire) {
   Launch* launch = t_launch;
-  if (launch == nullptr) throw Error(ErrorKind::kInvalidArgument, "arch::wait_until called outside a kernel");
+  if (launch == nullptr) throw Error(ErrorKind::kInvalidArgument, std::string(what) + " called outside a kernel");
   Fiber* fiber = launch->current();
   DataWait& w = fiber->wait;
   w.addr = addr;
@@ -419,28 +422,22 @@ uint64_t park_until(const void* addr, WaitCheck check, arch::Cmp cmp, uint64_t v
   w.value_bytes = value_bytes;
   w.value_signed = value_signed;
   w.site = site;
-  w.may_expire = false;
+  w.may_expire = may_expire;
   w.expired = false;
   launch->park(fiber);
-  return w.seen;
+  return w;
+}
+
+}  // namespace
+
+uint64_t park_until(const void* addr, WaitCheck check, arch::Cmp cmp, uint64_t value, int value_bytes,
+                    bool value_signed, const arch::WaitSite& site) {
+  return park_on("arch::wait_until", addr, check, cmp, value, value_bytes, value_signed, site, false).seen;
 }
 
 bool park_until_or_expire(const void* addr, WaitCheck check, arch::Cmp cmp, uint64_t value, int value_bytes,
                           bool value_signed, const arch::WaitSite& site, uint64_t* seen) {
-  Launch* launch = t_launch;
-  if (launch == nullptr) throw Error(ErrorKind::kInvalidArgument, "arch::wait_until_or_expire called outside a kernel");
-  Fiber* fiber = launch->current();
-  DataWait& w = fiber->wait;
-  w.addr = addr;
-  w.check = check;
-  w.cmp = cmp;
-  w.value = value;
-  w.value_bytes = value_bytes;
-  w.value_signed = value_signed;
-  w.site = site;
-  w.may_expire = true;
-  w.expired = false;
-  launch->park(fiber);
+  DataWait& w = park_on("arch::wait_until_or_expire", addr, check, cmp, value, value_bytes, value_signed, site, true);
   w.may_expire = false;
   *seen = w.seen;
   return !w.expired;
