@@ -133,6 +133,9 @@ class LowLatencyState:
         self.pending: Optional[_Call] = None
         self.dirty: Optional[str] = None  # a normal-mode call re-carved the window since the last clean
         self.token = object()  # identity of handles made by this Buffer
+        # The Buffer's output pool (moelink._pool): recv_x and the combined output come from it, so
+        # a steady-state call takes no page faults. Buffer sets it; None: fresh tensors.
+        self.pool = None
 
     # ---- rules ---------------------------------------------------------------------------------
 
@@ -228,26 +231,30 @@ def ptr(t: Optional[torch.Tensor]) -> int:
 
 # ---- dispatch --------------------------------------------------------------------------------------
 
-def _dispatch_outputs(payload: str, experts: int, rows: int, hidden: int) -> tuple:
-    """(recv_x, recv_scales for the kernel, recv_global_scale, what the caller gets)."""
+def _dispatch_outputs(payload: str, experts: int, rows: int, hidden: int, pool=None) -> tuple:
+    """(recv_x, recv_scales for the kernel, recv_global_scale, what the caller gets), from ``pool``
+    when given. Uninitialised: rows past each expert's received count are unspecified (as DeepEP)."""
+    def empty(shape, dtype):
+        return _validate.allocate(pool, shape, dtype)
+
     groups = hidden // 128
     if payload in ("bf16", "logfmt8", "logfmt9", "logfmt10"):
-        x = torch.empty((experts, rows, hidden), dtype=torch.bfloat16)
+        x = empty((experts, rows, hidden), torch.bfloat16)
         return x, None, None, x
     if payload.startswith("fp8"):
-        codes = torch.empty((experts, rows, hidden), dtype=torch.float8_e4m3fn)
+        codes = empty((experts, rows, hidden), torch.float8_e4m3fn)
         if payload == "fp8_ue8m0":
-            scales = torch.empty((experts, -(-groups // 4), rows), dtype=torch.int32)
+            scales = empty((experts, -(-groups // 4), rows), torch.int32)
         else:
-            scales = torch.empty((experts, groups, rows), dtype=torch.float32)
+            scales = empty((experts, groups, rows), torch.float32)
         return codes, scales, None, (codes, scales.transpose(1, 2))  # token dimension contiguous, as DeepEP
     if payload == "mxfp8":
-        codes = torch.empty((experts, rows, hidden), dtype=torch.float8_e4m3fn)
-        scales = torch.empty((experts, rows, hidden // 32), dtype=torch.uint8)
+        codes = empty((experts, rows, hidden), torch.float8_e4m3fn)
+        scales = empty((experts, rows, hidden // 32), torch.uint8)
         return codes, scales, None, (codes, scales)
-    packed = torch.empty((experts, rows, hidden // 2), dtype=torch.uint8)
-    scales = torch.empty((experts, rows, hidden // 16), dtype=torch.float8_e4m3fn)
-    g = torch.empty((experts, rows), dtype=torch.float32)
+    packed = empty((experts, rows, hidden // 2), torch.uint8)
+    scales = empty((experts, rows, hidden // 16), torch.float8_e4m3fn)
+    g = empty((experts, rows), torch.float32)
     return packed, scales, g, (packed, scales, g)
 
 
@@ -289,7 +296,7 @@ def dispatch(state: LowLatencyState, guard, x, topk_idx, num_max_dispatch_tokens
     native = state.context("dispatch", num_max_tokens=t_max, hidden=hidden, num_experts=num_experts, num_topk=k,
                            payload=payload, carry_weights=carry)
     rows = ranks * t_max
-    recv_x, recv_scales, recv_g, result = _dispatch_outputs(payload, experts, rows, hidden)
+    recv_x, recv_scales, recv_g, result = _dispatch_outputs(payload, experts, rows, hidden, state.pool)
     recv_count = torch.empty(experts, dtype=torch.int32)
     src_info = torch.empty((experts, rows), dtype=torch.int32)
     layout_range = torch.empty((experts, ranks), dtype=torch.int64)
@@ -368,7 +375,7 @@ def combine(state: LowLatencyState, guard, x, topk_idx, topk_weights, handle, us
     weights = _host_tensor("topk_weights", topk_weights, (torch.float32,), tuple(topk.shape), "[num_tokens, num_topk]")
     wait = _stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, torch.int64, ranks)
     if out is None:
-        out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16)
+        out = _validate.allocate(state.pool, (num_tokens, hidden), torch.bfloat16)
     else:
         _host_tensor("out", out, (torch.bfloat16,), (num_tokens, hidden), "[num_tokens, hidden] bf16")
     payload = f"logfmt{logfmt_bits}" if use_logfmt else "bf16"

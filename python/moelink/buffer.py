@@ -126,6 +126,8 @@ class Buffer(LowLatencyMethods):
         # them, so a steady-state call takes no page faults (moelink._pool). On the GPU target
         # torch's caching allocator already does that.
         self._pool = None if self._target.is_cuda else OutputPool()
+        if self._ll is not None:
+            self._ll.pool = self._pool
         # [begin, end) of the window bytes the last one-copy dispatch's outputs live in (None when the
         # last dispatch was queue-based): later combines must leave it intact.
         self._live_recv_region = None
