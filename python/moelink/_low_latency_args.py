@@ -24,13 +24,7 @@ def _check_experts(num_experts: int, num_ranks: int) -> None:
 
 
 def _host_tensor(name: str, t, dtypes, shape: tuple, layout: str) -> torch.Tensor:
-    _validate.tensor(name, t)
-    _validate.dtype(name, t, dtypes)
-    if tuple(t.shape) != shape:
-        raise argument_error(InvalidShape, name, f"shape {shape} {layout}", f"shape {tuple(t.shape)}")
-    _validate.contiguous(name, t)
-    _validate.host_device(name, t)
-    return t
+    return _validate.shaped(name, t, dtypes, shape, layout, device=_validate.host_device)
 
 
 def _flag(name: str, value) -> bool:

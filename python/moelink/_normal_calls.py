@@ -128,15 +128,7 @@ class DispatchHandle:
                 f"{self.num_recv_tokens} received, {self.num_channels} channels, {self.num_experts} experts)")
 
 
-
-def _tensor(name: str, value, dtypes, shape: Tuple[int, ...], layout: str) -> torch.Tensor:
-    _validate.tensor(name, value)
-    _validate.dtype(name, value, dtypes)
-    if tuple(value.shape) != shape:
-        raise argument_error(InvalidShape, name, f"shape {shape} {layout}", f"shape {tuple(value.shape)}")
-    _validate.contiguous(name, value)
-    _validate.supported_device(name, value)
-    return value
+_tensor = _validate.shaped  # a CPU or a CUDA tensor: which one, the Buffer's target says
 
 
 def _scales(x_scales, num_tokens: int) -> torch.Tensor:

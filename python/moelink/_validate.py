@@ -63,6 +63,20 @@ def host_device(name: str, value: torch.Tensor) -> None:
                              f"device '{value.device}'")
 
 
+def shaped(name: str, value: object, dtypes: Iterable[torch.dtype], shape: tuple, layout: str,
+           device=None) -> torch.Tensor:
+    """``value`` as a contiguous tensor of one of ``dtypes`` and exactly ``shape`` (``layout`` says
+    what the dimensions are, for the message), on a device ``device(name, value)`` accepts
+    (default :func:`supported_device`)."""
+    tensor(name, value)
+    dtype(name, value, dtypes)
+    if tuple(value.shape) != shape:
+        raise argument_error(InvalidShape, name, f"shape {shape} {layout}", f"shape {tuple(value.shape)}")
+    contiguous(name, value)
+    (device or supported_device)(name, value)
+    return value
+
+
 def supported_device(name: str, value: torch.Tensor) -> None:
     """A CPU (host target) or CUDA (GPU target) tensor; which one a call needs is the Buffer's
     to say (moelink._target: ``check_device``)."""
