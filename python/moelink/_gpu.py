@@ -29,9 +29,11 @@ kernels run, so communication overlaps compute on torch's current stream.
      event is empty. The caller's current stream is restored either way, also on an exception
      (then the compute stream waits for the comm stream too: whatever was queued stays ordered).
 
-:class:`ReceiveCounts`: counts a kernel writes into pinned host memory and the host waits for,
-with a deadline (how a dispatch learns its output size before allocating it). A dispatch with
-``num_worst_tokens`` allocates the worst case and never waits: it does not use this at all.
+:class:`ReceiveCounts`: counts a kernel writes into pinned host memory itself and the host waits
+for, with a deadline. No kernel writes there yet: the Buffer's dispatch copies the notify kernel's
+counts to pinned memory on the comm stream instead (``_target.CudaTarget.to_host``).
+
+:func:`poll`: the host's deadlined wait for a condition (a stream or event done), with back-off.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import torch
 from .errors import CommTimeout, InvalidArgument, InvalidType, argument_error
 from .event import EventOverlap
 
-__all__ = ["CommOp", "CommStream", "ReceiveCounts"]
+__all__ = ["CommOp", "CommStream", "ReceiveCounts", "poll"]
 
 Device = Union[int, str, torch.device]
 
@@ -60,6 +62,19 @@ def _device(name: str, device: Device) -> torch.device:
     if parsed.type == "cuda" and parsed.index is None:
         parsed = torch.device("cuda", torch.cuda.current_device())
     return parsed
+
+
+def poll(ready, timeout_s: float) -> bool:
+    """Calls ``ready()`` until it is true (True) or ``timeout_s`` passed (False), sleeping 10 us
+    doubling to 1 ms between calls so that a long wait does not cost a CPU core."""
+    deadline = time.monotonic() + timeout_s
+    pause = 1e-5
+    while not ready():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(pause)
+        pause = min(2 * pause, 1e-3)
+    return True
 
 
 class CommStream:

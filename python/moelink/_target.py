@@ -24,14 +24,13 @@ Nothing on this page has run on a GPU yet (no machine here has one); ``tests/tes
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from . import _backend, _host
-from ._gpu import CommOp, CommStream
+from ._gpu import CommOp, CommStream, poll
 from .errors import CommTimeout, GPUUnavailable, InvalidArgument, InvalidDevice, MoelinkError, argument_error
 from .event import EventOverlap
 
@@ -126,14 +125,9 @@ class CudaTarget:
                 copies.append(host.view(t.shape))
             done = torch.cuda.Event()
             done.record(stream)
-        deadline = time.monotonic() + self.timeout_s
-        pause = 1e-5
-        while not self._finished(done, what):
-            if time.monotonic() > deadline:
-                raise CommTimeout(f"{what} (rank {rank}): the comm stream did not finish within {self.timeout_s:g} s "
-                                  "(MOELINK_TIMEOUT_S), though every kernel wait has that deadline")
-            time.sleep(pause)
-            pause = min(2 * pause, 1e-3)
+        if not poll(lambda: self._finished(done, what), self.timeout_s):
+            raise CommTimeout(f"{what} (rank {rank}): the comm stream did not finish within {self.timeout_s:g} s "
+                              "(MOELINK_TIMEOUT_S), though every kernel wait has that deadline")
         self.check_abort(what)
         # The pinned buffers are reused by the next call: hand out copies the caller may keep.
         return tuple(c.clone() for c in copies)
@@ -159,10 +153,7 @@ class CudaTarget:
         """Waits (with the deadline) until the comm stream ran everything queued on it: before the
         windows its kernels use are freed. Raises nothing: a Buffer being torn down reports no
         timeout (the AbortRecord keeps it for the next operation of the process)."""
-        stream = self._comm.stream
-        deadline = time.monotonic() + self.timeout_s
-        while not stream.query() and time.monotonic() < deadline:
-            time.sleep(1e-3)
+        poll(self._comm.stream.query, self.timeout_s)
 
 
 def bootstrap_gpu(group, num_nvl_bytes: int, ranks_per_node: Optional[int], agree: Optional[dict],
