@@ -166,42 +166,42 @@ def test_a_steady_state_call_takes_no_page_faults(group):
         assert fresh_faults > 5 * max(faults, 100), f"the check cannot fail: {fresh_faults} faults without the pool"
 
 
-def _ll_faults_per_call(ctx, use_pool: bool):
-    """The same for a low-latency dispatch + combine (bf16; recv_x [experts, ranks * T, hidden])."""
-    if not use_pool:
-        _pool._USE_COUNT = None
-    try:
-        world, hidden, t_max, experts = ctx.world_size, 4096, 1536, 2 * ctx.world_size
-        n = 256
-        topk = torch.stack([torch.arange(n) % 2 + 2 * r for r in range(world)], 1)  # every token to every rank
-        x = torch.randn(n, hidden).to(torch.bfloat16)
-        weights = torch.full(topk.shape, 0.5)
-        nbytes = moelink.Buffer.get_low_latency_rdma_size_hint(t_max, hidden, world, experts)
-        with moelink.Buffer(ctx.group, 0, nbytes, low_latency_mode=True) as buffer:
-            def step(check):
-                recv, count, handle, _, _ = buffer.low_latency_dispatch(x, topk, t_max, experts, use_fp8=False)
-                combined = buffer.low_latency_combine(recv, topk, weights, handle)[0]
-                if check:
-                    want = (x.float() * 0.5 * world).to(torch.bfloat16)
-                    assert recv.nbytes > 32 * MB, recv.shape
-                    assert torch.equal(combined, want), float((combined.float() - want.float()).abs().max())
+def _ll_pool_use_per_call(ctx):
+    """For a steady-state low-latency dispatch + combine (bf16; recv_x [local experts, ranks * T,
+    hidden], above glibc's largest mmap threshold): (minor page faults per call, pooled storages
+    allocated meanwhile, requests the pool served from free storage per call, pages of recv_x)."""
+    world, hidden, t_max, experts = ctx.world_size, 4096, 1536, 2 * ctx.world_size
+    n = 256
+    topk = torch.stack([torch.arange(n) % 2 + 2 * r for r in range(world)], 1)  # every token to every rank
+    x = torch.randn(n, hidden).to(torch.bfloat16)
+    weights = torch.full(topk.shape, 0.5)
+    nbytes = moelink.Buffer.get_low_latency_rdma_size_hint(t_max, hidden, world, experts)
+    with moelink.Buffer(ctx.group, 0, nbytes, low_latency_mode=True) as buffer:
+        def step(check):
+            recv, count, handle, _, _ = buffer.low_latency_dispatch(x, topk, t_max, experts, use_fp8=False)
+            combined = buffer.low_latency_combine(recv, topk, weights, handle)[0]
+            if check:
+                want = (x.float() * 0.5 * world).to(torch.bfloat16)
+                assert recv.nbytes > 32 * MB, recv.shape
+                assert torch.equal(combined, want), float((combined.float() - want.float()).abs().max())
 
-            for _ in range(2):
-                step(True)
-            before, allocations = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, buffer._pool.allocations
-            calls = 3
-            for _ in range(calls):
-                step(False)
-            faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
-            return faults, buffer._pool.allocations - allocations, 2 * world * t_max * hidden * 2 // 4096
-    finally:
-        _pool._USE_COUNT = _pool._probe_use_count()
+        for _ in range(2):
+            step(True)
+        pool = buffer._pool
+        before, allocations, reuses = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, pool.allocations, pool.reuses
+        calls = 3
+        for _ in range(calls):
+            step(False)
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+        pages = 2 * world * t_max * hidden * 2 // 4096
+        return faults, pool.allocations - allocations, (pool.reuses - reuses) / calls, pages
 
 
 def test_a_steady_state_low_latency_call_takes_no_page_faults(group):
-    pooled = group.run(_ll_faults_per_call, True)
-    fresh = group.run(_ll_faults_per_call, False)
-    for (faults, allocations, pages), (fresh_faults, _, _) in zip(pooled, fresh):
+    """recv_x and the combined output come from the Buffer's pool (served from free storage on every
+    call: a fresh mapping per call is what the pool avoids; how many of its pages fault without the
+    pool varies with what glibc and the kernel reuse, so the pool's own counters are the check)."""
+    for faults, allocations, reused, pages in group.run(_ll_pool_use_per_call):
         assert allocations == 0, "a steady-state low-latency call allocated pooled storage"
+        assert reused >= 2, f"{reused} pooled outputs per call (recv_x and the combined output expected)"
         assert faults < pages / 20, f"{faults} page faults per call with the pool (recv_x alone is {pages} pages)"
-        assert fresh_faults > 5 * max(faults, 100), f"the check cannot fail: {fresh_faults} faults without the pool"
