@@ -15,13 +15,13 @@ from multiproc import rank_group_fixture
 group = rank_group_fixture(2)
 
 
-def _gpu_group_buffer(ctx):
+def _gpu_group_buffer(ctx, **kwargs):
     import torch.distributed as dist
     from moelink import buffer as buffer_module
     real = dist.get_backend
     buffer_module.dist.get_backend = lambda g=None: "nccl"
     try:
-        moelink.Buffer(ctx.group, 1 << 20)
+        moelink.Buffer(ctx.group, 1 << 20, **kwargs)
     except errors.MoelinkError as exc:
         return type(exc).__name__, str(exc)
     finally:
@@ -34,10 +34,17 @@ def _host_buffer(ctx):
         return buffer.get_comm_stream(), buffer.num_nvl_bytes
 
 
-def test_gpu_group_without_a_gpu_raises_a_typed_error_on_every_rank(group):
+# Every mode takes the GPU target on a non-gloo group: intranode, internode (2 nodes of 1 rank) and
+# low-latency; each refuses alike here, at the first step (the GIN transport is never reached).
+MODES = {"intranode": {}, "internode": dict(ranks_per_node=1, num_rdma_bytes=1 << 20),
+         "low_latency": dict(num_rdma_bytes=1 << 20, low_latency_mode=True)}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_gpu_group_without_a_gpu_raises_a_typed_error_on_every_rank(group, mode):
     if _backend.cuda_available():
         pytest.skip("a GPU is present")
-    for result in group.run(_gpu_group_buffer):
+    for result in group.run(_gpu_group_buffer, **MODES[mode]):
         assert result is not None
         name, message = result
         assert name == "GPUUnavailable"

@@ -299,9 +299,9 @@ def _weights_replay_and_slot_values(ctx, seed):
     buffer = _buffer(ctx, world, True, moelink.Buffer.get_low_latency_rdma_size_hint(10, 256, world, 2 * world))
     ll, guard, el = buffer._ll, buffer._operation, 2
     moelink._low_latency.set_codec_split("auto")
-    plain, count, handle, _ = moelink._low_latency.dispatch(ll, guard, xs[rank], idx[rank], 10, 2 * world,
+    plain, count, handle, _, _ = moelink._low_latency.dispatch(ll, guard, xs[rank], idx[rank], 10, 2 * world,
                                                             use_fp8=False)
-    scaled, count2, replay, _ = moelink._low_latency.dispatch(
+    scaled, count2, replay, _, _ = moelink._low_latency.dispatch(
         ll, guard, xs[rank], idx[rank], 10, 2 * world, use_fp8=False, topk_weights=weights[rank], cached=handle,
         scale_by_weight=True)
     assert torch.equal(count, count2) and torch.equal(handle[1], replay[1])
@@ -323,7 +323,7 @@ def _weights_replay_and_slot_values(ctx, seed):
                                       cached=handle)
     expert_out = plain.clone()
     slot_values = torch.zeros(xs[rank].shape[0], 3, 256, dtype=torch.bfloat16)
-    combined, _ = moelink._low_latency.combine(ll, guard, expert_out, idx[rank], weights[rank], replay,
+    combined, _, _ = moelink._low_latency.combine(ll, guard, expert_out, idx[rank], weights[rank], replay,
                                                slot_values=slot_values)
     sent = idx[rank] >= 0
     assert torch.equal(slot_values[sent], xs[rank].unsqueeze(1).expand(-1, 3, -1)[sent])

@@ -8,17 +8,7 @@
 #include "kernels/internode_forward.cuh"
 #include "kernels/internode_notify.cuh"
 #include "runtime/errors.h"
-
-#if defined(__CUDACC__)
-#include "transport/nccl/gin_pump.h"
-// A kernel on a GIN transport runs with the GIN pump beside it (transport/nccl/gin_pump.h).
-#define MOELINK_WITH_NET(net, ctx, ...) ::moelink::transport::nccl::with_gin_pump((net), (ctx), [&] { __VA_ARGS__; })
-#else
-#define MOELINK_WITH_NET(net, ctx, ...) \
-  do {                                  \
-    __VA_ARGS__;                        \
-  } while (0)
-#endif
+#include "runtime/launch_net.h"
 
 namespace moelink {
 

@@ -7,6 +7,7 @@
 #include "kernels/low_latency_combine.cuh"
 #include "kernels/low_latency_dispatch.cuh"
 #include "runtime/errors.h"
+#include "runtime/launch_net.h"
 
 namespace moelink {
 
@@ -106,8 +107,9 @@ void low_latency_dispatch(const LowLatencyDispatchArgs& args, const LaunchContex
   if (args.scale_by_weight && (!args.ctx.shape.carry_weights || args.ctx.shape.format != F::kBf16))
     invalid(op, "scale_by_weight needs bf16 rows that carry their weights");
   with_format(args.ctx.shape.format, [&](auto format) {
-    MOELINK_LAUNCH_COOPERATIVE(ctx, "low_latency_dispatch", k::dispatch_kernel<decltype(format)::value>,
-                               static_cast<unsigned>(num_blocks), threads_of(args.ctx.shape), 0, args);
+    MOELINK_WITH_NET(args.ctx.net, ctx,
+                     MOELINK_LAUNCH_COOPERATIVE(ctx, "low_latency_dispatch", k::dispatch_kernel<decltype(format)::value>,
+                                                static_cast<unsigned>(num_blocks), threads_of(args.ctx.shape), 0, args));
   });
 }
 
@@ -122,14 +124,16 @@ void low_latency_combine(const LowLatencyCombineArgs& args, const LaunchContext&
   if (!args.ctx.shape.zero_copy && (args.phases & kLowLatencySendPhase) && args.x == nullptr)
     invalid(op, "x is needed without zero_copy");
   with_combine_format(format, [&](auto f) {
-    MOELINK_LAUNCH_COOPERATIVE(ctx, "low_latency_combine", k::combine_kernel<decltype(f)::value>,
-                               static_cast<unsigned>(num_blocks), threads_of(args.ctx.shape), 0, args);
+    MOELINK_WITH_NET(args.ctx.net, ctx,
+                     MOELINK_LAUNCH_COOPERATIVE(ctx, "low_latency_combine", k::combine_kernel<decltype(f)::value>,
+                                                static_cast<unsigned>(num_blocks), threads_of(args.ctx.shape), 0, args));
   });
 }
 
 void low_latency_clean(const LowLatencyCleanArgs& args, const LaunchContext& ctx) {
   check_context("low-latency clean", args.ctx, 0, 1);
-  MOELINK_LAUNCH(ctx, "low_latency_clean", k::clean_kernel, 1u, threads_of(args.ctx.shape), 0, args);
+  MOELINK_WITH_NET(args.ctx.net, ctx,
+                   MOELINK_LAUNCH(ctx, "low_latency_clean", k::clean_kernel, 1u, threads_of(args.ctx.shape), 0, args));
 }
 
 }  // namespace moelink

@@ -13,7 +13,6 @@ import torch
 from . import _interop, _low_latency, _low_latency_shrink
 from ._interop import accepts_arrays
 from .errors import BufferUnusable, InvalidArgument
-from .event import EventOverlap
 
 __all__ = ["LowLatencyMethods"]
 
@@ -78,11 +77,11 @@ class LowLatencyMethods:
         waiting for each source."""
         state = self._low_latency_state("low_latency_dispatch")
         _low_latency._flag("async_finish", async_finish)
-        recv_x, recv_count, handle, hook = _low_latency.dispatch(
-            state, self._operation, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+        recv_x, recv_count, handle, hook, event = _low_latency.dispatch(
+            state, self._guard(async_finish), x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
             cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8, round_scale, use_ue8m0,
             return_recv_hook, payload, nvfp4_global_scale)
-        return recv_x, recv_count, handle, EventOverlap(), hook
+        return recv_x, recv_count, handle, event, hook
 
     @accepts_arrays(bits={"x": torch.bfloat16, "out": torch.bfloat16})
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle,
@@ -99,10 +98,15 @@ class LowLatencyMethods:
         dispatch's ids (a slot may be set to -1 to skip it). Returns ``(combined_x, event, hook)``."""
         state = self._low_latency_state("low_latency_combine")
         _low_latency._flag("async_finish", async_finish)
-        combined, hook = _low_latency.combine(state, self._operation, x, topk_idx, topk_weights, handle, use_logfmt,
+        combined, hook, event = _low_latency.combine(state, self._guard(async_finish), x, topk_idx, topk_weights, handle, use_logfmt,
                                               zero_copy, return_recv_hook, out, combine_wait_recv_cost_stats,
                                               logfmt_bits)
-        return combined, EventOverlap(), hook
+        return combined, event, hook
+
+    def _guard(self, async_finish: bool):
+        """The operation scope of a low-latency launch (its hook's too). ``async_finish``: on the GPU
+        target the current stream does not wait for the kernels; the returned event does."""
+        return functools.partial(self._operation, async_finish=async_finish)
 
     def get_next_low_latency_combine_buffer(self, handle) -> torch.Tensor:
         """The bf16 ``[num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, hidden]``

@@ -3,9 +3,10 @@
 (``csrc/transport/nccl/gin_transport.h``): a device communicator with GIN, the work-queue ring the
 kernels post to, and the pump that turns entries into ``ncclGin`` calls (docs/gpu-transport.md §2).
 
-Same surface as the host target's :class:`moelink._scaleout.ScaleOutWindows` where ``Buffer`` and
-the internode path use it: ``data_bytes``, ``num_signals``, :meth:`handle`, :meth:`counters`,
-:meth:`reset_counters`, :meth:`close`, ``closed``.
+Same surface as the host target's :class:`moelink._scaleout.ScaleOutWindows` where ``Buffer``, the
+internode path and the low-latency mode use it: ``windows`` (here :class:`NcclWindows`),
+``data_bytes``, ``num_signals``, ``reserved_head_bytes``, :meth:`handle`, :meth:`counters`,
+:meth:`reset_counters`, :meth:`wait_idle`, :meth:`close`, ``closed``.
 
 Bootstrap (collective over ``group``; every step ends with an exchange of outcomes, so one failing
 rank makes every rank raise the same error class): the NCCL windows
@@ -67,6 +68,8 @@ class GinScaleOut:
         self.native = native
         self.num_signals = num_signals
         self.data_bytes = windows.data_bytes
+        # Bytes at the window's start that belong to the low-latency layout for good (as on the host).
+        self.reserved_head_bytes = 0
 
     @property
     def closed(self) -> bool:
@@ -82,6 +85,12 @@ class GinScaleOut:
 
     def error(self) -> Optional[str]:
         return None
+
+    def wait_idle(self, timeout_s: float = 10.0) -> bool:
+        """True: once the stream the kernels ran on has drained (the caller's part), every put they
+        posted was handed to the NIC and flushed, since each launch's pump joins that stream
+        (transport/nccl/gin_pump.h); there is no queue left to wait for on the host."""
+        return True
 
     def counters(self) -> dict:
         """Byte counters; the caller has synchronised the stream the kernels ran on (the pump

@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from . import _agreement, _validate, runtime
+from . import _agreement, _validate
 from ._target import HOST
 from ._pool import OutputPool
 from .config import Config
@@ -66,7 +66,7 @@ class Node:
         queues, or only the counters for a one-copy call: ``check_queues=False``). ``agreement``:
         the call's parameters for moelink._agreement.words (the node barrier compares them)."""
         channels, queue = config.num_sms // 2, config.num_max_nvl_chunked_recv_tokens
-        warps = runtime.block_warps(self.num_ranks)
+        warps = self.target.block_warps(self.num_ranks)
         if sub_channels is None:
             sub_channels = self.module.intranode.default_sub_channels(self.num_ranks, warps, channels, queue)
         native = self.module.intranode.Node(
@@ -265,22 +265,29 @@ def run_dispatch(plan: DispatchPlan, op):
                          _ptr(recv_x), _ptr(recv_scales), _ptr(recv_topk_idx), _ptr(recv_topk_weights),
                          _ptr(recv_src_idx), stream=stream, rank=node.rank)
         op.keep(send_head, recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx)
-    op.keep(x, call.x_scales, call.topk_idx, call.topk_weights, is_token_in_rank, recv_channel_start, rank_counts,
-            send_row_start)
+    op.keep(x, call.x_scales, call.topk_idx, call.topk_weights, is_token_in_rank, call.num_tokens_per_expert,
+            recv_channel_start, rank_counts, send_row_start)
     if handle is None:
         handle = DispatchHandle(channels, call.num_experts, recv_channel_start, recv_src_idx, is_token_in_rank,
                                 send_head, per_expert, plan.sub_channels, rank=node.rank, num_ranks=ranks,
                                 num_rows=rows, rank_counts=rank_counts, send_row_start=send_row_start,
                                 direct_rows=direct_rows, hidden=x.shape[1], serial=node.epoch, num_recv=num_recv)
-    if recv_topk_idx is not None and call.topk_idx_dtype != torch.int64:
-        narrow = node.empty(tuple(recv_topk_idx.shape), call.topk_idx_dtype)
-        with op.on_stream():
-            narrow.copy_(recv_topk_idx)
-        op.keep(narrow)
-        recv_topk_idx = narrow
+    recv_topk_idx = narrow_topk_idx(node, op, recv_topk_idx, call.topk_idx_dtype)
     payload = recv_x if recv_scales is None else (recv_x, recv_scales)
     return payload, recv_topk_idx, recv_topk_weights, handle, error, region_extent
 
+
+
+def narrow_topk_idx(node, op, recv_topk_idx: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The kernels' int64 ``recv_topk_idx`` in the caller's ``topk_idx`` dtype (a copy made after
+    the kernels, in their stream's order)."""
+    if recv_topk_idx is None or dtype == torch.int64:
+        return recv_topk_idx
+    narrow = node.empty(tuple(recv_topk_idx.shape), dtype)
+    with op.on_stream():
+        narrow.copy_(recv_topk_idx)
+    op.keep(narrow)
+    return narrow
 
 
 @dataclasses.dataclass

@@ -16,16 +16,16 @@ from typing import Callable, Optional
 
 import torch
 
-from . import _host, _low_latency_args, _validate, runtime
+from . import _host, _low_latency_args, _validate
+from ._target import HOST
 from .errors import BufferUnusable, InvalidArgument, InvalidShape, InvalidType, argument_error
 from .reference.low_latency import PAYLOADS
-from ._low_latency_args import (_check_experts, _check_hidden, _flag, _global_scale, _host_tensor, _payload, _stats,
-                                _topk)
+from ._low_latency_args import _check_experts, _check_hidden, _flag, _global_scale, _payload, _stats, _tensor, _topk
 
 __all__ = ["PAYLOADS", "LowLatencyHandle", "LowLatencyState", "window_regions", "rdma_size_hint", "set_codec_split",
            "layout"]
 
-_ll = _host.low_latency
+_ll = _host.low_latency  # layouts and constants (arithmetic, the same in both extensions); kernels: state.kernels
 _FORMATS = dict(_ll.FORMATS)
 _SEND, _RECV = _ll.SEND_PHASE, _ll.RECV_PHASE
 MAX_TOPK = _ll.MAX_TOPK
@@ -106,29 +106,34 @@ class LowLatencyHandle:
 
 @dataclasses.dataclass
 class _Call:
-    """One call's kernel, native context and arguments, kept for its receive half (``keep``: the
-    tensors its pointers point into)."""
+    """One call's kernel (``kernel``: "dispatch" or "combine" of the target's extension), native
+    context and arguments, kept for its receive half (``keep``: the tensors its pointers point
+    into; on the GPU target both halves' operations hold them for the comm stream)."""
 
     op: str
-    native_fn: Callable
+    kernel: str
     native: object
     args: tuple
     keep: tuple = ()
     finish: Callable[[], None] = lambda: None
+    num_blocks: int = 1  # the grid, the same for both halves
 
 
 class LowLatencyState:
-    """A Buffer's low-latency side: its scale-out windows (``_scaleout.ScaleOutWindows``), the slot
-    claims, the call mirror and the pending receive half."""
+    """A Buffer's low-latency side: its scale-out windows (``_scaleout.ScaleOutWindows`` on the
+    host target, ``_gin.GinScaleOut`` on the GPU), the slot claims, the call mirror and the
+    pending receive half. ``target`` (moelink._target): where the kernels and tensors are."""
 
     def __init__(self, scaleout, rank: int, num_ranks: int, num_nodes: int, ranks_per_node: int,
-                 allow_nvlink: bool, shrink: bool = False):
+                 allow_nvlink: bool, shrink: bool = False, target=HOST):
         self.scaleout = scaleout
+        self.target = target
+        self.kernels = target.module.low_latency
         self.rank, self.num_ranks, self.num_nodes, self.ranks_per_node = rank, num_ranks, num_nodes, ranks_per_node
         self.allow_nvlink = allow_nvlink
         self.shrink = shrink  # Buffer(enable_shrink=True): the mask of ranks (see "shrink mode" below)
         self.window = window_regions(num_nodes, ranks_per_node, scaleout.data_bytes)
-        self.claims = torch.zeros(0, dtype=torch.int32)
+        self.claims = torch.zeros(0, dtype=torch.int32, device=target.device)
         self.calls = 0  # mirror of the kernels' own count (ops_low_latency.h: own word `calls`)
         self.pending: Optional[_Call] = None
         self.dirty: Optional[str] = None  # a normal-mode call re-carved the window since the last clean
@@ -138,6 +143,16 @@ class LowLatencyState:
         self.pool = None
 
     # ---- rules ---------------------------------------------------------------------------------
+
+    def check_devices(self, **tensors) -> None:
+        """Every tensor of a call on the target's device (CPU on the host target, the Buffer's GPU)."""
+        for name, value in tensors.items():
+            if value is not None:
+                self.target.check_device(name, value)
+
+    def empty(self, shape, dtype) -> torch.Tensor:
+        """An output on the target's device, from the Buffer's pool when it has one."""
+        return _validate.allocate(self.pool, shape, dtype, self.target.device)
 
     def check_idle(self, op: str) -> None:
         if self.pending is not None:
@@ -156,13 +171,13 @@ class LowLatencyState:
         """Zeroed slot claims for two halves of at least num_experts (zero between calls, so a
         larger fresh allocation is as good as the old one)."""
         if self.claims.numel() < 2 * num_experts:
-            self.claims = torch.zeros(2 * num_experts, dtype=torch.int32)
+            self.claims = torch.zeros(2 * num_experts, dtype=torch.int32, device=self.target.device)
 
     def context(self, op: str, *, num_max_tokens: int, hidden: int, num_experts: int, num_topk: int, payload: str,
                 carry_weights: bool = False, zero_copy: bool = False):
         shape = dict(num_ranks=self.num_ranks, ranks_per_node=self.ranks_per_node, num_max_tokens=num_max_tokens,
                      hidden=hidden, num_experts=num_experts, num_topk=num_topk, format=_FORMATS[payload],
-                     carry_weights=carry_weights, zero_copy=zero_copy, block_warps=runtime.block_warps(),
+                     carry_weights=carry_weights, zero_copy=zero_copy, block_warps=self.target.block_warps(),
                      num_nodes=self.num_nodes, window_bytes=self.scaleout.data_bytes)
         sizes = _ll.layout(**shape)
         need = sizes["dispatch_bytes"] if op == "dispatch" else sizes["combine_bytes"]
@@ -174,30 +189,37 @@ class LowLatencyState:
                                  self.scaleout.data_bytes)
         self.ensure_claims(num_experts)
         node = self.scaleout.windows
-        return _ll.Context(rank=self.rank, **shape, **self.scaleout.handle(), use_nvlink=self.allow_nvlink,
+        return self.kernels.Context(rank=self.rank, **shape, **self.scaleout.handle(), use_nvlink=self.allow_nvlink,
                            node_windows=node.node_window_ptrs() if self.allow_nvlink else [],
                            nvl_bytes=node.counter_ptr("nvl"), claims=self.claims.data_ptr(),
                            claim_capacity=self.claims.numel() // 2, codec_split=_codec_split, shrink=self.shrink)
 
-    @staticmethod
-    def num_blocks() -> int:
-        """The grid: one block on the host target (its fibers run on one thread anyway)."""
-        return 1
+    def num_blocks(self, num_experts: int) -> int:
+        """The grid: one block on the host target (its fibers run on one thread anyway); on the GPU
+        a block of 16 warps per 4 experts, below the SM count (not tuned: nothing has run on a GPU
+        yet). The kernels stride their work over every warp of the grid, so any count is correct."""
+        return self.target.grid_blocks(-(-num_experts // 4))
 
     # ---- running -------------------------------------------------------------------------------
 
-    def run(self, call: _Call, send_only: bool, guard) -> Optional[Callable[[], None]]:
-        """Runs the call's send half (and, unless send_only, its receive half in the same kernel);
-        with send_only returns the hook that runs the receive half."""
-        with guard(call.op):
-            call.native_fn(call.native, _SEND if send_only else _SEND | _RECV, self.num_blocks(), *call.args,
-                           rank=self.rank)
+    def launch(self, call: _Call, phases: int, guard, what: str):
+        """One kernel launch of ``call`` inside a Buffer operation; returns the operation's event."""
+        with guard(what) as op:
+            getattr(self.kernels, call.kernel)(call.native, phases, call.num_blocks, *call.args,
+                                               stream=op.stream_handle, rank=self.rank)
+            op.keep(*call.keep)
+        return op.event
+
+    def run(self, call: _Call, send_only: bool, guard):
+        """Runs the call's send half (and, unless send_only, its receive half in the same kernel).
+        Returns ``(hook, event)``: with send_only the hook that runs the receive half, else None."""
+        event = self.launch(call, _SEND if send_only else _SEND | _RECV, guard, call.op)
         self.calls += 1
         if not send_only:
             call.finish()
-            return None
+            return None, event
         self.pending = call
-        return _RecvHook(self, call, guard)
+        return _RecvHook(self, call, guard), event
 
 
 class _RecvHook:
@@ -215,8 +237,7 @@ class _RecvHook:
             raise InvalidArgument(f"hook: the receive half of this low-latency {call.op} already ran")
         if state.pending is not call:
             raise BufferUnusable(f"hook: the Buffer of this low-latency {call.op} was destroyed or reset")
-        with self._guard(call.op + " (receive hook)"):
-            call.native_fn(call.native, _RECV, state.num_blocks(), *call.args, rank=state.rank)
+        state.launch(call, _RECV, self._guard, call.op + " (receive hook)")
         self._done = True
         state.pending = None
         call.finish()
@@ -231,12 +252,11 @@ def ptr(t: Optional[torch.Tensor]) -> int:
 
 # ---- dispatch --------------------------------------------------------------------------------------
 
-def _dispatch_outputs(payload: str, experts: int, rows: int, hidden: int, pool=None) -> tuple:
-    """(recv_x, recv_scales for the kernel, recv_global_scale, what the caller gets), from ``pool``
-    when given. Uninitialised: rows past each expert's received count are unspecified (as DeepEP)."""
-    def empty(shape, dtype):
-        return _validate.allocate(pool, shape, dtype)
-
+def _dispatch_outputs(state: LowLatencyState, payload: str, experts: int, rows: int, hidden: int) -> tuple:
+    """(recv_x, recv_scales for the kernel, recv_global_scale, what the caller gets), from the
+    Buffer's pool when it has one. Uninitialised: rows past each expert's received count are
+    unspecified (as DeepEP)."""
+    empty = state.empty
     groups = hidden // 128
     if payload in ("bf16", "logfmt8", "logfmt9", "logfmt10"):
         x = empty((experts, rows, hidden), torch.bfloat16)
@@ -275,7 +295,8 @@ def dispatch(state: LowLatencyState, guard, x, topk_idx, num_max_dispatch_tokens
     _validate.tensor("x", x)
     _validate.ndim("x", x, 2, "[num_tokens, hidden]")
     num_tokens, hidden = x.shape
-    _host_tensor("x", x, (torch.bfloat16,), (num_tokens, hidden), "[num_tokens, hidden] bf16")
+    _tensor("x", x, (torch.bfloat16,), (num_tokens, hidden), "[num_tokens, hidden] bf16")
+    state.check_devices(x=x, topk_idx=topk_idx)
     _check_hidden(hidden)
     if num_tokens > t_max:
         raise argument_error(InvalidShape, "x", f"at most num_max_dispatch_tokens_per_rank = {t_max} tokens", num_tokens)
@@ -292,16 +313,19 @@ def dispatch(state: LowLatencyState, guard, x, topk_idx, num_max_dispatch_tokens
     g = _global_scale(nvfp4_global_scale, x) if payload == "nvfp4" else None
     carry = topk_weights is not None
     if carry:
-        topk_weights = _host_tensor("topk_weights", topk_weights, (torch.float32,), tuple(topk.shape), "like topk_idx")
+        topk_weights = _tensor("topk_weights", topk_weights, (torch.float32,), tuple(topk.shape), "like topk_idx")
+    state.check_devices(topk_weights=topk_weights, cumulative_local_expert_recv_stats=cum,
+                        dispatch_wait_recv_cost_stats=wait, nvfp4_global_scale=g)
     native = state.context("dispatch", num_max_tokens=t_max, hidden=hidden, num_experts=num_experts, num_topk=k,
                            payload=payload, carry_weights=carry)
     rows = ranks * t_max
-    recv_x, recv_scales, recv_g, result = _dispatch_outputs(payload, experts, rows, hidden, state.pool)
-    recv_count = torch.empty(experts, dtype=torch.int32)
-    src_info = torch.empty((experts, rows), dtype=torch.int32)
-    layout_range = torch.empty((experts, ranks), dtype=torch.int64)
-    send_slots = torch.empty((num_tokens, k), dtype=torch.int32)
-    send_counts = torch.empty(ranks, dtype=torch.int32)
+    recv_x, recv_scales, recv_g, result = _dispatch_outputs(state, payload, experts, rows, hidden)
+    device = state.target.device
+    recv_count = torch.empty(experts, dtype=torch.int32, device=device)
+    src_info = torch.empty((experts, rows), dtype=torch.int32, device=device)
+    layout_range = torch.empty((experts, ranks), dtype=torch.int64, device=device)
+    send_slots = torch.empty((num_tokens, k), dtype=torch.int32, device=device)
+    send_counts = torch.empty(ranks, dtype=torch.int32, device=device)
     cached_slots = None
     if cached is not None:  # its slots index the receive regions: only a handle of this shape
         cached = _check_handle(state, cached)
@@ -317,8 +341,9 @@ def dispatch(state: LowLatencyState, guard, x, topk_idx, num_max_dispatch_tokens
     handle = LowLatencyHandle(src_info, layout_range, t_max, hidden, num_experts, send_slots=send_slots,
                               send_counts=send_counts, num_tokens=num_tokens, num_topk=k, payload=payload,
                               owner=state.token, rank=state.rank, num_ranks=ranks, recv_count=recv_count)
-    hook = state.run(_Call("dispatch", _ll.dispatch, native, args, keep), return_recv_hook, guard)
-    return result, recv_count, handle, hook
+    call = _Call("dispatch", "dispatch", native, args, keep, num_blocks=state.num_blocks(num_experts))
+    hook, event = state.run(call, return_recv_hook, guard)
+    return result, recv_count, handle, hook, event
 
 
 # ---- combine ---------------------------------------------------------------------------------------
@@ -362,30 +387,35 @@ def combine(state: LowLatencyState, guard, x, topk_idx, topk_weights, handle, us
         _flag(name, value)
     if use_logfmt and (isinstance(logfmt_bits, bool) or logfmt_bits not in (8, 9, 10)):
         raise argument_error(InvalidArgument, "logfmt_bits", "8, 9 or 10", logfmt_bits)
-    _host_tensor("x", x, (torch.bfloat16,), (experts, ranks * t_max, hidden),
-                 "[num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, hidden] bf16")
+    _tensor("x", x, (torch.bfloat16,), (experts, ranks * t_max, hidden),
+            "[num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, hidden] bf16")
+    state.check_devices(x=x, topk_idx=topk_idx, topk_weights=topk_weights, out=out,
+                        combine_wait_recv_cost_stats=combine_wait_recv_cost_stats)
     topk = _topk("topk_idx", topk_idx, num_tokens, num_experts)
     if topk.shape[1] != k:
         raise argument_error(InvalidShape, "topk_idx", f"{k} columns (the dispatch's top-k)", tuple(topk.shape))
-    unsent = (topk >= 0) & (handle.send_slots < 0) & (handle.send_slots != MASKED_SLOT)  # masked: combined as 0
-    if bool(unsent.any()):
-        t, slot = unsent.nonzero()[0].tolist()
-        raise argument_error(InvalidArgument, "topk_idx", "the dispatch's ids, or -1 (a slot the dispatch did not send "
-                             "cannot be combined)", f"token {t} slot {slot} = {int(topk[t, slot])}, -1 in the dispatch")
-    weights = _host_tensor("topk_weights", topk_weights, (torch.float32,), tuple(topk.shape), "[num_tokens, num_topk]")
+    if not topk.is_cuda:  # a slot the dispatch did not send; on a GPU the combine kernel checks it (no host sync)
+        unsent = (topk >= 0) & (handle.send_slots < 0) & (handle.send_slots != MASKED_SLOT)  # masked: combined as 0
+        if bool(unsent.any()):
+            t, slot = unsent.nonzero()[0].tolist()
+            raise argument_error(InvalidArgument, "topk_idx", "the dispatch's ids, or -1 (a slot the dispatch did not "
+                                 "send cannot be combined)", f"token {t} slot {slot} = {int(topk[t, slot])}, -1 in the "
+                                 "dispatch")
+    weights = _tensor("topk_weights", topk_weights, (torch.float32,), tuple(topk.shape), "[num_tokens, num_topk]")
     wait = _stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, torch.int64, ranks)
     if out is None:
-        out = _validate.allocate(state.pool, (num_tokens, hidden), torch.bfloat16)
+        out = state.empty((num_tokens, hidden), torch.bfloat16)
     else:
-        _host_tensor("out", out, (torch.bfloat16,), (num_tokens, hidden), "[num_tokens, hidden] bf16")
+        _tensor("out", out, (torch.bfloat16,), (num_tokens, hidden), "[num_tokens, hidden] bf16")
     payload = f"logfmt{logfmt_bits}" if use_logfmt else "bf16"
     native = state.context("combine", num_max_tokens=t_max, hidden=hidden, num_experts=num_experts, num_topk=k,
                            payload=payload, zero_copy=zero_copy)
     args = (0 if zero_copy else ptr(x), ptr(handle[0]), ptr(handle[1]), num_tokens, ptr(topk), ptr(weights),
             ptr(handle.send_slots), ptr(handle.send_counts), ptr(out), ptr(slot_values), ptr(wait))
-    keep = (x, handle, topk, weights, out, slot_values, wait)
-    hook = state.run(_Call("combine", _ll.combine, native, args, keep), return_recv_hook, guard)
-    return out, hook
+    keep = (x, handle[0], handle[1], handle.send_slots, handle.send_counts, topk, weights, out, slot_values, wait)
+    call = _Call("combine", "combine", native, args, keep, num_blocks=state.num_blocks(num_experts))
+    hook, event = state.run(call, return_recv_hook, guard)
+    return out, hook, event
 
 
 def clean(state: LowLatencyState, guard, num_max_dispatch_tokens_per_rank, hidden, num_experts) -> None:
@@ -399,7 +429,7 @@ def clean(state: LowLatencyState, guard, num_max_dispatch_tokens_per_rank, hidde
     _check_experts(num_experts, state.num_ranks)
     native = state.context("clean", num_max_tokens=1, hidden=128, num_experts=state.num_ranks, num_topk=1,
                            payload="bf16")
-    with guard(op):
-        _ll.clean(native, rank=state.rank)
+    with guard(op) as scope:
+        state.kernels.clean(native, stream=scope.stream_handle, rank=state.rank)
     state.dirty = None
 

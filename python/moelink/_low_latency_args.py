@@ -23,8 +23,10 @@ def _check_experts(num_experts: int, num_ranks: int) -> None:
         raise argument_error(InvalidArgument, "num_experts", f"a positive multiple of the {num_ranks} ranks", num_experts)
 
 
-def _host_tensor(name: str, t, dtypes, shape: tuple, layout: str) -> torch.Tensor:
-    return _validate.shaped(name, t, dtypes, shape, layout, device=_validate.host_device)
+def _tensor(name: str, t, dtypes, shape: tuple, layout: str) -> torch.Tensor:
+    """A contiguous tensor of ``shape``; which device it must be on is the Buffer's target's to
+    check (LowLatencyState.check_devices)."""
+    return _validate.shaped(name, t, dtypes, shape, layout)
 
 
 def _flag(name: str, value) -> bool:
@@ -34,16 +36,19 @@ def _flag(name: str, value) -> bool:
 
 
 def _topk(name: str, topk_idx, num_tokens: Optional[int], num_experts: int) -> torch.Tensor:
-    """int64 [N, K] ids in [-1, E), K in [1, 32], no expert twice in a row; int32 is widened."""
+    """int64 [N, K] ids in [-1, E), K in [1, 32], no expert twice in a row (values checked for
+    CPU tensors); int32 is widened."""
     _validate.tensor(name, topk_idx)
     _validate.ndim(name, topk_idx, 2, "[num_tokens, num_topk]")
     rows = topk_idx.shape[0] if num_tokens is None else num_tokens
-    _host_tensor(name, topk_idx, (torch.int64, torch.int32), (rows, topk_idx.shape[1]), "[num_tokens, num_topk]")
+    _tensor(name, topk_idx, (torch.int64, torch.int32), (rows, topk_idx.shape[1]), "[num_tokens, num_topk]")
     k = topk_idx.shape[1]
     if not 1 <= k <= MAX_TOPK:
         raise argument_error(InvalidShape, f"{name}.shape[1] (top-k)", f"in [1, {MAX_TOPK}]", k)
     topk_idx = topk_idx.to(torch.int64)
-    if topk_idx.numel():
+    # The value checks read the ids on the host: skipped for CUDA tensors (each a device sync), as
+    # in the normal mode; the kernels check the same and fail naming the id (docs/gpu-transport.md §3).
+    if topk_idx.numel() and not topk_idx.is_cuda:
         low, high = int(topk_idx.min()), int(topk_idx.max())
         if low < -1 or high >= num_experts:
             raise argument_error(InvalidArgument, name, f"expert ids in [-1, {num_experts})", f"min {low}, max {high}")
@@ -78,11 +83,11 @@ def _payload(payload, use_fp8, round_scale, use_ue8m0) -> str:
 def _stats(name: str, t, dtype: torch.dtype, length: int) -> Optional[torch.Tensor]:
     if t is None:
         return None
-    return _host_tensor(name, t, (dtype,), (length,), f"[{length}] {dtype}")
+    return _tensor(name, t, (dtype,), (length,), f"[{length}] {dtype}")
 
 
 def _global_scale(value, x: torch.Tensor) -> torch.Tensor:
     from . import codecs
     if value is None:
-        return codecs.nvfp4_global_scale(x) if x.shape[0] else torch.ones(1, dtype=torch.float32)
+        return codecs.nvfp4_global_scale(x) if x.shape[0] else torch.ones(1, dtype=torch.float32, device=x.device)
     return codecs._global_scale(value, x.device).contiguous()  # range-checked there

@@ -9,7 +9,7 @@ import torch
 
 from . import _host, _validate
 from ._low_latency import LowLatencyState
-from ._low_latency_args import _flag, _host_tensor
+from ._low_latency_args import _flag, _tensor
 from .errors import InvalidArgument, argument_error
 
 __all__ = ["update_mask", "query_mask", "clean_mask"]
@@ -61,7 +61,8 @@ def query_mask(state: LowLatencyState, mask_status) -> None:
     """Buffer.low_latency_query_mask_buffer: mask_status[r] = 1 if rank r is masked, else 0."""
     op = "low_latency_query_mask_buffer"
     _check_shrink(state, op)
-    _host_tensor("mask_status", mask_status, (torch.int32,), (state.num_ranks,), "[num_ranks] int32")
+    _tensor("mask_status", mask_status, (torch.int32,), (state.num_ranks,), "[num_ranks] int32")
+    state.check_devices(mask_status=mask_status)
     mask_status.copy_((_mask_words(state) != 0).to(torch.int32))
 
 

@@ -15,6 +15,11 @@ windows            shared memory (``_host_windows``)   NCCL symmetric windows (`
                                                        with the MOELINK_TIMEOUT_S deadline
 ``check_abort()``  nothing (a host wait raises)        a device wait that expired filled the
                                                        AbortRecord: CommTimeout, as on the host
+``block_warps()``  ``runtime.block_warps`` (one warp   the GPU build's fixed block, 16 warps
+                   per rank by default)                (``GPU_BLOCK_WARPS``; the kernels refuse
+                                                       any other)
+``grid_blocks()``  1 (the host runs fibers on one      what is asked, below the SM count: one SM
+                   thread anyway)                      stays free for the GIN pump
 =================  ==================================  ===========================================
 
 Nothing on this page has run on a GPU yet (no machine here has one); ``tests/test_gpu_buffer.py``
@@ -29,7 +34,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from . import _backend, _host
+from . import _backend, _host, runtime
 from ._gpu import CommOp, CommStream, poll
 from .errors import CommTimeout, GPUUnavailable, InvalidArgument, InvalidDevice, MoelinkError, argument_error
 from .event import EventOverlap
@@ -58,6 +63,14 @@ class HostTarget:
     is_cuda = False
     module = _host
     device = torch.device("cpu")
+
+    @staticmethod
+    def block_warps(num_ranks: Optional[int] = None) -> int:
+        return runtime.block_warps(num_ranks)
+
+    @staticmethod
+    def grid_blocks(wanted: int) -> int:
+        return 1
 
     def check_device(self, name: str, value: torch.Tensor) -> None:
         if value.device.type != "cpu":
@@ -96,6 +109,17 @@ class CudaTarget:
         self.timeout_s = timeout_s
         self._comm = CommStream(device)
         self._pinned: dict = {}  # (dtype, numel) -> a reusable pinned host tensor for to_host
+        self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+
+    def block_warps(self, num_ranks: Optional[int] = None) -> int:
+        """Every GPU kernel runs blocks of the build's fixed size (ops_intranode.h: kGpuBlockWarps)."""
+        return int(self.module.intranode.GPU_BLOCK_WARPS)
+
+    def grid_blocks(self, wanted: int) -> int:
+        """A grid of ``wanted`` blocks, at most the SM count less one: the cooperative kernels wait
+        across blocks, so all must be resident, and the GIN pump needs an SM beside them
+        (transport/nccl/gin_pump.h)."""
+        return max(1, min(int(wanted), self.sm_count - 1))
 
     def check_device(self, name: str, value: torch.Tensor) -> None:
         if value.device != self.device:

@@ -56,13 +56,6 @@ def divides(divisor_name: str, divisor: int, dividend_name: str, dividend: int) 
         )
 
 
-def host_device(name: str, value: torch.Tensor) -> None:
-    """CPU tensors (the paths that run on the host target only: low-latency, internode)."""
-    if value.device.type != "cpu":
-        raise argument_error(InvalidDevice, name, "a CPU tensor (this path runs on the host target only, so far)",
-                             f"device '{value.device}'")
-
-
 def shaped(name: str, value: object, dtypes: Iterable[torch.dtype], shape: tuple, layout: str,
            device=None) -> torch.Tensor:
     """``value`` as a contiguous tensor of one of ``dtypes`` and exactly ``shape`` (``layout`` says

@@ -134,7 +134,7 @@ def _dispatch_call(state: _DispatchState, x, weights, **options):
     buffer = state.buffer
     ll = buffer._low_latency_state("low_latency_dispatch")
     _low_latency._flag("async_finish", options.pop("async_finish", False))
-    recv_x, recv_count, handle, hook = _low_latency.dispatch(
+    recv_x, recv_count, handle, hook, _ = _low_latency.dispatch(
         ll, buffer._operation, x, state.topk_idx, state.num_max_tokens, state.num_experts, **state.stats, **options,
         topk_weights=weights, scale_by_weight=weights is not None)
     handle.dispatch_topk_idx = state.topk_idx  # for the backward of a combine of this handle (its replay)
@@ -162,7 +162,7 @@ class _LowLatencyDispatch(torch.autograd.Function):
         grad = grad_recv_x.to(torch.bfloat16).contiguous()
         unit = torch.ones(topk.shape, dtype=torch.float32, device=grad.device) if weights is None else weights
         slot_values = torch.zeros(*topk.shape, x.shape[1], dtype=torch.bfloat16, device=grad.device) if need_w else None
-        combined, _ = _low_latency.combine(ll, buffer._operation, grad, topk, unit, handle, slot_values=slot_values)
+        combined, _, _ = _low_latency.combine(ll, buffer._operation, grad, topk, unit, handle, slot_values=slot_values)
         grad_w = None
         if need_w:  # d(w * x[t]) / dw = x[t]: <the slot's gradient row, x[t]>
             grad_w = torch.einsum("tkh,th->tk", slot_values.float(), x.float()) * (topk >= 0)
@@ -215,7 +215,7 @@ class _LowLatencyCombine(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             slot_values = torch.zeros(handle.num_tokens, handle.num_topk, handle[3], dtype=torch.bfloat16,
                                       device=x.device)
-        combined, _ = _low_latency.combine(ll, buffer._operation, x, state.topk_idx, weights, handle,
+        combined, _, _ = _low_latency.combine(ll, buffer._operation, x, state.topk_idx, weights, handle,
                                            combine_wait_recv_cost_stats=state.stats, slot_values=slot_values)
         ctx.state = state
         ctx.save_for_backward(weights, slot_values)
@@ -235,7 +235,7 @@ class _LowLatencyCombine(torch.autograd.Function):
             # combine skipped carrying weight 0.
             scaled = (weights * used).contiguous()
             grad = grad_out.to(torch.bfloat16).contiguous()
-            recv, _, _, _ = _low_latency.dispatch(ll, buffer._operation, grad, state.replay_idx, handle[2], handle[4],
+            recv, _, _, _, _ = _low_latency.dispatch(ll, buffer._operation, grad, state.replay_idx, handle[2], handle[4],
                                                   use_fp8=False, topk_weights=scaled, cached=handle,
                                                   scale_by_weight=True)
             grad_x = torch.where(_valid_rows(handle), recv, torch.zeros((), dtype=recv.dtype))

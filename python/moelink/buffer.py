@@ -6,8 +6,10 @@ framework switches by changing an import. Where they differ, docs/semantics.md s
 Targets (moelink._target): with a gloo process group and CPU tensors, every rank is a process and
 the kernels run on the SIMT host runtime over shared-memory windows. With any other group (NCCL)
 the Buffer is on the GPU target: CUDA tensors on torch's current device, NCCL symmetric windows,
-kernels on the Buffer's comm stream. The GPU target runs the intranode normal mode; the internode
-and low-latency paths are host-only so far. Nothing of the GPU target has run on a GPU yet.
+kernels on the Buffer's comm stream, and for the internode path and the low-latency mode an NCCL
+window driven through GIN (moelink._gin) as the scale-out window. The mode modules (_intranode,
+_internode, _low_latency) are written once for both targets. Nothing of the GPU target has run on
+a GPU yet (docs/gpu-transport.md §3 lists what is untested).
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import os
 from . import _agreement, _backend, _host_windows, _internode, _intranode, _low_latency, _rendezvous, _target, _validate
 from ._handles import HandleBook
 from ._host_windows import bootstrap_host_windows
+from ._gin import bootstrap_gin_scaleout
 from ._scaleout import ScaleOutWindows
 from ._interop import accepts_arrays
 from ._pool import OutputPool
 from .config import DEFAULT_NUM_SMS, Config, get_combine_config, get_dispatch_config
-from .errors import BufferUnusable, GPUUnavailable, InvalidArgument, InvalidType, MoelinkError, argument_error
+from .errors import BufferUnusable, InvalidArgument, InvalidType, MoelinkError, argument_error
 from .event import EventOverlap
 from .layout import get_dispatch_layout as _get_dispatch_layout
 from ._intranode import DispatchHandle
@@ -88,8 +91,6 @@ class Buffer(LowLatencyMethods):
                 raise argument_error(InvalidArgument, "num_rdma_bytes",
                                      f"> 0 for {self.num_nodes} nodes of {self.ranks_per_node} ranks (the internode "
                                      "path needs a scale-out window; Config.get_rdma_buffer_size_hint gives its size)", 0)
-            if on_gpu and (self.num_nodes > 1 or self.low_latency_mode):
-                raise GPUUnavailable(_gpu_group_refusal(dist.get_backend(group), self.num_nodes, self.low_latency_mode))
         except MoelinkError as exc:
             error = exc
         agree = None if error else dict(num_rdma_bytes=self.num_rdma_bytes, low_latency_mode=self.low_latency_mode,
@@ -138,10 +139,14 @@ class Buffer(LowLatencyMethods):
         """Releases the windows (and joins the NIC thread). The Buffer is unusable afterwards.
         Idempotent."""
         scaleout = getattr(self, "_scaleout", None)
-        if scaleout is not None and not scaleout.closed:
+        live_scaleout = scaleout is not None and not scaleout.closed
+        live_windows = self._windows is not None and not self._windows.closed
+        if live_scaleout or live_windows:
+            self._target.drain("destroy")  # GPU target: no kernel of this Buffer still runs
+        if live_scaleout:
             # What this rank's NIC still holds (a kernel returns once it posted its last puts and
             # signals, e.g. a clean's barrier) reaches the peers first; the NIC never stalls, so
-            # this is short even when a peer died.
+            # this is short even when a peer died. (GIN: the pump joined the drained stream.)
             if self._unusable is None:
                 scaleout.wait_idle(2.0)
             scaleout.close()
@@ -149,8 +154,7 @@ class Buffer(LowLatencyMethods):
         pool = getattr(self, "_pool", None)  # absent when __init__ failed before creating it
         if pool is not None:
             pool.clear()
-        if self._windows is not None and not self._windows.closed:
-            self._target.drain("destroy")
+        if live_windows:
             self._windows.close()
 
     def __enter__(self) -> "Buffer":
@@ -168,18 +172,29 @@ class Buffer(LowLatencyMethods):
             windows.close()
 
     def _create_scaleout(self, allow_nvlink: bool) -> None:
-        """The scale-out windows and NIC: for the internode path, and for the low-latency mode
-        (even on one node), whose signals and persistent words follow the internode signals."""
-        if not self.low_latency_mode:
+        """The scale-out windows and their transport (the host target's emulated NIC, or GIN on
+        the GPU target): for the internode path, and for the low-latency mode (even on one node),
+        whose signals and persistent words follow the internode signals."""
+        if self.low_latency_mode:
+            regions = _low_latency.window_regions(self.num_nodes, self.ranks_per_node, self.num_rdma_bytes)
+            num_signals = regions["num_signals"]
+        else:
+            num_signals = _internode.num_signals(self.num_nodes, self.ranks_per_node)
+        if self._target.is_cuda:
+            # The low-latency mode sends to every rank; the internode path only to the rank of
+            # the same local index on each node (GIN's rail connection suffices).
+            self._scaleout = bootstrap_gin_scaleout(self.group, self.num_rdma_bytes, ranks_per_node=self.ranks_per_node,
+                                                    num_signals=num_signals, all_to_all=self.low_latency_mode,
+                                                    device=self._target.device.index,
+                                                    timeout_s=self._target.timeout_s)
+        else:
             self._scaleout = ScaleOutWindows(self.group, self.num_rdma_bytes, ranks_per_node=self.ranks_per_node,
-                                             num_signals=_internode.num_signals(self.num_nodes, self.ranks_per_node))
-            return
-        regions = _low_latency.window_regions(self.num_nodes, self.ranks_per_node, self.num_rdma_bytes)
-        self._scaleout = ScaleOutWindows(self.group, self.num_rdma_bytes, ranks_per_node=self.ranks_per_node,
-                                         num_signals=regions["num_signals"])
-        self._scaleout.reserved_head_bytes = regions["reserved_head"]
-        self._ll = _low_latency.LowLatencyState(self._scaleout, self.rank, self.group_size, self.num_nodes,
-                                                self.ranks_per_node, allow_nvlink, shrink=self.enable_shrink)
+                                             num_signals=num_signals)
+        if self.low_latency_mode:
+            self._scaleout.reserved_head_bytes = regions["reserved_head"]
+            self._ll = _low_latency.LowLatencyState(self._scaleout, self.rank, self.group_size, self.num_nodes,
+                                                    self.ranks_per_node, allow_nvlink, shrink=self.enable_shrink,
+                                                    target=self._target)
 
     # Two phases per operation (see _intranode): `_node` describes the call's node without
     # touching anything, so a validation or sizing error leaves the Buffer usable; `_operation`
@@ -198,7 +213,7 @@ class Buffer(LowLatencyMethods):
             return _internode.InternodeNode(self.rank, self.num_nodes, self.ranks_per_node,
                                             self._window_ptrs or [0] * self.ranks_per_node, self.num_nvl_bytes,
                                             self._nvl_counter, self._scaleout, pool=self._pool,
-                                            epoch=self._epoch + 1)
+                                            epoch=self._epoch + 1, target=self._target)
         return _intranode.Node(rank=self.rank, num_ranks=self.group_size, window_ptrs=self._window_ptrs,
                                window_bytes=self.num_nvl_bytes, epoch=self._epoch + 1, nvl_counter=self._nvl_counter,
                                pool=self._pool, view=self._window_view, live_recv_region=self._live_recv_region,
@@ -471,16 +486,6 @@ def _agree_on_no_window(group: dist.ProcessGroup, ranks_per_node: int, agree: Op
                             for r, item in enumerate(items))
         raise argument_error(InvalidArgument, "num_nvl_bytes", "the same value on every rank",
                              f"(num_nvl_bytes, ranks_per_node, ...) {listing}")
-
-
-def _gpu_group_refusal(backend: str, num_nodes: int, low_latency_mode: bool) -> str:
-    """Why a Buffer on a non-gloo group (the GPU target) cannot run this mode, in one sentence: the
-    GPU target runs the intranode normal mode; the internode and low-latency kernels compile for
-    sm_90 and their GIN transport exists (moelink._gin), but Buffer does not drive them on CUDA
-    tensors yet."""
-    mode = "the low-latency mode" if low_latency_mode else f"the internode path ({num_nodes} nodes)"
-    return (f"group: a '{backend}' group selects the GPU target, which runs the intranode normal mode only so far; "
-            f"{mode} runs on the host target (a gloo group and CPU tensors)")
 
 
 RANKS_PER_NODE_ENV = "MOELINK_RANKS_PER_NODE"
