@@ -180,7 +180,8 @@ def test_intranode_under_the_gpu_contract(group, seed):
                    dict(hidden=256, num_topk=4, experts_per_rank=2, cached=True, bias="pair"))
     assert all(read_backs > 0 for _, read_backs in results)  # the counts came through to_host
     _run(group, test_intranode._dispatch_and_combine, seed,
-         dict(hidden=128, num_topk=4, experts_per_rank=2, fp8=True, num_worst_tokens=64 * group.world_size))
+         dict(hidden=128, num_topk=4, experts_per_rank=2, fp8=True, tokens=[40] * group.world_size,
+              num_worst_tokens=40 * group.world_size))
 
 
 def test_internode_under_the_gpu_contract(group, seed):

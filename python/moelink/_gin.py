@@ -118,7 +118,9 @@ def bootstrap_gin_scaleout(group: Optional[dist.ProcessGroup], data_bytes: int, 
     Collective over ``group`` (default: the world group, any backend)."""
     if group is None:
         group = dist.group.WORLD
-    windows = bootstrap_nccl_windows(group, data_bytes, device=device, timeout_s=timeout_s)
+    # The Buffer's node split, so that node_window_ptrs() (the low-latency NVLink path) is its node's.
+    windows = bootstrap_nccl_windows(group, data_bytes, ranks_per_node=ranks_per_node, device=device,
+                                     timeout_s=timeout_s)
     native, local, nccl = None, None, _nccl_module()
     try:
         # The local checks first, exchanged, so no rank enters ncclDevCommCreate (a collective)

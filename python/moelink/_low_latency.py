@@ -296,7 +296,6 @@ def dispatch(state: LowLatencyState, guard, x, topk_idx, num_max_dispatch_tokens
     _validate.ndim("x", x, 2, "[num_tokens, hidden]")
     num_tokens, hidden = x.shape
     _tensor("x", x, (torch.bfloat16,), (num_tokens, hidden), "[num_tokens, hidden] bf16")
-    state.check_devices(x=x, topk_idx=topk_idx)
     _check_hidden(hidden)
     if num_tokens > t_max:
         raise argument_error(InvalidShape, "x", f"at most num_max_dispatch_tokens_per_rank = {t_max} tokens", num_tokens)
@@ -314,7 +313,7 @@ def dispatch(state: LowLatencyState, guard, x, topk_idx, num_max_dispatch_tokens
     carry = topk_weights is not None
     if carry:
         topk_weights = _tensor("topk_weights", topk_weights, (torch.float32,), tuple(topk.shape), "like topk_idx")
-    state.check_devices(topk_weights=topk_weights, cumulative_local_expert_recv_stats=cum,
+    state.check_devices(x=x, topk_idx=topk_idx, topk_weights=topk_weights, cumulative_local_expert_recv_stats=cum,
                         dispatch_wait_recv_cost_stats=wait, nvfp4_global_scale=g)
     native = state.context("dispatch", num_max_tokens=t_max, hidden=hidden, num_experts=num_experts, num_topk=k,
                            payload=payload, carry_weights=carry)
@@ -389,8 +388,6 @@ def combine(state: LowLatencyState, guard, x, topk_idx, topk_weights, handle, us
         raise argument_error(InvalidArgument, "logfmt_bits", "8, 9 or 10", logfmt_bits)
     _tensor("x", x, (torch.bfloat16,), (experts, ranks * t_max, hidden),
             "[num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, hidden] bf16")
-    state.check_devices(x=x, topk_idx=topk_idx, topk_weights=topk_weights, out=out,
-                        combine_wait_recv_cost_stats=combine_wait_recv_cost_stats)
     topk = _topk("topk_idx", topk_idx, num_tokens, num_experts)
     if topk.shape[1] != k:
         raise argument_error(InvalidShape, "topk_idx", f"{k} columns (the dispatch's top-k)", tuple(topk.shape))
@@ -407,6 +404,7 @@ def combine(state: LowLatencyState, guard, x, topk_idx, topk_weights, handle, us
         out = state.empty((num_tokens, hidden), torch.bfloat16)
     else:
         _tensor("out", out, (torch.bfloat16,), (num_tokens, hidden), "[num_tokens, hidden] bf16")
+    state.check_devices(x=x, topk_idx=topk_idx, topk_weights=weights, out=out, combine_wait_recv_cost_stats=wait)
     payload = f"logfmt{logfmt_bits}" if use_logfmt else "bf16"
     native = state.context("combine", num_max_tokens=t_max, hidden=hidden, num_experts=num_experts, num_topk=k,
                            payload=payload, zero_copy=zero_copy)

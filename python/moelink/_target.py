@@ -1,6 +1,8 @@
 """Where a Buffer's kernels run: the host target (CPU tensors, ``moelink._host``) or the GPU target
-(CUDA tensors, ``moelink._cuda``). The mode modules (``_intranode``) are written once against
-this interface; only what truly differs between the targets lives here.
+(CUDA tensors, ``moelink._cuda``). The mode modules (``_intranode``, ``_internode``,
+``_low_latency``) are written once against this interface; only what truly differs between the
+targets lives here. ``tests/test_gpu_contract.py`` runs them on the host under the contract the GPU
+target needs of them (the fixed block, the operation's stream, every tensor a kernel uses kept).
 
 =================  ==================================  ===========================================
                    :class:`HostTarget`                 :class:`CudaTarget`
@@ -9,6 +11,8 @@ this interface; only what truly differs between the targets lives here.
 ``device``         ``cpu``                             ``cuda:<i>``, torch's current device when
                                                        the Buffer was created
 windows            shared memory (``_host_windows``)   NCCL symmetric windows (``_nccl_windows``)
+scale-out window   shared memory + emulated NIC        an NCCL window + GIN (``_gin.GinScaleOut``)
+                   (``_scaleout.ScaleOutWindows``)
 ``operation()``    runs on the calling thread; the     ``_gpu.CommOp``: kernels on the Buffer's
                    event is empty                      comm stream, DeepEP's event rules
 ``to_host()``      the tensors themselves              pinned copies on the comm stream, awaited
@@ -177,7 +181,10 @@ class CudaTarget:
         """Waits (with the deadline) until the comm stream ran everything queued on it: before the
         windows its kernels use are freed. Raises nothing: a Buffer being torn down reports no
         timeout (the AbortRecord keeps it for the next operation of the process)."""
-        poll(self._comm.stream.query, self.timeout_s)
+        try:
+            poll(self._comm.stream.query, self.timeout_s)
+        except RuntimeError:  # a faulted CUDA context: nothing runs on the stream any more
+            pass
 
 
 def bootstrap_gpu(group, num_nvl_bytes: int, ranks_per_node: Optional[int], agree: Optional[dict],

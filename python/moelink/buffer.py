@@ -164,6 +164,9 @@ class Buffer(LowLatencyMethods):
         self.destroy()
 
     def __del__(self) -> None:
+        target = getattr(self, "_target", None)
+        if target is not None:
+            target.drain("garbage collection")  # GPU target: no kernel may outlive the windows
         scaleout = getattr(self, "_scaleout", None)
         if scaleout is not None and not scaleout.closed:
             scaleout.close()
@@ -181,10 +184,11 @@ class Buffer(LowLatencyMethods):
         else:
             num_signals = _internode.num_signals(self.num_nodes, self.ranks_per_node)
         if self._target.is_cuda:
-            # The low-latency mode sends to every rank; the internode path only to the rank of
-            # the same local index on each node (GIN's rail connection suffices).
+            # Both modes signal ranks of another local index on other nodes (the low-latency mode
+            # sends to every rank; the internode barrier and notify reach every remote rank), so
+            # GIN's FULL connection, not RAIL (docs/internode.md, GIN).
             self._scaleout = bootstrap_gin_scaleout(self.group, self.num_rdma_bytes, ranks_per_node=self.ranks_per_node,
-                                                    num_signals=num_signals, all_to_all=self.low_latency_mode,
+                                                    num_signals=num_signals, all_to_all=True,
                                                     device=self._target.device.index,
                                                     timeout_s=self._target.timeout_s)
         else:
@@ -457,13 +461,16 @@ class Buffer(LowLatencyMethods):
     def bytes_moved(self) -> dict:
         """Bytes this rank moved, per link class: "nvl", what its kernels wrote into the NVL
         windows of other ranks of its node (whole queue slots); "rdma", what its NIC delivered to
-        other nodes (put bytes: wire messages, notify messages; signals not counted)."""
+        other nodes (put bytes: wire messages, notify messages; signals not counted). On the GPU
+        target it first waits (with the deadline) for the operations queued on the comm stream."""
+        self._target.drain("bytes_moved")
         nvl = self._windows.counters()["nvl"] if self._windows is not None else 0
         scaleout = self._scaleout.counters() if self._scaleout is not None else {"nvl": 0, "rdma": 0}
         # The low-latency mode's NVLink path counts into the scale-out windows' "nvl" counter.
         return {"nvl": nvl + scaleout["nvl"], "rdma": scaleout["rdma"]}
 
     def reset_bytes_moved(self) -> None:
+        self._target.drain("reset_bytes_moved")
         if self._windows is not None:
             self._windows.reset_counters()
         if self._scaleout is not None:
