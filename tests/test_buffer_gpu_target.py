@@ -51,3 +51,25 @@ def test_gpu_group_without_a_gpu_raises_a_typed_error_on_every_rank(group, mode)
         assert "'nccl' group selects the GPU target" in message and "cannot run moelink's GPU target" in message
     # Nothing was created: the same ranks make a host Buffer right after.
     assert group.run(_host_buffer) == [(None, 1 << 20)] * 2
+
+
+# ---- the GPU target's default node split: the ranks per host ------------------------------------
+
+@pytest.mark.parametrize("hosts,expected", [(["a"] * 4, 4), (["a", "a", "b", "b"], 2), (["a", "b"], 1),
+                                            (["n0"] * 8 + ["n1"] * 8, 8)])
+def test_ranks_per_node_defaults_to_the_ranks_per_host(hosts, expected, monkeypatch):
+    from moelink import _validate
+    monkeypatch.delenv(_validate.RANKS_PER_NODE_ENV, raising=False)
+    assert _validate.ranks_per_node(None, len(hosts), hosts) == expected
+    assert _validate.ranks_per_node(None, len(hosts)) == len(hosts)  # the host target: one node
+    assert _validate.ranks_per_node(1, len(hosts), hosts) == 1  # the argument wins
+    monkeypatch.setenv(_validate.RANKS_PER_NODE_ENV, "1")
+    assert _validate.ranks_per_node(None, len(hosts), hosts) == 1  # and the variable
+
+
+@pytest.mark.parametrize("hosts", [["a", "b", "a", "b"], ["a", "a", "a", "b"], ["a", "a", "b", "b", "a", "a"]])
+def test_a_host_layout_without_equal_consecutive_blocks_asks_for_ranks_per_node(hosts, monkeypatch):
+    from moelink import _validate
+    monkeypatch.delenv(_validate.RANKS_PER_NODE_ENV, raising=False)
+    with pytest.raises(errors.InvalidArgument, match=r"ranks_per_node: expected given .*rank 0: a, rank 1: "):
+        _validate.ranks_per_node(None, len(hosts), hosts)

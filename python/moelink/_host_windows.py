@@ -385,3 +385,21 @@ def bootstrap_host_windows(
         raise
     node_ranks = [native.node * rpn + i for i in range(rpn)]
     return NodeWindows(native, node_ranks)
+
+
+def agree_without_window(group: dist.ProcessGroup, ranks_per_node: int, agree: Optional[dict]) -> None:
+    """A Buffer without an NVL window makes no segment, but its ranks still meet once, so a rank
+    that asked for a window does not wait alone: this is the first exchange of
+    bootstrap_host_windows, with data_bytes 0, so that a rank inside that bootstrap sees the
+    arguments differ and raises too, instead of waiting for the next step."""
+    deadline_s, error = _deadline_s()
+    if error is not None:
+        raise error
+    mine = dict(args=[repr(0), repr(ranks_per_node), False, agree or {}], error=None)
+    items = _rendezvous.exchange(group, "arguments", mine, deadline_s, what="host windows bootstrap",
+                                 later_steps=("publish", "map"))
+    if any(item != mine for item in items):
+        listing = ", ".join(f"rank {r}: {item.get('args') if isinstance(item, dict) else item}"
+                            for r, item in enumerate(items))
+        raise argument_error(InvalidArgument, "num_nvl_bytes", "the same value on every rank",
+                             f"(num_nvl_bytes, ranks_per_node, ...) {listing}")

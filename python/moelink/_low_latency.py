@@ -190,9 +190,10 @@ class LowLatencyState:
         self.ensure_claims(num_experts)
         node = self.scaleout.windows
         return self.kernels.Context(rank=self.rank, **shape, **self.scaleout.handle(), use_nvlink=self.allow_nvlink,
-                           node_windows=node.node_window_ptrs() if self.allow_nvlink else [],
-                           nvl_bytes=node.counter_ptr("nvl"), claims=self.claims.data_ptr(),
-                           claim_capacity=self.claims.numel() // 2, codec_split=_codec_split, shrink=self.shrink)
+                                    node_windows=node.node_window_ptrs() if self.allow_nvlink else [],
+                                    nvl_bytes=node.counter_ptr("nvl"), claims=self.claims.data_ptr(),
+                                    claim_capacity=self.claims.numel() // 2, codec_split=_codec_split,
+                                    shrink=self.shrink)
 
     def num_blocks(self, num_experts: int) -> int:
         """The grid: one block on the host target (its fibers run on one thread anyway); on the GPU

@@ -3,7 +3,9 @@ argument, what was expected and what was received; nothing unchecked reaches a k
 
 from __future__ import annotations
 
-from typing import Iterable
+import os
+import socket
+from typing import Iterable, List, Optional
 
 import torch
 
@@ -86,3 +88,51 @@ def allocate(pool, shape, dtype: torch.dtype, device: torch.device = torch.devic
     except (RuntimeError, MemoryError) as exc:
         raise argument_error(InvalidArgument, "num_worst_tokens (or the shapes)",
                              "outputs the host can allocate", f"an output of shape {tuple(shape)} {dtype}: {exc}") from None
+
+
+# ---- ranks per node --------------------------------------------------------------------------------
+
+RANKS_PER_NODE_ENV = "MOELINK_RANKS_PER_NODE"
+
+
+def host_names(group) -> List[str]:
+    """Every rank's host name, by rank (collective over ``group``)."""
+    import torch.distributed as dist
+    names = [None] * group.size()
+    dist.all_gather_object(names, socket.gethostname(), group=group)
+    return names
+
+
+def ranks_per_node(value: Optional[int], group_size: int, hosts: Optional[List[str]] = None) -> int:
+    """``ranks_per_node``, else MOELINK_RANKS_PER_NODE, else the ranks per host when ``hosts``
+    (every rank's host name: the GPU target) is given, else the group size (one node). Any divisor
+    of the group size, so one machine can pose as 2 x 2, 4 x 1, 2 x 4 ..."""
+    name = "ranks_per_node"
+    if value is None:
+        text = os.environ.get(RANKS_PER_NODE_ENV, "")
+        if text == "":
+            return group_size if hosts is None else ranks_per_host(hosts)
+        name = RANKS_PER_NODE_ENV
+        try:
+            value = int(text)
+        except ValueError:
+            raise argument_error(InvalidArgument, name, "an int", repr(text)) from None
+    integer(name, value, minimum=1)
+    if group_size % value:
+        raise argument_error(InvalidArgument, name, f"a divisor of the group size {group_size}", value)
+    return value
+
+
+def ranks_per_host(hosts: List[str]) -> int:
+    """The ranks of each host when every host holds the same number of consecutive ranks (as
+    torchrun places them; DeepEP's split into NVLink nodes of 8 GPUs on 8-GPU hosts); otherwise
+    InvalidArgument asking for ranks_per_node."""
+    per_host = hosts.count(hosts[0])
+    blocks = [hosts[start:start + per_host] for start in range(0, len(hosts), per_host)]
+    if len(hosts) % per_host or any(len(set(block)) != 1 for block in blocks) or \
+            len({block[0] for block in blocks}) != len(blocks):
+        listing = ", ".join(f"rank {r}: {h}" for r, h in enumerate(hosts))
+        raise argument_error(InvalidArgument, "ranks_per_node", "given (or MOELINK_RANKS_PER_NODE): the group's "
+                             "ranks are not equal blocks of consecutive ranks per host, so the node split cannot "
+                             "be inferred", listing)
+    return per_host

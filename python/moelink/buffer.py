@@ -20,9 +20,7 @@ from typing import ClassVar, Iterator, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-import os
-
-from . import _agreement, _backend, _host_windows, _internode, _intranode, _low_latency, _rendezvous, _target, _validate
+from . import _agreement, _backend, _host_windows, _internode, _intranode, _low_latency, _target, _validate
 from ._handles import HandleBook
 from ._host_windows import bootstrap_host_windows
 from ._gin import bootstrap_gin_scaleout
@@ -46,8 +44,9 @@ class Buffer(LowLatencyMethods):
 
     ``num_nvl_bytes``: bytes of this rank's window for intranode traffic; 0 (DeepEP's default)
     creates no window, and an intranode call then raises naming the size it needs.
-    ``ranks_per_node`` (moelink): ranks per node; default the group size, the only value the
-    intranode path accepts today. ``num_rdma_bytes``: the scale-out window (internode path with
+    ``ranks_per_node`` (moelink): ranks per node, any divisor of the group size; default
+    MOELINK_RANKS_PER_NODE, else on the host target the group size (one node), on the GPU target
+    the group's ranks per host (DeepEP's 8 on 8-GPU hosts). ``num_rdma_bytes``: the scale-out window (internode path with
     ``ranks_per_node`` < the group size; the low-latency mode with ``low_latency_mode=True``, whose
     methods are in ``_buffer_low_latency``). Use as a context manager, or call :meth:`destroy`.
 
@@ -69,6 +68,9 @@ class Buffer(LowLatencyMethods):
         self._unusable: Optional[str] = None
         self.rank, self.group_size = group.rank(), group.size()
         on_gpu = dist.get_backend(group) != "gloo"
+        # On the GPU target a node is a host unless ranks_per_node says otherwise: one exchange of
+        # host names, on every rank and before any check can raise, so that every rank takes part.
+        hosts = _validate.host_names(group) if on_gpu else None
         self._target = _target.HOST
         # Argument errors travel in the bootstrap's first exchange: every rank raises, none waits.
         error = None
@@ -80,7 +82,7 @@ class Buffer(LowLatencyMethods):
             if not isinstance(enable_shrink, bool):
                 raise argument_error(InvalidType, "enable_shrink", "a bool", type(enable_shrink).__name__)
             self.enable_shrink = enable_shrink  # low-latency shrink mode (docs/low-latency.md "Shrink mode")
-            self.ranks_per_node = _ranks_per_node(ranks_per_node, self.group_size)
+            self.ranks_per_node = _validate.ranks_per_node(ranks_per_node, self.group_size, hosts)
             self.num_nodes = self.group_size // self.ranks_per_node
             if self.low_latency_mode:
                 _validate.integer("num_qps_per_rank", num_qps_per_rank, minimum=1)
@@ -104,7 +106,7 @@ class Buffer(LowLatencyMethods):
             self._window_ptrs = None if self._windows is None else self._windows.node_window_ptrs()
             self._nvl_counter = 0 if self._windows is None else self._windows.counter_ptr("nvl")
         elif error is None and self.num_nvl_bytes == 0:
-            _agree_on_no_window(group, self.ranks_per_node, agree)
+            _host_windows.agree_without_window(group, self.ranks_per_node, agree)
             self._window_ptrs, self._nvl_counter = None, 0
         else:
             self._windows = bootstrap_host_windows(
@@ -475,43 +477,3 @@ class Buffer(LowLatencyMethods):
             self._windows.reset_counters()
         if self._scaleout is not None:
             self._scaleout.reset_counters()
-
-
-def _agree_on_no_window(group: dist.ProcessGroup, ranks_per_node: int, agree: Optional[dict]) -> None:
-    """A Buffer without an NVL window makes no segment, but its ranks still meet once, so a rank
-    that asked for a window does not wait alone: this is the first exchange of
-    bootstrap_host_windows, with data_bytes 0, so that a rank inside that bootstrap sees the
-    arguments differ and raises too, instead of waiting for the next step."""
-    deadline_s, error = _host_windows._deadline_s()
-    if error is not None:
-        raise error
-    mine = dict(args=[repr(0), repr(ranks_per_node), False, agree or {}], error=None)
-    items = _rendezvous.exchange(group, "arguments", mine, deadline_s, what="host windows bootstrap",
-                                 later_steps=("publish", "map"))
-    if any(item != mine for item in items):
-        listing = ", ".join(f"rank {r}: {item.get('args') if isinstance(item, dict) else item}"
-                            for r, item in enumerate(items))
-        raise argument_error(InvalidArgument, "num_nvl_bytes", "the same value on every rank",
-                             f"(num_nvl_bytes, ranks_per_node, ...) {listing}")
-
-
-RANKS_PER_NODE_ENV = "MOELINK_RANKS_PER_NODE"
-
-
-def _ranks_per_node(value: Optional[int], group_size: int) -> int:
-    """``ranks_per_node``, else MOELINK_RANKS_PER_NODE, else the group size (one node); any divisor
-    of the group size, so one machine can pose as 2 x 2, 4 x 1, 2 x 4 ..."""
-    name = "ranks_per_node"
-    if value is None:
-        text = os.environ.get(RANKS_PER_NODE_ENV, "")
-        if text == "":
-            return group_size
-        name = RANKS_PER_NODE_ENV
-        try:
-            value = int(text)
-        except ValueError:
-            raise argument_error(InvalidArgument, name, "an int", repr(text)) from None
-    _validate.integer(name, value, minimum=1)
-    if group_size % value:
-        raise argument_error(InvalidArgument, name, f"a divisor of the group size {group_size}", value)
-    return value
