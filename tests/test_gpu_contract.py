@@ -7,9 +7,15 @@ demands of the Python layer checked at every kernel call. What it checks, and wh
   every GPU call);
 - every kernel is launched inside a Buffer operation, on that operation's stream handle (else
   on a GPU it runs on the wrong stream, unordered with the caller's work);
-- every tensor a kernel call points into was handed to ``op.keep`` (on a GPU the caching allocator
-  may reuse the memory of an unkept tensor while the comm stream still reads it);
-- low-latency grids of several blocks (a GPU's) give the same results as the host's one block.
+- every tensor a kernel call points into (the slot claims of a low-latency context too) was handed
+  to ``op.keep`` (on a GPU the caching allocator may reuse the memory of an unkept tensor while the
+  comm stream still reads it), and starts at a 16-byte boundary (the kernels' vector and bulk
+  copies fault on a GPU otherwise);
+- counts read back through the GPU target's own staging buffers (``_target.HostStaging``), so two
+  read-backs of one call cannot alias;
+- low-latency grids of several blocks (a GPU's) give the same results as the host's one block,
+  and a one-node low-latency Buffer runs on the GPU's one-node transport (``NodeScaleOut``: puts
+  as NVLink stores through the window table, the loopback binding) over shared memory.
 
 Results are checked against moelink.reference by the modes' own test cases (test_intranode,
 test_internode, test_low_latency), run unchanged under the contract. What it cannot show: stream
@@ -69,6 +75,8 @@ class _Operation:
                 if not any(lo <= p < hi for lo, hi in extents):
                     raise ContractViolation(f"{kernel}: argument {name} points at 0x{p:x}, in no tensor the "
                                             "operation kept (op.keep)")
+                if p % 16:
+                    raise ContractViolation(f"{kernel}: argument {name} = 0x{p:x} is not 16-byte aligned")
 
 
 class _Family:
@@ -92,7 +100,10 @@ class _Family:
             if warps != GPU_BLOCK_WARPS:
                 raise ContractViolation(f"{self._name}.{CONTEXTS[self._name]}: block_warps={warps}, the GPU build "
                                         f"runs {GPU_BLOCK_WARPS} only")
-            return real(*args, **kwargs)
+            native = real(*args, **kwargs)
+            if "claims" in kwargs:  # a tensor of the Buffer's the kernels write: kept like an argument
+                self._target.context_pointers[id(native)] = [("claims", kwargs["claims"])]
+            return native
         return make
 
     def _kernel(self, attr, real):
@@ -107,6 +118,7 @@ class _Family:
             # Pointers: ints past the first 4 GiB (sizes, counts and flags are far below).
             named = [(f"#{i}", v) for i, v in enumerate(args)] + list(kwargs.items())
             pointers = [(n, v) for n, v in named if isinstance(v, int) and not isinstance(v, bool) and v >= 1 << 32]
+            pointers += self._target.context_pointers.get(id(args[0]), [])
             op.launches.append((what, pointers))
             self._target.launches += 1
             return real(*args, **kwargs)
@@ -131,6 +143,8 @@ class ContractTarget(_target.HostTarget):
         self.current = None
         self.launches = 0
         self.read_backs = 0
+        self.context_pointers = {}  # id(native context) -> [(name, pointer)] of tensors it holds
+        self._staging = _target.HostStaging(pin_memory=False)
 
     @staticmethod
     def block_warps(num_ranks=None) -> int:
@@ -139,6 +153,10 @@ class ContractTarget(_target.HostTarget):
     @staticmethod
     def grid_blocks(wanted: int) -> int:
         return max(1, min(int(wanted), 3))  # several blocks, as on a GPU (kept small: fibers cost)
+
+    @staticmethod
+    def scale_out(num_nodes: int) -> str:
+        return "node" if num_nodes == 1 else "nic"  # the GPU's one-node transport; no GIN on the host
 
     @contextlib.contextmanager
     def operation(self, previous_event=None, async_finish=False, allocate_on_comm_stream=False):
@@ -155,7 +173,10 @@ class ContractTarget(_target.HostTarget):
         if op is not self.current:
             raise ContractViolation(f"{what}: read back outside its operation")
         self.read_backs += 1
-        return tuple(t.clone() for t in tensors)  # as the GPU's pinned copies: not the kernels' tensors
+        copies = self._staging.buffers(tensors)  # as the GPU target's: reused buffers, one per position
+        for host, t in zip(copies, tensors):
+            host.copy_(t)
+        return tuple(c.clone() for c in copies)
 
 
 def _under_contract(ctx, case_fn, *args):
@@ -190,8 +211,18 @@ def test_internode_under_the_gpu_contract(group, seed):
              dict(ranks_per_node=rpn, hidden=128, num_topk=4, experts_per_rank=2, cached=True, bias=True))
 
 
+def _scale_outs(ctx):
+    """The scale-out transports of this rank's low-latency Buffers, by (ranks per node, NVLink)."""
+    return {key[1:]: type(b._scaleout).__name__ for key, b in ctx.state.items()
+            if isinstance(key, tuple) and key[0] == "ll"}
+
+
 def test_low_latency_under_the_gpu_contract(group, seed):
-    for rpn, allow in test_low_latency._layouts(group)[:2]:
+    layouts = test_low_latency._layouts(group)[:2]
+    for rpn, allow in layouts:
         _run(group, test_low_latency._case, seed,
              dict(rpn=rpn, allow_nvlink=allow, t_max=12, hidden=256, num_topk=3, experts=4 * group.world_size,
                   payloads=["fp8", "bf16", "nvfp4"], iterations=3, hook=True, zero_copy=True))
+    # One node ran on the GPU's one-node transport, several on the host's NIC (no GIN here).
+    want = {(rpn, allow): "NodeScaleOut" if rpn == group.world_size else "ScaleOutWindows" for rpn, allow in layouts}
+    assert group.run(_scale_outs) == [want] * group.world_size

@@ -1,12 +1,13 @@
 """The low-latency mode of ``moelink.Buffer`` on the GPU target (marker ``gpu``; skipped without a
 GPU and a CUDA torch): an NCCL group of one rank on one GPU, CUDA tensors, the scale-out window an
-NCCL window with its GIN transport, every transfer the rank's own (through its LSA window with
-``allow_nvlink_for_low_latency_mode``, through GIN without). Dispatch in several payload formats,
+NCCL window; one node, so the "network" is the NVLink (LSA) binding (``_scaleout.NodeScaleOut``),
+and every transfer the rank's own (by the NVLink path with ``allow_nvlink_for_low_latency_mode``,
+by NVLink puts through the window table without). Dispatch in several payload formats,
 the receive hook, zero-copy and LogFMT combines, several calls alternating the halves, checked
 against moelink.reference.low_latency by tests/test_low_latency.py's own checks; events.
 
-What one GPU cannot show: the internode path and any real peer (NCCL allows one rank per GPU in
-a communicator); the kernels at 2-8 ranks on one GPU are the proof's (tests/test_gpu_proof.py).
+What one GPU cannot show: GIN (two nodes at least), the internode path and any real peer (NCCL
+allows one rank per GPU in a communicator); the kernels at 2-8 ranks on one GPU are the proof's (tests/test_gpu_proof.py).
 Nothing here has run yet: no GPU was available when it was written."""
 
 from __future__ import annotations
@@ -103,6 +104,6 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=["nvlink-formats", "gin-logfmt", "hooks-zero-copy-async"])
+@pytest.mark.parametrize("case", CASES, ids=["nvlink-formats", "puts-logfmt", "hooks-zero-copy-async"])
 def test_low_latency_on_cuda_tensors(one, seed, case):
     assert one.run(_round_trips, seed, case) == [True]

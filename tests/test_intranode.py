@@ -232,6 +232,8 @@ def _invalid_calls(ctx):
         (dict(x=x.to(torch.int32)), errors.InvalidDType, "x: expected dtype"),
         (dict(x=x[None]), errors.InvalidShape, "x: expected a 2-D tensor"),
         (dict(x=x.t().contiguous().t()), errors.InvalidShape, "contiguous"),
+        (dict(x=torch.zeros(4 * 16 + 1, dtype=torch.bfloat16)[1:].view(4, 16)), errors.InvalidArgument,
+         "x: expected data starting at a 16-byte boundary"),
         (dict(topk_idx=topk.to(torch.int16)), errors.InvalidDType, "topk_idx: expected dtype torch.int64 or torch.int32"),
         (dict(topk_idx=topk + 2 * ctx.world_size), errors.InvalidArgument, "topk_idx: expected expert ids"),
         (dict(topk_idx=None), errors.InvalidArgument, "topk_idx: expected a tensor"),

@@ -50,6 +50,9 @@ def _bad_inputs(ctx, seed):
         _expect(errors.InvalidShape, "dispatch_wait_recv_cost_stats", d, x, topk, 8, 2 * world,
                 dispatch_wait_recv_cost_stats=torch.zeros(world + 1, dtype=torch.int64))
         _expect(errors.InvalidType, "return_recv_hook", d, x, topk, 8, 2 * world, return_recv_hook=1)
+        # Payload rows start at a 16-byte boundary (a view at an element offset does not).
+        shifted = torch.zeros(8 * 128 + 1, dtype=torch.bfloat16)[1:].view(8, 128)
+        assert "data_ptr() % 16 = 2" in _expect(errors.InvalidArgument, "x", d, shifted, topk, 8, 2 * world)
         # The buffer is too small for a larger shape: the message names a size that does.
         message = _expect(errors.InvalidArgument, "num_rdma_bytes", d, torch.zeros(8, 1024, dtype=torch.bfloat16),
                           topk, 8, 2 * world)
@@ -67,6 +70,8 @@ def _bad_inputs(ctx, seed):
         _expect(errors.InvalidShape, "x", c, torch.zeros(2, 8, 128, dtype=torch.bfloat16), topk, w, handle)
         _expect(errors.InvalidShape, "out", c, torch.zeros(2, 8 * world, 128, dtype=torch.bfloat16), topk, w, handle,
                 out=torch.zeros(3, 128, dtype=torch.bfloat16))
+        _expect(errors.InvalidArgument, "out", c, torch.zeros(2, 8 * world, 128, dtype=torch.bfloat16), topk, w,
+                handle, out=torch.zeros(8 * 128 + 4, dtype=torch.bfloat16)[4:].view(8, 128))
         _expect(errors.InvalidArgument, "logfmt_bits", c, torch.zeros(2, 8 * world, 128, dtype=torch.bfloat16), topk,
                 w, handle, use_logfmt=True, logfmt_bits=7)
         combined, _, _ = c(torch.ones(2, 8 * world, 128, dtype=torch.bfloat16), topk, w, handle)

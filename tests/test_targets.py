@@ -61,3 +61,19 @@ def test_cuda_extension_imports_beside_the_host_one_and_refuses_without_a_device
 def test_gpu_tensors_are_refused_on_the_host_target():
     with pytest.raises(errors.InvalidDevice, match="expected a tensor on 'cpu'"):
         moelink.get_dispatch_layout(torch.zeros(3, 2, dtype=torch.int64, device="meta"), 4, 2)
+
+
+def test_read_back_buffers_are_never_shared_within_a_call():
+    """The GPU target's pinned read-back buffers (one per position): two counts tensors of one call
+    with the same dtype and size (the internode notify's receive and forward starts at one rank per
+    node) must not land in one buffer, or both read back as the last."""
+    from moelink._target import HostStaging
+    staging = HostStaging(pin_memory=False)
+    a, b = torch.arange(5, dtype=torch.int32), torch.arange(5, 10, dtype=torch.int32)
+    first = staging.buffers((a, b))
+    assert first[0].data_ptr() != first[1].data_ptr()
+    for host, t in zip(first, (a, b)):
+        host.copy_(t)
+    assert first[0].tolist() == a.tolist() and first[1].tolist() == b.tolist()
+    again = staging.buffers((a.view(1, 5), b))  # reused by the next call, in its shape
+    assert again[0].data_ptr() == first[0].data_ptr() and tuple(again[0].shape) == (1, 5)

@@ -127,6 +127,7 @@ class CommOp:
         self._kept: list[torch.Tensor] = []
         self._compute: Optional[torch.cuda.Stream] = None
         self._stream_scope = None
+        self._device_scope = None
 
     @property
     def stream_handle(self) -> int:
@@ -148,6 +149,9 @@ class CommOp:
         if not self.is_cuda:
             return self
         comm = self.comm_stream.stream
+        # Launches go to the Buffer's device whatever the caller's current device is.
+        self._device_scope = torch.cuda.device(self.device)
+        self._device_scope.__enter__()
         self._compute = torch.cuda.current_stream(self.device)
         if self.previous_event is not None and self.previous_event.event is not None:
             comm.wait_event(self.previous_event.event)
@@ -178,6 +182,9 @@ class CommOp:
             if self._stream_scope is not None:
                 self._stream_scope.__exit__(exc_type, exc, tb)
                 self._stream_scope = None
+            if self._device_scope is not None:
+                self._device_scope.__exit__(exc_type, exc, tb)
+                self._device_scope = None
 
 
 class ReceiveCounts:

@@ -157,7 +157,7 @@ def plan_dispatch(node: InternodeNode, call: DispatchCall) -> DispatchPlan:
 def run_dispatch(plan: DispatchPlan, op):
     """``op``: the operation's stream scope (moelink._target). Returns what _intranode.run_dispatch
     does (no error, no one-copy region: the one-copy paths are intranode only)."""
-    node, call, native = plan.node, plan.call, plan.native
+    node, call, native = plan.node, plan.call.kernel_inputs(op), plan.native
     kernels, stream = node.module.internode, op.stream_handle
     x, num_tokens = call.x, call.x.shape[0]
     ranks, nodes = node.num_nodes * node.ranks_per_node, node.num_nodes

@@ -188,7 +188,7 @@ def run_dispatch(plan: DispatchPlan, op):
     InvalidArgument the caller raises once the operation is over (a one-copy dispatch whose rows do
     not fit ran as an empty one on every rank, so the windows stay consistent), recv_region the
     [begin, end) of a one-copy dispatch's outputs in the window."""
-    node, call, native = plan.node, plan.call, plan.native
+    node, call, native = plan.node, plan.call.kernel_inputs(op), plan.native
     kernels, stream = node.module.intranode, op.stream_handle
     x, num_tokens, ranks = call.x, call.x.shape[0], node.num_ranks
     num_topk = 0 if call.topk_idx is None else call.topk_idx.shape[1]
@@ -227,7 +227,9 @@ def run_dispatch(plan: DispatchPlan, op):
         if needed:
             # Every rank knows M and fails here alike: run an empty dispatch so that every window's
             # epoch and queue counters advance together, then report.
-            empty = torch.zeros_like(recv_channel_start)
+            with op.on_stream():  # zeroed before the kernel reads it, and kept for it
+                empty = torch.zeros_like(recv_channel_start)
+            op.keep(empty)
             kernels.dispatch(native, handle is not None, 1, 0, 0, 0, 0, 0, 0, empty.data_ptr(), 0, 0, 0, 0, 0, 0,
                              stream=stream, rank=node.rank)
             error = _window_error("dispatch", needed, node, f"a receive region of {direct_rows} rows, the most any "

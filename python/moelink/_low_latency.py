@@ -296,7 +296,7 @@ def dispatch(state: LowLatencyState, guard, x, topk_idx, num_max_dispatch_tokens
     _validate.tensor("x", x)
     _validate.ndim("x", x, 2, "[num_tokens, hidden]")
     num_tokens, hidden = x.shape
-    _tensor("x", x, (torch.bfloat16,), (num_tokens, hidden), "[num_tokens, hidden] bf16")
+    _tensor("x", x, (torch.bfloat16,), (num_tokens, hidden), "[num_tokens, hidden] bf16", rows=True)
     _check_hidden(hidden)
     if num_tokens > t_max:
         raise argument_error(InvalidShape, "x", f"at most num_max_dispatch_tokens_per_rank = {t_max} tokens", num_tokens)
@@ -337,7 +337,7 @@ def dispatch(state: LowLatencyState, guard, x, topk_idx, num_max_dispatch_tokens
             ptr(send_slots), ptr(send_counts), ptr(recv_x), ptr(recv_scales), ptr(recv_g), ptr(recv_count),
             ptr(src_info), ptr(layout_range), ptr(cum), ptr(wait))
     keep = (x, topk, topk_weights, g, cached_slots, send_slots, send_counts, recv_x, recv_scales, recv_g, recv_count,
-            src_info, layout_range, cum, wait)
+            src_info, layout_range, cum, wait, state.claims)
     handle = LowLatencyHandle(src_info, layout_range, t_max, hidden, num_experts, send_slots=send_slots,
                               send_counts=send_counts, num_tokens=num_tokens, num_topk=k, payload=payload,
                               owner=state.token, rank=state.rank, num_ranks=ranks, recv_count=recv_count)
@@ -388,7 +388,7 @@ def combine(state: LowLatencyState, guard, x, topk_idx, topk_weights, handle, us
     if use_logfmt and (isinstance(logfmt_bits, bool) or logfmt_bits not in (8, 9, 10)):
         raise argument_error(InvalidArgument, "logfmt_bits", "8, 9 or 10", logfmt_bits)
     _tensor("x", x, (torch.bfloat16,), (experts, ranks * t_max, hidden),
-            "[num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, hidden] bf16")
+            "[num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, hidden] bf16", rows=True)
     topk = _topk("topk_idx", topk_idx, num_tokens, num_experts)
     if topk.shape[1] != k:
         raise argument_error(InvalidShape, "topk_idx", f"{k} columns (the dispatch's top-k)", tuple(topk.shape))
@@ -404,14 +404,15 @@ def combine(state: LowLatencyState, guard, x, topk_idx, topk_weights, handle, us
     if out is None:
         out = state.empty((num_tokens, hidden), torch.bfloat16)
     else:
-        _tensor("out", out, (torch.bfloat16,), (num_tokens, hidden), "[num_tokens, hidden] bf16")
+        _tensor("out", out, (torch.bfloat16,), (num_tokens, hidden), "[num_tokens, hidden] bf16", rows=True)
     state.check_devices(x=x, topk_idx=topk_idx, topk_weights=weights, out=out, combine_wait_recv_cost_stats=wait)
     payload = f"logfmt{logfmt_bits}" if use_logfmt else "bf16"
     native = state.context("combine", num_max_tokens=t_max, hidden=hidden, num_experts=num_experts, num_topk=k,
                            payload=payload, zero_copy=zero_copy)
     args = (0 if zero_copy else ptr(x), ptr(handle[0]), ptr(handle[1]), num_tokens, ptr(topk), ptr(weights),
             ptr(handle.send_slots), ptr(handle.send_counts), ptr(out), ptr(slot_values), ptr(wait))
-    keep = (x, handle[0], handle[1], handle.send_slots, handle.send_counts, topk, weights, out, slot_values, wait)
+    keep = (x, handle[0], handle[1], handle.send_slots, handle.send_counts, topk, weights, out, slot_values, wait,
+            state.claims)
     call = _Call("combine", "combine", native, args, keep, num_blocks=state.num_blocks(num_experts))
     hook, event = state.run(call, return_recv_hook, guard)
     return out, hook, event

@@ -23,10 +23,10 @@ def _check_experts(num_experts: int, num_ranks: int) -> None:
         raise argument_error(InvalidArgument, "num_experts", f"a positive multiple of the {num_ranks} ranks", num_experts)
 
 
-def _tensor(name: str, t, dtypes, shape: tuple, layout: str) -> torch.Tensor:
-    """A contiguous tensor of ``shape``; which device it must be on is the Buffer's target's to
-    check (LowLatencyState.check_devices)."""
-    return _validate.shaped(name, t, dtypes, shape, layout)
+def _tensor(name: str, t, dtypes, shape: tuple, layout: str, rows: bool = False) -> torch.Tensor:
+    """A contiguous tensor of ``shape`` (``rows``: payload rows, 16-byte aligned); which device it
+    must be on is the Buffer's target's to check (LowLatencyState.check_devices)."""
+    return _validate.shaped(name, t, dtypes, shape, layout, rows=rows)
 
 
 def _flag(name: str, value) -> bool:

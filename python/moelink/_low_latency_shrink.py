@@ -51,10 +51,11 @@ def update_mask(state: LowLatencyState, rank_to_mask, mask) -> None:
     _check_shrink(state, op)
     _validate.integer("rank_to_mask", rank_to_mask, minimum=0, maximum=state.num_ranks - 1)
     _flag("mask", mask)
-    words = _mask_words(state)
-    if not mask and int(words[rank_to_mask]) != 0:
-        _rejoin(state, rank_to_mask)
-    words[rank_to_mask] = 1 if mask else 0
+    with state.target.comm_scope():  # ordered with the kernels (an async_finish call may still run)
+        words = _mask_words(state)
+        if not mask and int(words[rank_to_mask]) != 0:
+            _rejoin(state, rank_to_mask)
+        words[rank_to_mask] = 1 if mask else 0
 
 
 def query_mask(state: LowLatencyState, mask_status) -> None:
@@ -63,13 +64,15 @@ def query_mask(state: LowLatencyState, mask_status) -> None:
     _check_shrink(state, op)
     _tensor("mask_status", mask_status, (torch.int32,), (state.num_ranks,), "[num_ranks] int32")
     state.check_devices(mask_status=mask_status)
-    mask_status.copy_((_mask_words(state) != 0).to(torch.int32))
+    with state.target.comm_scope():
+        mask_status.copy_((_mask_words(state) != 0).to(torch.int32))
 
 
 def clean_mask(state: LowLatencyState) -> None:
     """Buffer.low_latency_clean_mask_buffer: every rank unmasked."""
     _check_shrink(state, "low_latency_clean_mask_buffer")
-    words = _mask_words(state)
-    for peer in (words != 0).nonzero().flatten().tolist():
-        _rejoin(state, peer)
-    words.zero_()
+    with state.target.comm_scope():
+        words = _mask_words(state)
+        for peer in (words != 0).nonzero().flatten().tolist():
+            _rejoin(state, peer)
+        words.zero_()

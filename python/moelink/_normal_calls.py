@@ -132,8 +132,8 @@ _tensor = _validate.shaped  # a CPU or a CUDA tensor: which one, the Buffer's ta
 
 
 def _scales(x_scales, num_tokens: int) -> torch.Tensor:
-    """FP8 scales ``[num_tokens, num_scales]``, float32 or int32 (UE8M0 packed), any strides; made
-    contiguous here (a small copy) since the kernels copy num_scales 4-byte words per row."""
+    """FP8 scales ``[num_tokens, num_scales]``, float32 or int32 (UE8M0 packed), any strides (made
+    contiguous by :meth:`DispatchCall.kernel_inputs`: the kernels copy num_scales words per row)."""
     name = "x[1] (scales)"
     _validate.tensor(name, x_scales)
     _validate.dtype(name, x_scales, _SCALE_DTYPES)
@@ -142,7 +142,7 @@ def _scales(x_scales, num_tokens: int) -> torch.Tensor:
         raise argument_error(InvalidShape, name, f"shape ({num_tokens}, num_scales >= 1) [num_tokens, num_scales]",
                              f"shape {tuple(x_scales.shape)}")
     _validate.supported_device(name, x_scales)
-    return x_scales.contiguous()
+    return x_scales
 
 
 @dataclasses.dataclass
@@ -152,7 +152,7 @@ class DispatchCall:
     handle: Optional[DispatchHandle]
     is_token_in_rank: Optional[torch.Tensor]
     num_tokens_per_expert: Optional[torch.Tensor]
-    topk_idx: Optional[torch.Tensor]  # int64, what the kernels read
+    topk_idx: Optional[torch.Tensor]  # the caller's ids (int64 or int32; kernel_inputs widens them)
     topk_weights: Optional[torch.Tensor]
     num_experts: int
     expert_alignment: int
@@ -173,10 +173,10 @@ class DispatchCall:
         _validate.ndim("x", x, 2, "[num_tokens, hidden]")
         num_tokens, hidden = x.shape
         if x_scales is not None:
-            _tensor("x[0]", x, _PAIR_DTYPES, (num_tokens, hidden), "[num_tokens, hidden] (1-byte FP8 codes)")
+            _tensor("x[0]", x, _PAIR_DTYPES, (num_tokens, hidden), "[num_tokens, hidden] (1-byte FP8 codes)", rows=True)
             x_scales = _scales(x_scales, num_tokens)
         else:
-            _tensor("x", x, _DISPATCH_DTYPES, (num_tokens, hidden), "[num_tokens, hidden]")
+            _tensor("x", x, _DISPATCH_DTYPES, (num_tokens, hidden), "[num_tokens, hidden]", rows=True)
         if (hidden * x.element_size()) % 16 != 0 or hidden == 0:
             raise argument_error(InvalidShape, "x", "rows of a positive multiple of 16 bytes", f"{hidden} x {x.dtype}")
         if not isinstance(config, Config):
@@ -231,10 +231,19 @@ class DispatchCall:
                 raise argument_error(InvalidArgument, "topk_idx", f"expert ids in [-1, {num_experts})",
                                      f"min {int(topk_idx.min())}, max {int(topk_idx.max())}")
             topk_idx_dtype = topk_idx.dtype
-            topk_idx = topk_idx.to(torch.int64)  # the kernels read int64 ids; int32 is widened (a small copy)
         return DispatchCall(x, x_scales, handle, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
                             num_experts, expert_alignment, num_worst_tokens, config, topk_idx_dtype, zero_copy)
 
+
+    def kernel_inputs(self, op) -> "DispatchCall":
+        """The call with what the kernels read: int64 ids (int32 is widened) and contiguous scales,
+        small copies made inside the operation on its stream (``op.on_stream``). On the GPU the comm
+        stream waits for ``previous_event`` only, which orders the caller's tensors but not copies
+        queued on the current stream after it."""
+        with op.on_stream():
+            topk_idx = None if self.topk_idx is None else self.topk_idx.to(torch.int64)
+            x_scales = None if self.x_scales is None else self.x_scales.contiguous()
+        return dataclasses.replace(self, topk_idx=topk_idx, x_scales=x_scales)
 
 
 @dataclasses.dataclass
@@ -258,7 +267,8 @@ class CombineCall:
             rows = f"{received}" if received == padded else f"{received} or {padded} (num_worst_tokens)"
             raise argument_error(InvalidShape, "x", f"{rows} rows (the dispatch's rows) of [num_recv_tokens, hidden]",
                                  f"shape {tuple(x.shape)}")
-        _tensor("x", x, (torch.bfloat16,), (num_rows, hidden), "[num_recv_tokens, hidden] (the dispatch's rows)")
+        _tensor("x", x, (torch.bfloat16,), (num_rows, hidden), "[num_recv_tokens, hidden] (the dispatch's rows)",
+                rows=True)
         if hidden % 8 != 0 or hidden == 0:
             raise argument_error(InvalidShape, "x", "a hidden size that is a positive multiple of 8", hidden)
         if topk_weights is not None:
@@ -272,7 +282,7 @@ class CombineCall:
         num_tokens = handle.is_token_in_rank.shape[0]
         for i, b in enumerate(biases):
             if b is not None:
-                _tensor(f"bias[{i}]", b, (torch.bfloat16,), (num_tokens, hidden), "[num_tokens, hidden]")
+                _tensor(f"bias[{i}]", b, (torch.bfloat16,), (num_tokens, hidden), "[num_tokens, hidden]", rows=True)
         if not isinstance(config, Config):
             raise argument_error(InvalidType, "config", "a moelink.Config", type(config).__name__)
         if handle.num_channels != config.num_sms // 2:

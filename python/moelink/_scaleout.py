@@ -1,6 +1,15 @@
-"""The scale-out ("RDMA") transport of the host target: every rank's scale-out window and its
-emulated IBGDA NIC (``csrc/transport/host/nic.h``; the device-side interface is
-``csrc/transport/scaleout.cuh``).
+"""Scale-out ("RDMA") transports (the device-side interface is ``csrc/transport/scaleout.cuh``):
+
+- :class:`ScaleOutWindows`, the host target's: every rank's scale-out window and its emulated
+  IBGDA NIC (``csrc/transport/host/nic.h``);
+- :class:`NodeScaleOut`, for a low-latency Buffer on ONE node on the GPU target (where GIN has no
+  peer to reach across a network, and may have no NIC at all): every rank is an LSA peer, so a
+  "network" put is a store through NVLink into the peer's window (the loopback binding,
+  ``csrc/transport/proof/loopback.cuh``, over the node's window table). Target-neutral: on the
+  host target it runs over shared-memory windows, which is how CI tests it
+  (tests/test_gpu_contract.py). The GPU target's multi-node transport is ``moelink._gin``.
+
+The host NIC:
 
 Each rank creates one more shared-memory window, mapped by *every* rank's NIC (``nic_maps_remote``)
 but by no kernel of another node, and starts its NIC thread. Kernels reach ranks of other nodes
@@ -19,15 +28,17 @@ import os
 import weakref
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
 from . import _host
 from ._host_windows import NodeWindows, bootstrap_host_windows
 from .errors import InvalidArgument, argument_error
 
-__all__ = ["ScaleOutWindows", "nic_shaping_from_env", "SCALE_OUT_KIND_HOST_NIC", "NIC_RING_ENTRIES"]
+__all__ = ["ScaleOutWindows", "NodeScaleOut", "nic_shaping_from_env", "SCALE_OUT_KIND_HOST_NIC", "NIC_RING_ENTRIES"]
 
 SCALE_OUT_KIND_HOST_NIC = 1  # transport::ScaleOutKind::kHostNic
+SCALE_OUT_KIND_LOOPBACK = 2  # transport::ScaleOutKind::kLoopback
 NIC_RING_ENTRIES = 4096
 DRAIN_S = 2.0  # how long close() lets the NIC deliver what is still in its queue
 _GBPS_ENV = "MOELINK_HOST_NIC_GBPS"
@@ -119,3 +130,52 @@ class ScaleOutWindows:
         self.nic.close()
         self.windows.close()
         _open_nics.discard(self)
+
+
+class NodeScaleOut:
+    """The scale-out window of a one-node Buffer whose "network" is NVLink: this rank's window in
+    ``windows`` (the node's windows: NCCL's on the GPU, shared memory on the host), and a table of
+    every rank's window on the target's device, which the loopback binding indexes by rank. Same
+    surface as :class:`ScaleOutWindows` where Buffer and the low-latency mode use it. Puts are
+    counted as NVLink bytes ("nvl"): on one node that is the link they cross."""
+
+    def __init__(self, windows, num_signals: int, device: torch.device):
+        if windows.ranks_per_node != windows.num_ranks:
+            raise argument_error(InvalidArgument, "ranks_per_node", f"{windows.num_ranks} (one node: every rank "
+                                 "reached over NVLink)", windows.ranks_per_node)
+        self.windows = windows
+        self.num_signals = num_signals
+        self.data_bytes = windows.data_bytes
+        self.reserved_head_bytes = 0  # as ScaleOutWindows
+        ptrs = windows.node_window_ptrs()
+        self._own = ptrs[windows.rank]
+        self._table = torch.tensor(ptrs, dtype=torch.int64, device=device)  # char*[num_ranks] for the kernels
+
+    @property
+    def closed(self) -> bool:
+        return self.windows.closed
+
+    def handle(self) -> dict:
+        """The keyword arguments a kernel context takes for this transport (ScaleOut, kind kLoopback)."""
+        if self.closed:
+            raise InvalidArgument("handle: the scale-out windows are closed")
+        return dict(net_kind=SCALE_OUT_KIND_LOOPBACK, net_window=self._own, net_window_bytes=self.data_bytes,
+                    num_signals=self.num_signals, net_queue=self._table.data_ptr(),
+                    net_rdma_bytes=self.windows.counter_ptr("nvl"))
+
+    def error(self) -> Optional[str]:
+        return None
+
+    def wait_idle(self, timeout_s: float = 10.0) -> bool:
+        """True: a put is a store of the kernel that made it, done when the kernel is."""
+        return True
+
+    def counters(self) -> dict:
+        return self.windows.counters()
+
+    def reset_counters(self) -> None:
+        self.windows.reset_counters()
+
+    def close(self) -> None:
+        if not self.windows.closed:
+            self.windows.close()

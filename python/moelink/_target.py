@@ -24,6 +24,9 @@ scale-out window   shared memory + emulated NIC        an NCCL window + GIN (``_
                                                        any other)
 ``grid_blocks()``  1 (the host runs fibers on one      what is asked, below the SM count: one SM
                    thread anyway)                      stays free for the GIN pump
+``scale_out()``    "nic" (the emulated IBGDA NIC)      "gin" across nodes; "node" on one node (a
+                                                       low-latency Buffer: NVLink stores through
+                                                       the LSA table, ``_scaleout.NodeScaleOut``)
 =================  ==================================  ===========================================
 
 Nothing on this page has run on a GPU yet (no machine here has one); ``tests/test_gpu_buffer.py``
@@ -76,6 +79,10 @@ class HostTarget:
     def grid_blocks(wanted: int) -> int:
         return 1
 
+    @staticmethod
+    def scale_out(num_nodes: int) -> str:
+        return "nic"
+
     def check_device(self, name: str, value: torch.Tensor) -> None:
         if value.device.type != "cpu":
             raise argument_error(InvalidDevice, name, "a CPU tensor (this Buffer is on the host target: a gloo "
@@ -98,8 +105,30 @@ class HostTarget:
     def drain(self, what: str) -> None:
         pass
 
+    def comm_scope(self):
+        return contextlib.nullcontext()
+
 
 HOST = HostTarget()
+
+
+class HostStaging:
+    """Reusable host buffers for device-to-host copies: one per position in a call (two tensors
+    of one call never share one, whatever their shapes), kept per (position, dtype, numel)."""
+
+    def __init__(self, pin_memory: bool):
+        self.pin_memory = pin_memory
+        self._buffers: dict = {}
+
+    def buffers(self, tensors) -> list:
+        out = []
+        for position, t in enumerate(tensors):
+            key = (position, t.dtype, t.numel())
+            host = self._buffers.get(key)
+            if host is None:
+                host = self._buffers[key] = torch.empty(t.numel(), dtype=t.dtype, pin_memory=self.pin_memory)
+            out.append(host.view(t.shape))
+        return out
 
 
 class CudaTarget:
@@ -112,7 +141,7 @@ class CudaTarget:
         self.device = device
         self.timeout_s = timeout_s
         self._comm = CommStream(device)
-        self._pinned: dict = {}  # (dtype, numel) -> a reusable pinned host tensor for to_host
+        self._staging = HostStaging(pin_memory=True)  # to_host's reusable pinned buffers
         self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count
 
     def block_warps(self, num_ranks: Optional[int] = None) -> int:
@@ -124,6 +153,11 @@ class CudaTarget:
         across blocks, so all must be resident, and the GIN pump needs an SM beside them
         (transport/nccl/gin_pump.h)."""
         return max(1, min(int(wanted), self.sm_count - 1))
+
+    @staticmethod
+    def scale_out(num_nodes: int) -> str:
+        """GIN needs two nodes or more (and a NIC); on one node every peer is an LSA peer."""
+        return "gin" if num_nodes > 1 else "node"
 
     def check_device(self, name: str, value: torch.Tensor) -> None:
         if value.device != self.device:
@@ -142,15 +176,10 @@ class CudaTarget:
         deadlines too, so the event always completes; the deadline here guards the host against
         a stream that something else blocks. A device wait that expired is the CommTimeout."""
         stream = op.comm_stream.stream
-        copies = []
+        copies = self._staging.buffers(tensors)
         with torch.cuda.stream(stream):
-            for t in tensors:
-                key = (t.dtype, t.numel())
-                host = self._pinned.get(key)
-                if host is None:
-                    host = self._pinned[key] = torch.empty(t.numel(), dtype=t.dtype, pin_memory=True)
-                host.copy_(t.reshape(-1), non_blocking=True)
-                copies.append(host.view(t.shape))
+            for host, t in zip(copies, tensors):
+                host.copy_(t, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
         if not poll(lambda: self._finished(done, what), self.timeout_s):
@@ -171,11 +200,25 @@ class CudaTarget:
             raise
 
     def check_abort(self, what: str) -> None:
-        """CommTimeout from the process's AbortRecord, if a device wait expired."""
+        """CommTimeout from the process's AbortRecord, if a device wait expired. While a wait has
+        claimed the record every kernel drains at once, so the comm stream is drained first: the
+        record is cleared only once nothing launched before it can still be waiting."""
+        if self.module.abort.pending():
+            self.drain(what)
         self.module.abort.raise_if_aborted(what)
 
     def comm_stream(self):
         return self._comm.stream
+
+    @contextlib.contextmanager
+    def comm_scope(self):
+        """torch ops in stream order with the Buffer's kernels (shrink mode's mask words): on the
+        comm stream, after what the caller queued; the caller's stream waits for them after."""
+        caller, comm = torch.cuda.current_stream(self.device), self._comm.stream
+        comm.wait_stream(caller)
+        with torch.cuda.stream(comm):
+            yield
+        caller.wait_stream(comm)
 
     def drain(self, what: str) -> None:
         """Waits (with the deadline) until the comm stream ran everything queued on it: before the

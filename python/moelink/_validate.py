@@ -59,17 +59,30 @@ def divides(divisor_name: str, divisor: int, dividend_name: str, dividend: int) 
 
 
 def shaped(name: str, value: object, dtypes: Iterable[torch.dtype], shape: tuple, layout: str,
-           device=None) -> torch.Tensor:
+           device=None, rows: bool = False) -> torch.Tensor:
     """``value`` as a contiguous tensor of one of ``dtypes`` and exactly ``shape`` (``layout`` says
     what the dimensions are, for the message), on a device ``device(name, value)`` accepts
-    (default :func:`supported_device`)."""
+    (default :func:`supported_device`). ``rows``: a payload the kernels copy 16 bytes at a time,
+    so its data must start at a 16-byte boundary (:func:`row_aligned`)."""
     tensor(name, value)
     dtype(name, value, dtypes)
     if tuple(value.shape) != shape:
         raise argument_error(InvalidShape, name, f"shape {shape} {layout}", f"shape {tuple(value.shape)}")
     contiguous(name, value)
     (device or supported_device)(name, value)
+    if rows:
+        row_aligned(name, value)
     return value
+
+
+def row_aligned(name: str, value: torch.Tensor) -> None:
+    """The kernels load and store payload rows 16 bytes at a time (and by bulk copies on the GPU,
+    where a misaligned address is a fault that ends the process's CUDA context): a tensor's data
+    must start at a 16-byte boundary. Every allocation does; a view at an element offset may not."""
+    if value.numel() and value.data_ptr() % 16:
+        raise argument_error(InvalidArgument, name, "data starting at a 16-byte boundary (payload rows are copied "
+                             "16 bytes at a time; a view at an element offset is not: pass a copy)",
+                             f"data_ptr() % 16 = {value.data_ptr() % 16}")
 
 
 def supported_device(name: str, value: torch.Tensor) -> None:

@@ -24,7 +24,8 @@ from . import _agreement, _backend, _host_windows, _internode, _intranode, _low_
 from ._handles import HandleBook
 from ._host_windows import bootstrap_host_windows
 from ._gin import bootstrap_gin_scaleout
-from ._scaleout import ScaleOutWindows
+from ._nccl_windows import bootstrap_nccl_windows
+from ._scaleout import NodeScaleOut, ScaleOutWindows
 from ._interop import accepts_arrays
 from ._pool import OutputPool
 from .config import DEFAULT_NUM_SMS, Config, get_combine_config, get_dispatch_config
@@ -153,6 +154,8 @@ class Buffer(LowLatencyMethods):
                 scaleout.wait_idle(2.0)
             scaleout.close()
         self._unusable = self._unusable or "the Buffer was destroyed"
+        if getattr(self, "_ll", None) is not None:
+            self._ll.pending = None  # a receive hook still held raises BufferUnusable, launching nothing
         pool = getattr(self, "_pool", None)  # absent when __init__ failed before creating it
         if pool is not None:
             pool.clear()
@@ -185,7 +188,8 @@ class Buffer(LowLatencyMethods):
             num_signals = regions["num_signals"]
         else:
             num_signals = _internode.num_signals(self.num_nodes, self.ranks_per_node)
-        if self._target.is_cuda:
+        kind = self._target.scale_out(self.num_nodes)
+        if kind == "gin":
             # Both modes signal ranks of another local index on other nodes (the low-latency mode
             # sends to every rank; the internode barrier and notify reach every remote rank), so
             # GIN's FULL connection, not RAIL (docs/internode.md, GIN).
@@ -193,6 +197,17 @@ class Buffer(LowLatencyMethods):
                                                     num_signals=num_signals, all_to_all=True,
                                                     device=self._target.device.index,
                                                     timeout_s=self._target.timeout_s)
+        elif kind == "node":  # one node: every peer over NVLink (_scaleout.NodeScaleOut)
+            if self._target.is_cuda:
+                windows = bootstrap_nccl_windows(self.group, self.num_rdma_bytes, ranks_per_node=self.ranks_per_node,
+                                                 device=self._target.device.index, timeout_s=self._target.timeout_s)
+            else:
+                windows = bootstrap_host_windows(self.group, self.num_rdma_bytes, ranks_per_node=self.ranks_per_node)
+            try:
+                self._scaleout = NodeScaleOut(windows, num_signals, self._target.device)
+            except BaseException:
+                windows.close()
+                raise
         else:
             self._scaleout = ScaleOutWindows(self.group, self.num_rdma_bytes, ranks_per_node=self.ranks_per_node,
                                              num_signals=num_signals)
@@ -233,6 +248,8 @@ class Buffer(LowLatencyMethods):
                    allocate_on_comm_stream: bool = False) -> Iterator[object]:
         """Yields the operation's stream scope (moelink._target: ``stream_handle``, ``keep``,
         ``on_stream``, and ``event`` once the block is left)."""
+        if self._unusable is not None:  # (each call checks first; this guards a receive hook as well)
+            raise BufferUnusable(f"{op}: this Buffer cannot be used: {self._unusable}")
         scope = self._target.operation(previous_event, async_finish, allocate_on_comm_stream)  # checks its arguments
         self._epoch += 1
         try:
@@ -402,8 +419,8 @@ class Buffer(LowLatencyMethods):
             raise error
         if call.handle is None:
             self._handles.record(handle, self._epoch)
-        # With num_worst_tokens the GPU path never brings the counts to the host (that is the point
-        # of the mode), so, as in DeepEP, the list is empty on every target.
+        # With num_worst_tokens the list is empty on every target, as in DeepEP (whose GPU path never
+        # brings the counts to the host in that mode; moelink's still does: docs/gpu-transport.md §3).
         per_expert = [] if num_worst_tokens else handle.num_recv_tokens_per_expert_list
         return recv_x, recv_topk_idx, recv_topk_weights, per_expert, handle, op.event
 
