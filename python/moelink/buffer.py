@@ -180,9 +180,10 @@ class Buffer(LowLatencyMethods):
             windows.close()
 
     def _create_scaleout(self, allow_nvlink: bool) -> None:
-        """The scale-out windows and their transport (the host target's emulated NIC, or GIN on
-        the GPU target): for the internode path, and for the low-latency mode (even on one node),
-        whose signals and persistent words follow the internode signals."""
+        """The scale-out windows and their transport (``target.scale_out``: the host target's
+        emulated NIC; on the GPU target GIN across nodes, NVLink stores on one node): for the
+        internode path, and for the low-latency mode (even on one node), whose signals and
+        persistent words follow the internode signals."""
         if self.low_latency_mode:
             regions = _low_latency.window_regions(self.num_nodes, self.ranks_per_node, self.num_rdma_bytes)
             num_signals = regions["num_signals"]
