@@ -101,8 +101,10 @@ class _Family:
                 raise ContractViolation(f"{self._name}.{CONTEXTS[self._name]}: block_warps={warps}, the GPU build "
                                         f"runs {GPU_BLOCK_WARPS} only")
             native = real(*args, **kwargs)
-            if "claims" in kwargs:  # a tensor of the Buffer's the kernels write: kept like an argument
-                self._target.context_pointers[id(native)] = [("claims", kwargs["claims"])]
+            # Tensors the context points into (the low-latency slot claims): kept like an argument.
+            # Every context registers, so an id reused by a later context never inherits an entry.
+            held = [("claims", kwargs["claims"])] if kwargs.get("claims") else []
+            self._target.context_pointers[id(native)] = held
             return native
         return make
 

@@ -152,14 +152,19 @@ class CommOp:
         # Launches go to the Buffer's device whatever the caller's current device is.
         self._device_scope = torch.cuda.device(self.device)
         self._device_scope.__enter__()
-        self._compute = torch.cuda.current_stream(self.device)
-        if self.previous_event is not None and self.previous_event.event is not None:
-            comm.wait_event(self.previous_event.event)
-        else:
-            comm.wait_stream(self._compute)
-        if self.allocate_on_comm_stream:
-            self._stream_scope = torch.cuda.stream(comm)
-            self._stream_scope.__enter__()
+        try:
+            self._compute = torch.cuda.current_stream(self.device)
+            if self.previous_event is not None and self.previous_event.event is not None:
+                comm.wait_event(self.previous_event.event)
+            else:
+                comm.wait_stream(self._compute)
+            if self.allocate_on_comm_stream:
+                self._stream_scope = torch.cuda.stream(comm)
+                self._stream_scope.__enter__()
+        except BaseException:
+            self._device_scope.__exit__(None, None, None)
+            self._device_scope = None
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -431,5 +431,6 @@ def clean(state: LowLatencyState, guard, num_max_dispatch_tokens_per_rank, hidde
                            payload="bf16")
     with guard(op) as scope:
         state.kernels.clean(native, stream=scope.stream_handle, rank=state.rank)
+        scope.keep(state.claims)  # the context holds them (the clean kernel leaves them alone)
     state.dirty = None
 

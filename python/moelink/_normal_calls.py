@@ -243,6 +243,7 @@ class DispatchCall:
         with op.on_stream():
             topk_idx = None if self.topk_idx is None else self.topk_idx.to(torch.int64)
             x_scales = None if self.x_scales is None else self.x_scales.contiguous()
+        op.keep(self.topk_idx, self.x_scales)  # the copies read the caller's tensors on the comm stream
         return dataclasses.replace(self, topk_idx=topk_idx, x_scales=x_scales)
 
 

@@ -36,6 +36,7 @@ Nothing on this page has run on a GPU yet (no machine here has one); ``tests/tes
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -112,6 +113,9 @@ class HostTarget:
 HOST = HostTarget()
 
 
+_LIVE_CUDA_TARGETS: "weakref.WeakSet[CudaTarget]" = weakref.WeakSet()  # for check_abort's drain
+
+
 class HostStaging:
     """Reusable host buffers for device-to-host copies: one per position in a call (two tensors
     of one call never share one, whatever their shapes), kept per (position, dtype, numel)."""
@@ -143,6 +147,7 @@ class CudaTarget:
         self._comm = CommStream(device)
         self._staging = HostStaging(pin_memory=True)  # to_host's reusable pinned buffers
         self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+        _LIVE_CUDA_TARGETS.add(self)
 
     def block_warps(self, num_ranks: Optional[int] = None) -> int:
         """Every GPU kernel runs blocks of the build's fixed size (ops_intranode.h: kGpuBlockWarps)."""
@@ -203,9 +208,17 @@ class CudaTarget:
         """CommTimeout from the process's AbortRecord, if a device wait expired. While a wait has
         claimed the record every kernel drains at once, so the comm stream is drained first: the
         record is cleared only once nothing launched before it can still be waiting."""
-        if self.module.abort.pending():
-            self.drain(what)
-        self.module.abort.raise_if_aborted(what)
+        abort = self.module.abort
+        if abort.pending():
+            # The record is the process's: any Buffer's kernel may have claimed it, so every GPU
+            # Buffer's comm stream is drained (each drains at once while the record is claimed).
+            for target in list(_LIVE_CUDA_TARGETS):
+                target.drain(what)
+            if abort.pending() and abort.record() is None:  # claimed, and its kernel never published
+                abort.clear()
+                raise CommTimeout(f"{what}: a device wait claimed the abort record but never published it (its "
+                                  "kernel did not finish within the deadline)")
+        abort.raise_if_aborted(what)
 
     def comm_stream(self):
         return self._comm.stream
@@ -216,9 +229,11 @@ class CudaTarget:
         comm stream, after what the caller queued; the caller's stream waits for them after."""
         caller, comm = torch.cuda.current_stream(self.device), self._comm.stream
         comm.wait_stream(caller)
-        with torch.cuda.stream(comm):
-            yield
-        caller.wait_stream(comm)
+        try:
+            with torch.cuda.stream(comm):
+                yield
+        finally:
+            caller.wait_stream(comm)
 
     def drain(self, what: str) -> None:
         """Waits (with the deadline) until the comm stream ran everything queued on it: before the

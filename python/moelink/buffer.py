@@ -47,7 +47,8 @@ class Buffer(LowLatencyMethods):
     creates no window, and an intranode call then raises naming the size it needs.
     ``ranks_per_node`` (moelink): ranks per node, any divisor of the group size; default
     MOELINK_RANKS_PER_NODE, else on the host target the group size (one node), on the GPU target
-    the group's ranks per host (DeepEP's 8 on 8-GPU hosts). ``num_rdma_bytes``: the scale-out window (internode path with
+    the group's ranks per host (DeepEP's 8 on 8-GPU hosts; on a multi-node NVLink domain, MNNVL,
+    pass the domain's size: host names cannot tell). ``num_rdma_bytes``: the scale-out window (internode path with
     ``ranks_per_node`` < the group size; the low-latency mode with ``low_latency_mode=True``, whose
     methods are in ``_buffer_low_latency``). Use as a context manager, or call :meth:`destroy`.
 
@@ -481,8 +482,10 @@ class Buffer(LowLatencyMethods):
     def bytes_moved(self) -> dict:
         """Bytes this rank moved, per link class: "nvl", what its kernels wrote into the NVL
         windows of other ranks of its node (whole queue slots); "rdma", what its NIC delivered to
-        other nodes (put bytes: wire messages, notify messages; signals not counted). On the GPU
-        target it first waits (with the deadline) for the operations queued on the comm stream."""
+        other nodes (put bytes: wire messages, notify messages; signals not counted). A one-node
+        low-latency Buffer on the GPU counts its scale-out puts as "nvl" (they are NVLink stores;
+        with ``allow_nvlink_for_low_latency_mode=False`` its puts to itself too). On the GPU target
+        it first waits (with the deadline) for the operations queued on the comm stream."""
         self._target.drain("bytes_moved")
         nvl = self._windows.counters()["nvl"] if self._windows is not None else 0
         scaleout = self._scaleout.counters() if self._scaleout is not None else {"nvl": 0, "rdma": 0}
