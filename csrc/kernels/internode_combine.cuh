@@ -168,7 +168,7 @@ MOELINK_DEVICE_NOINLINE void forward_reduce(const InternodeCombineArgs& args, co
   // The block's working threads (work_lanes of every warp, the others have left: combine_kernel):
   // `tid` among `threads` of them; thread 0 (warp 0's leader) waits for room and puts.
   const WarpLanes lanes = WarpLanes::of(work_lanes(kFullMask));
-  const BlockWorkers workers = BlockWorkers::of(lanes);
+  const BlockWorkers workers = block_workers(lanes);
   const int tid = workers.index, threads = workers.count;
   MOELINK_DYNAMIC_SMEM(uint64_t, smem);
   uint64_t* nvl_start = smem;  // [L] first position of NVL queue (c, j) this call

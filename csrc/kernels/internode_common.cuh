@@ -59,6 +59,17 @@ MOELINK_DEVICE uint64_t operation_epoch(const InternodeContext& ctx) {
   return ld_relaxed(nvl_at<uint64_t>(ctx, ctx.local(), 0)) + 1;
 }
 
+// The calling thread's index among its block's working threads (work_lanes of every warp) and how
+// many there are, as BlockWorkers::of. With every lane working (the GPU, random schedules) that is
+// the thread's own index, said directly so the compiler need not derive it from the lane's rank
+// (a popcount it cannot fold: the notify kernel took 8 registers more).
+MOELINK_DEVICE BlockWorkers block_workers(const WarpLanes& lanes) {
+  if (lanes.count == kWarpSize) {
+    return {static_cast<int>(thread_rank()), static_cast<int>(num_warps()) * kWarpSize};
+  }
+  return BlockWorkers::of(lanes);
+}
+
 // Every block returns once every rank of every node has entered operation `epoch`. Ranks of this
 // node meet through their NVL windows (as intranode); ranks of other nodes through signals, each
 // posted after everything this rank sent in earlier operations. The call's agreement words ride
@@ -74,7 +85,7 @@ MOELINK_DEVICE_NOINLINE void global_barrier(const InternodeContext& ctx, uint64_
   // per-rank loops run over the block's working threads (every thread on the GPU, one per warp on
   // the host), and sync_block counts a warp whose idle lanes left as arrived.
   const WarpLanes lanes = WarpLanes::of(work_lanes(kFullMask));
-  const BlockWorkers workers = BlockWorkers::of(lanes);
+  const BlockWorkers workers = block_workers(lanes);
   const bool works = lanes.mine();
   const int64_t parity = static_cast<int64_t>(epoch & 1u);
   constexpr int64_t kWordBytes = 8 * kAgreementWords;

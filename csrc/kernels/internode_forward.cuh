@@ -168,7 +168,7 @@ MOELINK_DEVICE bool dispatch_forward_block(const InternodeDispatchArgs& args, co
   // the shared words; the others leave at once (sync_block counts their warps as arrived).
   const WarpLanes lanes = WarpLanes::of(work_lanes(kFullMask));
   if (!lanes.mine()) return false;
-  const BlockWorkers workers = BlockWorkers::of(lanes);
+  const BlockWorkers workers = block_workers(lanes);
   for (int i = workers.index; i < nodes * (roles.forwarders + 1); i += workers.count) {
     smem[i] = i < nodes ? ld_relaxed(position_at(ctx, layout.pos_rdma_taken, c, i)) : 0;
   }

@@ -28,7 +28,7 @@ MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) notify_kernel(Intern
   // working threads (every thread on the GPU, one per warp on the host); thread 0 always works.
   const WarpLanes lanes = WarpLanes::of(work_lanes(kFullMask));
   if (!lanes.mine()) return;
-  const BlockWorkers workers = BlockWorkers::of(lanes);
+  const BlockWorkers workers = block_workers(lanes);
   const int tid = workers.index, threads = workers.count;
   const uint64_t epoch = operation_epoch(ctx);
   uint64_t* notify_count = nvl_at<uint64_t>(ctx, me_local, kNotifyCountOffset);
