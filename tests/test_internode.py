@@ -46,9 +46,17 @@ def _expected_network_bytes(in_rank, world, rpn, rank, slot_bytes, notify_bytes,
 
 
 def _dispatch_and_combine(ctx, seed, case):
+    # A case's own schedule applies to it alone; without one, the process's schedule (deterministic,
+    # or MOELINK_SIMT_SCHEDULE, which then fuzzes every case) stays (as in test_intranode.py).
+    if "schedule" not in case:
+        return _check_dispatch_and_combine(ctx, seed, case)
+    with runtime.scheduled(case["schedule"]):
+        return _check_dispatch_and_combine(ctx, seed, case)
+
+
+def _check_dispatch_and_combine(ctx, seed, case):
     world, rank = ctx.world_size, ctx.rank
     rpn = case["ranks_per_node"]
-    runtime.set_schedule(case.get("schedule", "deterministic"))
     config = moelink.Config(case.get("num_sms", 4), case.get("send_chunk", 6), case.get("queue", 64),
                             case.get("rdma_chunk", 4), case.get("rdma_queue", 32))
     xs, idx, weights, num_experts = _inputs(seed, world, case)

@@ -32,9 +32,10 @@ MOELINK_HOST_DEVICE size_t combine_block_smem_bytes(const InternodeShape& s) {
 }
 
 // Sums `count` rows of `hidden` bf16 channels into `out` (bf16), rows[i] null = absent, bias first.
-// The lanes split the row with lane_range; 16 bytes (8 channels) at a time.
-MOELINK_DEVICE void sum_rows(uint16_t* out, int hidden, const uint16_t* const* bias, const char* const* rows, int count) {
-  const LaneRange share = lane_range(kFullMask, hidden / 8);
+// The working lanes `lanes` split the row with lane_range; 16 bytes (8 channels) at a time.
+MOELINK_DEVICE void sum_rows(uint16_t* out, int hidden, const uint16_t* const* bias, const char* const* rows, int count,
+                             uint32_t lanes) {
+  const LaneRange share = lane_range(lanes, hidden / 8);
   for (int64_t g = share.begin; g < share.end; g += share.step) {
     Bf16x8Sum sum;
     for (int b = 0; b < 2; ++b) {
@@ -47,8 +48,9 @@ MOELINK_DEVICE void sum_rows(uint16_t* out, int hidden, const uint16_t* const* b
   }
 }
 
-MOELINK_DEVICE void sum_weights(float* out, int num_topk, const char* const* rows, int count, int64_t weights_offset) {
-  for (int k = static_cast<int>(lane_id()); k < num_topk; k += kWarpSize) {
+MOELINK_DEVICE void sum_weights(float* out, int num_topk, const char* const* rows, int count, int64_t weights_offset,
+                                const WarpLanes& lanes) {
+  for (int k = lanes.rank; k < num_topk; k += lanes.count) {
     float sum = 0.0f;
     for (int i = 0; i < count; ++i) {
       if (rows[i] != nullptr) sum += reinterpret_cast<const float*>(rows[i] + weights_offset)[k];
@@ -63,19 +65,20 @@ MOELINK_DEVICE_NOINLINE void nvl_return(const InternodeCombineArgs& args, const 
                                int chunk) {
   const InternodeContext& ctx = args.ctx;
   const InternodeShape& s = ctx.shape;
-  const int lr = s.ranks_per_node, lane = static_cast<int>(lane_id());
+  const int lr = s.ranks_per_node;
+  const WarpLanes lanes = WarpLanes::of(work_lanes(kFullMask));  // the others have left (combine_kernel)
   QueueSender sender = QueueSender::open(ctx.rank, l != ctx.local() ? ctx.nvl_bytes : nullptr,
                                          nvl_queue(ctx, layout, l, c, ctx.local()), ctx.node() * lr + l, c, chunk,
                                          s.row_bytes + 4 * s.num_topk, nullptr,
-                                         "internode combine: room in forwarder's queue");
+                                         "internode combine: room in forwarder's queue", lanes.mask);
   for (int n = 0; n < s.num_nodes; ++n) {
     const int32_t* start = args.recv_channel_start + (n * lr + l) * s.num_channels + c;
     for (int64_t row = start[0]; row < start[1]; ++row) {
       const int slot = sender.reserve();
-      warp_copy_input(kFullMask, sender.queue.base + layout.q_row + slot * s.row_bytes,
+      warp_copy_input(lanes.mask, sender.queue.base + layout.q_row + slot * s.row_bytes,
                       reinterpret_cast<const char*>(args.x) + row * s.row_bytes, static_cast<size_t>(s.row_bytes));
       float* weights = reinterpret_cast<float*>(sender.queue.base + layout.q_weights) + static_cast<int64_t>(slot) * s.num_topk;
-      for (int k = lane; k < s.num_topk; k += kWarpSize) {
+      for (int k = lanes.rank; k < s.num_topk; k += lanes.count) {
         weights[k] = args.topk_weights != nullptr ? args.topk_weights[row * s.num_topk + k] : 0.0f;
       }
       sender.commit();
@@ -90,13 +93,17 @@ MOELINK_DEVICE_NOINLINE void source_reduce(const InternodeCombineArgs& args, con
                                   const InternodeRoles& roles, int c, int reducer) {
   const InternodeContext& ctx = args.ctx;
   const InternodeShape& s = ctx.shape;
-  const int nodes = s.num_nodes, lane = static_cast<int>(lane_id()), k_round = roles.tokens_per_warp;
+  const int nodes = s.num_nodes, k_round = roles.tokens_per_warp;
+  const WarpLanes lanes = WarpLanes::of(work_lanes(kFullMask));  // the others have left (combine_kernel)
   MOELINK_DYNAMIC_SMEM(uint64_t, smem);
   uint64_t* starts = smem;            // [N] first position of queue (c, n) this call
   uint64_t* released = smem + nodes;  // [N] positions returned to forwarder (n, my l)
   const char** rows = reinterpret_cast<const char**>(smem + 2 * nodes) + static_cast<int64_t>(reducer) * k_round * nodes;
-  const int threads = roles.combine_reducers * kWarpSize, tid = reducer * kWarpSize + lane;
-  for (int n = tid; n < nodes; n += threads) {
+  // Barrier 1 counts the reducer warps' threads (a warp whose idle lanes left still arrives as 32);
+  // the per-node loops run over the reducers' working threads (one per warp on the host).
+  const int threads = roles.combine_reducers * kWarpSize;
+  const int tid = reducer * lanes.count + lanes.rank, workers = roles.combine_reducers * lanes.count;
+  for (int n = tid; n < nodes; n += workers) {
     starts[n] = released[n] = ld_relaxed(position_at(ctx, layout.pos_comb_taken, c, n));
   }
   bar_sync(1, threads);
@@ -106,7 +113,7 @@ MOELINK_DEVICE_NOINLINE void source_reduce(const InternodeCombineArgs& args, con
     const int64_t round_end = round + roles.source_round < range.end ? round + roles.source_round : range.end;
     const int64_t first = round + static_cast<int64_t>(reducer) * k_round;
     const int64_t last = first + k_round < round_end ? first + k_round : round_end;
-    for (int item = lane; item < (last - first) * nodes && first < last; item += kWarpSize) {
+    for (int item = lanes.rank; item < (last - first) * nodes && first < last; item += lanes.count) {
       const int64_t token = first + item / nodes;
       const int n = item % nodes;
       const int32_t at = args.rdma_send_head[token * nodes + n];
@@ -121,18 +128,19 @@ MOELINK_DEVICE_NOINLINE void source_reduce(const InternodeCombineArgs& args, con
       }
       rows[item] = row;
     }
-    syncwarp();
+    syncwarp(lanes.mask);  // every working lane's waits and row pointers, before any lane sums
     for (int64_t token = first; token < last; ++token) {
       const char* const* token_rows = rows + (token - first) * nodes;
       const uint16_t* bias[2] = {args.bias[0] ? args.bias[0] + token * args.hidden : nullptr,
                                  args.bias[1] ? args.bias[1] + token * args.hidden : nullptr};
-      sum_rows(args.combined_x + token * args.hidden, args.hidden, bias, token_rows, nodes);
+      sum_rows(args.combined_x + token * args.hidden, args.hidden, bias, token_rows, nodes, lanes.mask);
       if (args.combined_topk_weights != nullptr) {
-        sum_weights(args.combined_topk_weights + token * s.num_topk, s.num_topk, token_rows, nodes, layout.partial_weights);
+        sum_weights(args.combined_topk_weights + token * s.num_topk, s.num_topk, token_rows, nodes, layout.partial_weights,
+                    lanes);
       }
     }
     bar_sync(1, threads);  // every reducer is done with this round's partials
-    for (int n = tid; n < nodes; n += threads) {
+    for (int n = tid; n < nodes; n += workers) {
       for (int64_t t = round_end - 1; t >= round; --t) {
         const int32_t at = args.rdma_send_head[t * nodes + n];
         if (at >= 0) {
@@ -146,7 +154,7 @@ MOELINK_DEVICE_NOINLINE void source_reduce(const InternodeCombineArgs& args, con
     }
   }
   bar_sync(1, threads);
-  for (int n = tid; n < nodes; n += threads) st_relaxed(position_at(ctx, layout.pos_comb_taken, c, n), released[n]);
+  for (int n = tid; n < nodes; n += workers) st_relaxed(position_at(ctx, layout.pos_comb_taken, c, n), released[n]);
 }
 
 // --- block 2c + 1: forwarders ---------------------------------------------------------------------
@@ -155,9 +163,13 @@ MOELINK_DEVICE_NOINLINE void forward_reduce(const InternodeCombineArgs& args, co
                                    const InternodeRoles& roles, int c) {
   const InternodeContext& ctx = args.ctx;
   const InternodeShape& s = ctx.shape;
-  const int lr = s.ranks_per_node, nodes = s.num_nodes, lane = static_cast<int>(lane_id());
-  const int warp = static_cast<int>(warp_id()), tid = static_cast<int>(thread_rank());
-  const int threads = static_cast<int>(num_threads()), k_round = roles.tokens_per_warp;
+  const int lr = s.ranks_per_node, nodes = s.num_nodes;
+  const int warp = static_cast<int>(warp_id()), k_round = roles.tokens_per_warp;
+  // The block's working threads (work_lanes of every warp, the others have left: combine_kernel):
+  // `tid` among `threads` of them; thread 0 (warp 0's leader) waits for room and puts.
+  const WarpLanes lanes = WarpLanes::of(work_lanes(kFullMask));
+  const BlockWorkers workers = block_workers(lanes);
+  const int tid = workers.index, threads = workers.count;
   MOELINK_DYNAMIC_SMEM(uint64_t, smem);
   uint64_t* nvl_start = smem;  // [L] first position of NVL queue (c, j) this call
   const char** rows = reinterpret_cast<const char**>(smem + 2 * (nodes > lr ? nodes : lr)) +
@@ -191,7 +203,7 @@ MOELINK_DEVICE_NOINLINE void forward_reduce(const InternodeCombineArgs& args, co
       sync_block();
       const int32_t first = round + warp * k_round;
       const int32_t last = first + k_round < round_end ? first + k_round : round_end;
-      for (int item = lane; first < last && item < (last - first) * lr; item += kWarpSize) {
+      for (int item = lanes.rank; first < last && item < (last - first) * lr; item += lanes.count) {
         const int32_t m = first + item / lr;
         const int j = item % lr;
         const int32_t at = args.forward_head[static_cast<int64_t>(first_message + m) * lr + j];
@@ -205,14 +217,14 @@ MOELINK_DEVICE_NOINLINE void forward_reduce(const InternodeCombineArgs& args, co
         }
         rows[item] = row;
       }
-      syncwarp();
+      syncwarp(lanes.mask);  // every working lane's waits and row pointers, before any lane sums
       for (int32_t m = first; m < last; ++m) {
         const char* const* message_rows = rows + (m - first) * lr;
         char* partial = slots + static_cast<int64_t>((start + static_cast<uint64_t>(m)) % static_cast<uint64_t>(s.rdma_queue_tokens)) * layout.partial_slot;
         const uint16_t* no_bias[2] = {nullptr, nullptr};
-        sum_rows(reinterpret_cast<uint16_t*>(partial), args.hidden, no_bias, message_rows, lr);
+        sum_rows(reinterpret_cast<uint16_t*>(partial), args.hidden, no_bias, message_rows, lr, lanes.mask);
         // Weights: the NVL slots keep them in their own array, beside the rows.
-        for (int k = lane; k < s.num_topk; k += kWarpSize) {
+        for (int k = lanes.rank; k < s.num_topk; k += lanes.count) {
           float sum = 0.0f;
           for (int j = 0; j < lr; ++j) {
             const int32_t at = args.forward_head[static_cast<int64_t>(first_message + m) * lr + j];
@@ -259,6 +271,9 @@ MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) combine_kernel(Inter
   const InternodeLayout layout = InternodeLayout::of(ctx.shape);
   const InternodeRoles roles = InternodeRoles::of(ctx.shape);
   const uint64_t epoch = operation_epoch(ctx);
+  // Lanes outside the warp's working lanes (work_lanes: only on the host) have nothing to do and
+  // leave; the barriers (sync_block, bar_sync) count their warps as arrived without them.
+  if (!WarpLanes::of(work_lanes(kFullMask)).mine()) return;
   global_barrier(ctx, epoch, "internode combine: global barrier (rank has not entered this combine)");
   const int c = static_cast<int>(block_rank()) / 2, warp = static_cast<int>(warp_id());
   if (block_rank() % 2 == 0) {

@@ -13,6 +13,8 @@ using intranode::kGpuBlockThreads;
 using intranode::Queue;
 using intranode::QueueSender;
 using intranode::TokenRange;
+using intranode::WarpLanes;
+using intranode::BlockWorkers;
 
 MOELINK_DEVICE TokenRange channel_tokens(int64_t num_tokens, int channels, int c) {
   return intranode::channel_tokens(num_tokens, channels, c);
@@ -57,6 +59,17 @@ MOELINK_DEVICE uint64_t operation_epoch(const InternodeContext& ctx) {
   return ld_relaxed(nvl_at<uint64_t>(ctx, ctx.local(), 0)) + 1;
 }
 
+// The calling thread's index among its block's working threads (work_lanes of every warp) and how
+// many there are, as BlockWorkers::of. With every lane working (the GPU, random schedules) that is
+// the thread's own index, said directly so the compiler need not derive it from the lane's rank
+// (a popcount it cannot fold: the notify kernel took 8 registers more).
+MOELINK_DEVICE BlockWorkers block_workers(const WarpLanes& lanes) {
+  if (lanes.count == kWarpSize) {
+    return {static_cast<int>(thread_rank()), static_cast<int>(num_warps()) * kWarpSize};
+  }
+  return BlockWorkers::of(lanes);
+}
+
 // Every block returns once every rank of every node has entered operation `epoch`. Ranks of this
 // node meet through their NVL windows (as intranode); ranks of other nodes through signals, each
 // posted after everything this rank sent in earlier operations. The call's agreement words ride
@@ -68,19 +81,24 @@ MOELINK_DEVICE_NOINLINE void global_barrier(const InternodeContext& ctx, uint64_
   const InternodeLayout layout = InternodeLayout::of(ctx.shape);
   const InternodeShape& s = ctx.shape;
   const int ranks = s.num_ranks(), lr = s.ranks_per_node, me_node = ctx.node();
-  const int tid = static_cast<int>(thread_rank()), threads = static_cast<int>(num_threads());
+  // Called by at least the working lanes of every warp (work_lanes; the rest may have left): the
+  // per-rank loops run over the block's working threads (every thread on the GPU, one per warp on
+  // the host), and sync_block counts a warp whose idle lanes left as arrived.
+  const WarpLanes lanes = WarpLanes::of(work_lanes(kFullMask));
+  const BlockWorkers workers = block_workers(lanes);
+  const bool works = lanes.mine();
   const int64_t parity = static_cast<int64_t>(epoch & 1u);
   constexpr int64_t kWordBytes = 8 * kAgreementWords;
   if (block_rank() == 0) {
     // A put's source must lie in this rank's own scale-out window: stage the words there first.
     uint64_t* staged = net_at<uint64_t>(ctx, layout.agreement_out + parity * kWordBytes);
     // (One thread, constant indices: a per-thread index into the kernel's parameters would make
-    // the compiler copy them to local memory.)
-    if (tid == 0) {
+    // the compiler copy them to local memory. Thread 0 is always a working lane.)
+    if (thread_rank() == 0) {
       for (int w = 0; w < kAgreementWords; ++w) staged[w] = ctx.agreement[w];
     }
     sync_block();
-    for (int r = tid; r < ranks; r += threads) {
+    for (int r = workers.index; works && r < ranks; r += workers.count) {
       if (r / lr == me_node) {
         uint64_t* slot = nvl_at<uint64_t>(ctx, r % lr, layout.nvl_agreement + (parity * lr + ctx.local()) * kWordBytes);
         for (int w = 0; w < kAgreementWords; ++w) slot[w] = ctx.agreement[w];
@@ -95,7 +113,7 @@ MOELINK_DEVICE_NOINLINE void global_barrier(const InternodeContext& ctx, uint64_
   // Every rank has this rank's words before any thread may fail a comparison (a failed check ends
   // the launch: ranks it had not reached yet would wait for it until their deadline).
   sync_block();
-  for (int r = tid; r < ranks; r += threads) {
+  for (int r = workers.index; works && r < ranks; r += workers.count) {
     const bool local = r / lr == me_node;
     const WaitSite site{what, ctx.rank, r};
     if (local) {
@@ -119,8 +137,9 @@ MOELINK_DEVICE_NOINLINE void global_barrier(const InternodeContext& ctx, uint64_
   sync_block();
 }
 
-// Called by every thread of every block at the end of an operation's last kernel: the last block
-// stores `epoch` as completed (the NVL control area, as intranode).
+// Called by at least the working lanes of every warp of every block at the end of an operation's
+// last kernel (thread 0, which always works, counts the block): the last block stores `epoch` as
+// completed (the NVL control area, as intranode).
 MOELINK_DEVICE void end_operation(const InternodeContext& ctx, uint64_t epoch) {
   sync_block();
   if (thread_rank() == 0) {
@@ -139,6 +158,8 @@ MOELINK_DEVICE void end_operation(const InternodeContext& ctx, uint64_t epoch) {
 // `remote_ring`; for this rank's own node, the receiving ring itself. Every publication is one
 // put per contiguous run of slots, carrying the tail signal (ordering rule 1 of the transport:
 // the signal lands after the bytes). Room comes back as the head signal in this rank's window.
+// Every working lane of the warp (`lanes`, work_lanes) calls every member; the leader waits, puts
+// and signals (so the puts and their signals come from one thread: ordering rule 1).
 struct NetSender {
   char* slots;
   int64_t remote_ring;   // byte offset of the receiving ring in the peer's window
@@ -151,11 +172,14 @@ struct NetSender {
   int capacity, chunk;
   int64_t slot_bytes;
   WaitSite room;
+  uint32_t lanes;        // the lanes that call the members (WarpLanes::mask)
 
   MOELINK_DEVICE static NetSender open(const InternodeContext& ctx, int peer, char* slots, int64_t remote_ring,
                                        int64_t tail_signal, int64_t head_signal, uint64_t* position, int capacity,
-                                       int chunk, int64_t slot_bytes, const char* room_what, int channel) {
+                                       int chunk, int64_t slot_bytes, const char* room_what, int channel,
+                                       uint32_t lanes) {
     NetSender s;
+    s.lanes = lanes;
     s.slots = slots;
     s.remote_ring = remote_ring;
     s.peer = peer;
@@ -163,7 +187,7 @@ struct NetSender {
     s.tail_signal = tail_signal;
     s.head = transport::signal_address(ctx.net, head_signal);
     s.position = position;
-    s.start = shfl(kFullMask, lane_id() == 0 ? ld_relaxed(position) : uint64_t{0}, 0);
+    s.start = s.from_leader(s.leads() ? ld_relaxed(position) : uint64_t{0});
     s.tail = s.published = s.head_seen = s.start;
     s.capacity = capacity;
     s.chunk = chunk < capacity ? chunk : capacity;
@@ -171,6 +195,9 @@ struct NetSender {
     s.room = WaitSite{room_what, ctx.rank, peer, channel};
     return s;
   }
+
+  MOELINK_DEVICE bool leads() const { return elect_one(lanes); }
+  MOELINK_DEVICE uint64_t from_leader(uint64_t v) const { return shfl(lanes, v, lowest_bit(lanes)); }
 
   MOELINK_DEVICE char* slot(uint64_t position) const {
     return slots + static_cast<int64_t>(position % static_cast<uint64_t>(capacity)) * slot_bytes;
@@ -181,7 +208,7 @@ struct NetSender {
     if (tail - head_seen >= static_cast<uint64_t>(capacity)) {
       publish(ctx);
       const uint64_t needed = tail - static_cast<uint64_t>(capacity) + 1;
-      head_seen = shfl(kFullMask, lane_id() == 0 ? wait_until(head, Cmp::kGe, needed, room) : uint64_t{0}, 0);
+      head_seen = from_leader(leads() ? wait_until(head, Cmp::kGe, needed, room) : uint64_t{0});
       // The head is the receiver's signal: past the tail it would free slots never filled.
       MOELINK_DEVICE_CHECK(head_seen <= tail, "internode queue: rank %d released head %llu past this rank's tail %llu",
                            peer, static_cast<unsigned long long>(head_seen), static_cast<unsigned long long>(tail));
@@ -195,8 +222,8 @@ struct NetSender {
   }
 
   MOELINK_DEVICE void publish(const InternodeContext& ctx) {
-    syncwarp();  // every lane's slot writes precede lane 0's put (or release)
-    if (lane_id() == 0 && tail != published) {
+    syncwarp(lanes);  // every working lane's slot writes precede the leader's put (or release)
+    if (leads() && tail != published) {
       if (local) {
         red_add_release(own_signal(ctx, tail_signal), tail - published);
       } else {
@@ -218,7 +245,7 @@ struct NetSender {
   // Publishes the rest and records where the stream ends (the next call's start).
   MOELINK_DEVICE void finish(const InternodeContext& ctx) {
     publish(ctx);
-    if (lane_id() == 0) st_relaxed(position, tail);
+    if (leads()) st_relaxed(position, tail);
   }
 };
 

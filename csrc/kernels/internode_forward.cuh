@@ -36,26 +36,25 @@ MOELINK_DEVICE int64_t nvl_slot_bytes(const InternodeShape& s) { return s.row_by
 
 // One message on to local rank j: payload, scales, top-k ids local to j, weights, (source, index).
 MOELINK_DEVICE void forward_message(const InternodeDispatchArgs& args, const InternodeLayout& layout,
-                                    QueueSender& sender, const char* message, int j, int src) {
+                                    QueueSender& sender, const char* message, int j, int src, const WarpLanes& lanes) {
   const InternodeShape& s = args.ctx.shape;
-  const int lane = static_cast<int>(lane_id());
   const int slot = sender.reserve();
   char* base = sender.queue.base;
-  warp_copy(kFullMask, base + layout.q_row + slot * s.row_bytes, message, static_cast<size_t>(s.row_bytes));
+  warp_copy(lanes.mask, base + layout.q_row + slot * s.row_bytes, message, static_cast<size_t>(s.row_bytes));
   const uint32_t* scales = reinterpret_cast<const uint32_t*>(message + layout.slot_scales);
   uint32_t* out_scales = reinterpret_cast<uint32_t*>(base + layout.q_scales) + static_cast<int64_t>(slot) * s.num_scales;
-  for (int i = lane; i < s.num_scales; i += kWarpSize) out_scales[i] = scales[i];
+  for (int i = lanes.rank; i < s.num_scales; i += lanes.count) out_scales[i] = scales[i];
   const int32_t* topk = reinterpret_cast<const int32_t*>(message + layout.slot_topk);
   const float* weights = reinterpret_cast<const float*>(message + layout.slot_weights);
   int32_t* out_topk = reinterpret_cast<int32_t*>(base + layout.q_topk) + static_cast<int64_t>(slot) * s.num_topk;
   float* out_weights = reinterpret_cast<float*>(base + layout.q_weights) + static_cast<int64_t>(slot) * s.num_topk;
   const int64_t first = static_cast<int64_t>(args.ctx.node() * s.ranks_per_node + j) * s.experts_per_rank;
-  for (int k = lane; k < s.num_topk; k += kWarpSize) {
+  for (int k = lanes.rank; k < s.num_topk; k += lanes.count) {
     const bool mine = topk[k] >= first && topk[k] < first + s.experts_per_rank;
     out_topk[k] = mine ? static_cast<int32_t>(topk[k] - first) : -1;
     out_weights[k] = mine ? weights[k] : 0.0f;
   }
-  if (lane == 0) {
+  if (lanes.leads()) {
     // The source's word, passed on to a local rank that keeps it as recv_src_idx.
     const int32_t token = reinterpret_cast<const int32_t*>(message + layout.slot_meta)[0];
     MOELINK_DEVICE_CHECK(token >= 0, "internode dispatch: source %d sent token index %d", src, token);
@@ -75,13 +74,16 @@ MOELINK_DEVICE_NOINLINE void forward(const InternodeDispatchArgs& args, const In
                             int c, int warp, const uint64_t* starts, uint64_t* progress, int nvl_chunk) {
   const InternodeContext& ctx = args.ctx;
   const InternodeShape& s = ctx.shape;
-  const int lane = static_cast<int>(lane_id()), lr = s.ranks_per_node, nodes = s.num_nodes;
+  const int lr = s.ranks_per_node, nodes = s.num_nodes;
+  // The warp's working lanes (work_lanes) split every message; the others have left.
+  const WarpLanes lanes = WarpLanes::of(work_lanes(kFullMask));
   QueueSender senders[kMaxPeersPerWarp];
   int served = 0;
   for (int j = warp; j < lr; j += roles.forwarders, ++served) {
     senders[served] = QueueSender::open(ctx.rank, j != ctx.local() ? ctx.nvl_bytes : nullptr,
                                         nvl_queue(ctx, layout, j, c, ctx.local()), ctx.node() * lr + j, c, nvl_chunk,
-                                        nvl_slot_bytes(s), nullptr, "internode dispatch: room in local rank's queue");
+                                        nvl_slot_bytes(s), nullptr, "internode dispatch: room in local rank's queue",
+                                        lanes.mask);
   }
   const int64_t ring_bytes = s.rdma_queue_tokens * layout.dispatch_slot;
   for (int n = 0; n < nodes; ++n) {
@@ -93,28 +95,28 @@ MOELINK_DEVICE_NOINLINE void forward(const InternodeDispatchArgs& args, const In
     for (int m = 0; m < count; ++m) {
       const uint64_t position = starts[n] + static_cast<uint64_t>(m);
       if (position >= available) {
-        available = shfl(kFullMask, lane == 0 ? transport::wait_signal(ctx.net, tail_signal, Cmp::kGt, position,
-                                                                     WaitSite{"internode dispatch: tokens from source", ctx.rank, src, c})
-                                              : uint64_t{0}, 0);
+        available = lanes.from_leader(lanes.leads() ? transport::wait_signal(ctx.net, tail_signal, Cmp::kGt, position,
+                                                                             WaitSite{"internode dispatch: tokens from source", ctx.rank, src, c})
+                                                      : uint64_t{0});
         MOELINK_DEVICE_CHECK(available - starts[n] <= static_cast<uint64_t>(count),
                              "internode dispatch: source %d published %llu tokens, %d expected", src,
                              static_cast<unsigned long long>(available - starts[n]), count);
-        syncwarp();
+        syncwarp(lanes.mask);  // the leader's acquire orders the other lanes' message reads too
       }
       const char* message = ring + static_cast<int64_t>(position % static_cast<uint64_t>(s.rdma_queue_tokens)) * layout.dispatch_slot;
       for (int i = 0, j = warp; i < served; ++i, j += roles.forwarders) {
         int32_t at = -1;
         if (message_for(layout, message, j)) {
           at = static_cast<int32_t>(senders[i].tail - senders[i].start);
-          forward_message(args, layout, senders[i], message, j, src);
+          forward_message(args, layout, senders[i], message, j, src, lanes);
         }
-        if (lane == 0) args.forward_head[static_cast<int64_t>(first + m) * lr + j] = at;
+        if (lanes.leads()) args.forward_head[static_cast<int64_t>(first + m) * lr + j] = at;
       }
       // Progress for the coordinator, every few messages (and before waiting for more): each
       // publication costs the warp a collective, each credit a network signal.
       if (m + 1 == count || (m + 1) % kProgressBatch == 0 || starts[n] + static_cast<uint64_t>(m) + 1 >= available) {
-        syncwarp();  // every lane is done with the messages before the coordinator may free them
-        if (lane == 0) st_release<Scope::kBlock>(progress + static_cast<int64_t>(warp) * nodes + n, static_cast<uint64_t>(m + 1));
+        syncwarp(lanes.mask);  // every working lane is done with the messages before the coordinator frees them
+        if (lanes.leads()) st_release<Scope::kBlock>(progress + static_cast<int64_t>(warp) * nodes + n, static_cast<uint64_t>(m + 1));
       }
     }
   }
@@ -127,7 +129,7 @@ MOELINK_DEVICE_NOINLINE void coordinate(const InternodeDispatchArgs& args, const
   const InternodeContext& ctx = args.ctx;
   const InternodeShape& s = ctx.shape;
   const int lr = s.ranks_per_node, nodes = s.num_nodes;
-  if (lane_id() != 0) return;
+  if (!WarpLanes::of(work_lanes(kFullMask)).leads()) return;  // one thread: the leader
   for (int n = 0; n < nodes; ++n) {
     const int src = n * lr + ctx.local();
     const uint64_t count = static_cast<uint64_t>(args.forward_start[c * nodes + n + 1] - args.forward_start[c * nodes + n]);
@@ -153,14 +155,21 @@ MOELINK_DEVICE_NOINLINE void coordinate(const InternodeDispatchArgs& args, const
   }
 }
 
-MOELINK_DEVICE void dispatch_forward_block(const InternodeDispatchArgs& args, const InternodeLayout& layout,
+// Returns false on the lanes that have no work (work_lanes: only on the host), which then leave
+// the kernel.
+MOELINK_DEVICE bool dispatch_forward_block(const InternodeDispatchArgs& args, const InternodeLayout& layout,
                                            const InternodeRoles& roles, int c, const DispatchTuning& tuning) {
   const InternodeContext& ctx = args.ctx;
   const int nodes = ctx.shape.num_nodes, warp = static_cast<int>(warp_id());
   MOELINK_DYNAMIC_SMEM(uint64_t, smem);
   uint64_t* starts = smem;
   uint64_t* progress = smem + nodes;  // [forwarders][N]
-  for (int i = static_cast<int>(thread_rank()); i < nodes * (roles.forwarders + 1); i += static_cast<int>(num_threads())) {
+  // The block's working threads (work_lanes of every warp: one fiber per warp on the host) fill
+  // the shared words; the others leave at once (sync_block counts their warps as arrived).
+  const WarpLanes lanes = WarpLanes::of(work_lanes(kFullMask));
+  if (!lanes.mine()) return false;
+  const BlockWorkers workers = block_workers(lanes);
+  for (int i = workers.index; i < nodes * (roles.forwarders + 1); i += workers.count) {
     smem[i] = i < nodes ? ld_relaxed(position_at(ctx, layout.pos_rdma_taken, c, i)) : 0;
   }
   sync_block();
@@ -169,6 +178,7 @@ MOELINK_DEVICE void dispatch_forward_block(const InternodeDispatchArgs& args, co
   } else if (warp == roles.forwarders) {
     coordinate(args, layout, roles, c, starts, progress);
   }
+  return true;
 }
 
 }  // namespace moelink::kernels::internode

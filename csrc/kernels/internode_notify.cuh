@@ -22,8 +22,14 @@ MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) notify_kernel(Intern
   const InternodeLayout layout = InternodeLayout::of(s);
   const int ranks = s.num_ranks(), lr = s.ranks_per_node, nodes = s.num_nodes, channels = s.num_channels;
   const int experts = s.experts_per_rank, me_node = ctx.node(), me_local = ctx.local();
-  const int warp = static_cast<int>(warp_id()), lane = static_cast<int>(lane_id());
-  const int tid = static_cast<int>(thread_rank()), threads = static_cast<int>(num_threads());
+  const int warp = static_cast<int>(warp_id());
+  // Lanes outside the warp's working lanes (work_lanes: only on the host) have nothing to do and
+  // leave; sync_block counts their warps as arrived. `tid` and `threads` number the block's
+  // working threads (every thread on the GPU, one per warp on the host); thread 0 always works.
+  const WarpLanes lanes = WarpLanes::of(work_lanes(kFullMask));
+  if (!lanes.mine()) return;
+  const BlockWorkers workers = block_workers(lanes);
+  const int tid = workers.index, threads = workers.count;
   const uint64_t epoch = operation_epoch(ctx);
   uint64_t* notify_count = nvl_at<uint64_t>(ctx, me_local, kNotifyCountOffset);
   const uint64_t count_now = ld_relaxed(notify_count) + 1;
@@ -37,7 +43,7 @@ MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) notify_kernel(Intern
     for (int c = warp; c < channels; c += static_cast<int>(num_warps())) {
       const TokenRange range = channel_tokens(args.num_tokens, channels, c);
       int32_t to_rank = 0, to_node = 0;
-      for (int64_t t = range.begin + lane; t < range.end; t += kWarpSize) {
+      for (int64_t t = range.begin + lanes.rank; t < range.end; t += lanes.count) {
         const bool* row = args.is_token_in_rank + t * ranks;
         to_rank += row[dst] ? 1 : 0;
         if (forwarder) {
@@ -46,9 +52,9 @@ MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) notify_kernel(Intern
           to_node += any ? 1 : 0;
         }
       }
-      to_rank = warp_reduce_sum(kFullMask, to_rank);
-      to_node = warp_reduce_sum(kFullMask, to_node);
-      if (lane == 0) {
+      to_rank = warp_reduce_sum(lanes.mask, to_rank);
+      to_node = warp_reduce_sum(lanes.mask, to_node);
+      if (lanes.leads()) {
         message[c] = to_rank;
         message[channels + c] = to_node;
       }

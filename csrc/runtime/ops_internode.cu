@@ -24,11 +24,11 @@ MOELINK_KERNEL void MOELINK_LAUNCH_BOUNDS(kGpuBlockThreads) dispatch_kernel(Inte
   const InternodeLayout layout = InternodeLayout::of(ctx.shape);  // after the barrier: nothing live across it
   const InternodeRoles roles = InternodeRoles::of(ctx.shape);
   const int c = static_cast<int>(block_rank()) / 2;
-  if (block_rank() % 2 == 0) {
-    dispatch_send_block(args, layout, roles, c, tuning);
-  } else {
-    dispatch_forward_block(args, layout, roles, c, tuning);
-  }
+  // Lanes outside their warp's working lanes (work_lanes: only on the host) leave the kernel here;
+  // the block barriers count their warps as arrived without them (arch.cuh: bar_sync).
+  const bool works = block_rank() % 2 == 0 ? dispatch_send_block(args, layout, roles, c, tuning)
+                                           : dispatch_forward_block(args, layout, roles, c, tuning);
+  if (!works) return;
   end_operation(ctx, epoch);
 }
 
