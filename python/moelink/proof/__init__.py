@@ -18,13 +18,13 @@ import os
 import time
 from typing import Callable, List, Optional, Sequence
 
-from . import codecs, internode, intranode, layout
+from . import codecs, internode, intranode, layout, low_latency
 from .backend import HarnessHang, make_backend
 from .core import Case, CaseResult, RankGroup, run_case
 
 __all__ = ["PATHS", "Report", "run_proof", "DEFAULT_GPU_TIMEOUT_S"]
 
-PATHS = [layout, codecs, intranode, internode]
+PATHS = [layout, codecs, intranode, internode, low_latency]
 
 # The deadline of every wait in the proof's GPU process when MOELINK_TIMEOUT_S is unset: each
 # forced timeout costs this long; normal cases finish in milliseconds.

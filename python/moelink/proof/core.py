@@ -96,6 +96,10 @@ class RankGroup:
             self._windows[kind] = held
         return list(held[2])
 
+    def window_mem(self, kind: str) -> Mem:
+        """The one allocation the windows of `kind` were carved from (for reading them back)."""
+        return self._windows[kind][0]
+
     def counters(self) -> List[int]:
         """One u64 per rank (64 bytes apart), zeroed by :meth:`read_counters`: the byte counters."""
         if self._counters is None:
