@@ -7,8 +7,8 @@ bindings on windows carved out of one allocation, checked against ``moelink.refe
 
 ``PATHS`` lists what is proved, one module per path (``cases``, ``run``, optionally
 ``timeout_cases``/``run_timeout``): layout, codecs, intranode, internode (ranks posing as nodes over
-the device-side loopback). The low-latency path is added as an entry here once its kernels exist. docs/gpu-proof.md says what the proof shows
-and what it cannot.
+the device-side loopback), low_latency (the low-latency dispatch and combine over the loopback and
+node pairs' NVLink stores). docs/gpu-proof.md says what the proof shows and what it cannot.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def _point(group: RankGroup, tokens: int, hidden: int, topk: int, experts: int) 
 
         def outputs(payload):
             """Every rank's receive buffers and its send_slots / send_counts (the handle's)."""
-            return [dict(dispatch_outputs(mem, payload, EL, R, tokens, hidden), slots=mem.empty((tokens, topk), torch.int32),
+            return [dict(dispatch_outputs(mem, payload, EL, R, tokens, hidden, fill=0), slots=mem.empty((tokens, topk), torch.int32),
                          counts=mem.empty((R,), torch.int32)) for _ in range(R)]
 
         def dispatcher(payload, outs, g):

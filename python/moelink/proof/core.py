@@ -1,7 +1,7 @@
 """The pieces every path of the proof shares: the group of virtual ranks, its windows, cases and
 their results.
 
-A *path* (layout, codecs, intranode; internode and low-latency next) is a module-level object
+A *path* (layout, codecs, intranode, internode, low_latency) is a module-level object
 with a ``name``, ``cases(group)`` (the :class:`Case` list it runs at this group's rank count and
 target) and ``run(group, case)`` that raises AssertionError (a wrong result), a moelink error, or
 :class:`Skip`, and may return details for the report. Paths are listed in
@@ -58,7 +58,7 @@ class CaseResult:
 
 
 class RankGroup:
-    """``num_ranks`` virtual ranks on one backend. Windows of a kind ("nvl"; later "rdma") are
+    """``num_ranks`` virtual ranks on one backend. Windows of a kind ("nvl", "rdma") are
     carved out of ONE allocation, ``stride`` bytes apart, zeroed when created, and kept across
     cases like a Buffer's (epochs and queue counters carry on from call to call). After a failed
     collective they are garbage, exactly as a poisoned Buffer's: :meth:`reset` drops them."""

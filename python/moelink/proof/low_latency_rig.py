@@ -161,24 +161,25 @@ class Rig:
 
 # ---- dispatch outputs ---------------------------------------------------------------------------
 
-def dispatch_outputs(mem, payload: str, EL: int, R: int, T: int, H: int) -> Dict[str, object]:
+def dispatch_outputs(mem, payload: str, EL: int, R: int, T: int, H: int, fill: int = 0xcd) -> Dict[str, object]:
     """Device outputs in the shapes the Buffer returns (``_low_latency._dispatch_outputs``), filled
-    with junk: rows past each expert's count are unspecified, the specified ones must be written."""
+    with junk: rows past each expert's count are unspecified, the specified ones must be written.
+    (``fill`` 0: zeroed on the device, no host copy; the benchmark's large buffers.)"""
     G, rows = H // 128, R * T
     out = dict(scales=None, g=None)
     if payload in ("bf16", "logfmt8", "logfmt9", "logfmt10"):
-        out["x"] = mem.empty((EL, rows, H), torch.bfloat16, fill=0xcd)
+        out["x"] = mem.empty((EL, rows, H), torch.bfloat16, fill=fill)
     elif payload.startswith("fp8"):
-        out["x"] = mem.empty((EL, rows, H), torch.float8_e4m3fn, fill=0xcd)
-        out["scales"] = (mem.empty((EL, -(-G // 4), rows), torch.int32, fill=0xcd) if payload == "fp8_ue8m0"
-                         else mem.empty((EL, G, rows), torch.float32, fill=0xcd))
+        out["x"] = mem.empty((EL, rows, H), torch.float8_e4m3fn, fill=fill)
+        out["scales"] = (mem.empty((EL, -(-G // 4), rows), torch.int32, fill=fill) if payload == "fp8_ue8m0"
+                         else mem.empty((EL, G, rows), torch.float32, fill=fill))
     elif payload == "mxfp8":
-        out["x"] = mem.empty((EL, rows, H), torch.float8_e4m3fn, fill=0xcd)
-        out["scales"] = mem.empty((EL, rows, H // 32), torch.uint8, fill=0xcd)
+        out["x"] = mem.empty((EL, rows, H), torch.float8_e4m3fn, fill=fill)
+        out["scales"] = mem.empty((EL, rows, H // 32), torch.uint8, fill=fill)
     else:  # nvfp4
-        out["x"] = mem.empty((EL, rows, H // 2), torch.uint8, fill=0xcd)
-        out["scales"] = mem.empty((EL, rows, H // 16), torch.float8_e4m3fn, fill=0xcd)
-        out["g"] = mem.empty((EL, rows), torch.float32, fill=0xcd)
+        out["x"] = mem.empty((EL, rows, H // 2), torch.uint8, fill=fill)
+        out["scales"] = mem.empty((EL, rows, H // 16), torch.float8_e4m3fn, fill=fill)
+        out["g"] = mem.empty((EL, rows), torch.float32, fill=fill)
     out["count"] = mem.empty((EL,), torch.int32, fill=0xff)
     out["src_info"] = mem.empty((EL, rows), torch.int32, fill=0xff)
     out["layout_range"] = mem.empty((EL, R), torch.int64, fill=0xff)
