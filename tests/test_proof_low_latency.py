@@ -141,3 +141,13 @@ def test_gpu_control_flow_on_a_simulated_device():
     assert any("coresidency" in r.details for r in cases.values())
     dispatches = [rank for name, rank in fake.launches if name == "low_latency.dispatch"]
     assert dispatches[:4] == [0, 1, 2, 3]
+
+
+def test_the_zero_copy_combine_reads_the_window(monkeypatch):
+    """Zero-copy calls pass no input pointer: the rows written into the window's comb_send region
+    are what the combine returns, so writing other rows there fails the case."""
+    real = low_latency_rig.Rig.write_combine_buffer
+    monkeypatch.setattr(low_latency_rig.Rig, "write_combine_buffer",
+                        lambda self, r, payload, rows: real(self, r, payload, rows * 2))
+    result = _one_case(monkeypatch, "alternate-halves")
+    assert result.status == "fail" and "zero-copy" in result.error, result.line()

@@ -32,8 +32,8 @@ import torch
 
 from ..reference import low_latency as ref
 from .core import Case, RankGroup, Skip
-from .low_latency_rig import (Rig, check_dispatch, dispatch_outputs, expected_combine, expert_outputs, global_scale,
-                              make_inputs, messages)
+from .low_latency_rig import (Rig, check_dispatch, dispatch_outputs, encode_all, expected_combine, expert_outputs,
+                              global_scale, make_inputs, messages)
 
 name = "low_latency"
 
@@ -64,11 +64,12 @@ def cases(group: RankGroup) -> List[Case]:
                                                rpn=2, nvlink=True, payloads=["fp8", "fp8_ue8m0"], combines=[10],
                                                iterations=2)))
     c += [
-        # 12 calls alternating the halves, every format (payloads and combines change call to call).
+        # 12 calls alternating the halves, every format (payloads and combines change call to call),
+        # every other combine zero-copy (bf16, LogFMT-9, LogFMT-10 from the window's comb_send).
         Case("alternate-halves", dict(t_max=32 if big else 12, hidden=H, topk=4, experts_per_rank=2,
                                       rpn=2 if R >= 4 else 1, nvlink=R >= 4,
                                       payloads=["nvfp4", "mxfp8", "fp8_pow2", "logfmt10", "fp8", "bf16"],
-                                      combines=[None, 10, 9], iterations=6)),
+                                      combines=[None, 10, 9], iterations=6, zero_copy=True)),
         # Send half, then the receive half as a separate launch (the hook): every message has landed
         # in between (the signal words say so) while no kernel of the call runs.
         Case("hook-halves", dict(t_max=32 if big else 16, hidden=H, topk=4, experts_per_rank=3, rpn=1, nvlink=False,
@@ -116,7 +117,8 @@ def _run(group: RankGroup, case: Case, absent: Optional[str] = None) -> Dict:
     group.coresidency.clear()
     with group.scratch() as mem:
         rig = Rig(group, mem, t_max=T, hidden=H, experts=E, topk=K, rpn=L, nvlink=p["nvlink"], block_warps=W,
-                  blocks=blocks, payloads=p["payloads"], combines=p["combines"], split=p.get("split", 0))
+                  blocks=blocks, payloads=p["payloads"], combines=p["combines"], split=p.get("split", 0),
+                  zero_copy=p.get("zero_copy", False))
         cum = [mem.empty((EL,), torch.int32) for _ in range(R)]
         wait = [mem.empty((R,), torch.int64) for _ in range(R)]
         total_recv = [torch.zeros(EL, dtype=torch.int32) for _ in range(R)]
@@ -143,16 +145,23 @@ def _run(group: RankGroup, case: Case, absent: Optional[str] = None) -> Dict:
             present = [r for r in range(R) if r != R - 1] if absent == "dispatch" else range(R)
             _call(group, rig, "low-latency dispatch", dispatch, p.get("hook"), SEND, RECV, present,
                   lambda: rig.note_dispatch(msgs))
-            want = ref.low_latency_dispatch(xs, idx, E, payload, global_scales=gs)
+            want, encoded = ref.low_latency_dispatch(xs, idx, E, payload, global_scales=gs), encode_all(xs, payload, gs)
             for r in range(R):
-                check_dispatch(r, rig, xs, idx, payload, gs, outs[r], slots[r].get(), counts[r].get(), msgs, want)
+                check_dispatch(r, rig, xs, idx, payload, encoded, outs[r], slots[r].get(), counts[r].get(), msgs, want)
                 total_recv[r] += outs[r]["count"].get()
                 assert torch.equal(cum[r].get(), total_recv[r]), f"rank {r}: cumulative_local_expert_recv_stats"
                 assert bool((wait[r].get() >= 0).all()), f"rank {r}: dispatch_wait_recv_cost_stats"
             _check_bytes(rig, "dispatch", msgs * lay["msg_bytes"] + lay["count_bytes"], details)
 
-            # Combine: each expert returns expert_fn(its rows), placed by the device's handle.
-            ys = [mem.upload(expert_outputs(r, rig, xs, outs[r])) for r in range(R)]
+            # Combine: each expert returns expert_fn(its rows), placed by the device's handle; every
+            # other call of a zero-copy case writes them into the window's comb_send region instead.
+            zero_copy = p.get("zero_copy", False) and it % 2 == 0
+            cpay = rig.combine_payload(bits)
+            expert_rows = [expert_outputs(r, rig, xs, outs[r]) for r in range(R)]
+            if zero_copy:
+                for r in range(R):
+                    rig.write_combine_buffer(r, cpay, expert_rows[r])
+            ys = [0 if zero_copy else mem.upload(rows) for rows in expert_rows]
             cidx = [i.clone() for i in idx]
             if p.get("combine_drop"):
                 gen = torch.Generator().manual_seed(case.seed * 100 + it + 50)
@@ -161,11 +170,10 @@ def _run(group: RankGroup, case: Case, absent: Optional[str] = None) -> Dict:
             cidx_ptr = [mem.upload(i) for i in cidx]
             w_ptr = [mem.upload(w) for w in weights]
             combined = [mem.empty((x.shape[0], H), torch.bfloat16, fill=0xcd) for x in xs]
-            cpay = rig.combine_payload(bits)
 
             def combine(r, s, phases):
                 o = outs[r]
-                ll.combine(rig.context(r, cpay), phases, blocks, ys[r], o["src_info"].ptr, o["layout_range"].ptr,
+                ll.combine(rig.context(r, cpay, zero_copy), phases, blocks, ys[r], o["src_info"].ptr, o["layout_range"].ptr,
                            xs[r].shape[0], cidx_ptr[r], w_ptr[r], slots[r].ptr, counts[r].ptr, combined[r].ptr, 0, 0,
                            stream=s, rank=r)
             _call(group, rig, "low-latency combine", combine, p.get("hook"), SEND, RECV, range(R),
@@ -173,7 +181,8 @@ def _run(group: RankGroup, case: Case, absent: Optional[str] = None) -> Dict:
             for r in range(R):
                 want_c = expected_combine(xs[r], cidx[r], weights[r], bits)
                 assert torch.equal(combined[r].get().view(torch.int16), want_c.view(torch.int16)), \
-                    f"rank {r}: combined_x ({cpay}, call {rig.calls}) differs from the reference (bit for bit)"
+                    f"rank {r}: combined_x ({cpay}{', zero-copy' if zero_copy else ''}, call {rig.calls}) differs " \
+                    "from the reference (bit for bit)"
             _check_bytes(rig, "combine", msgs.t() * rig.layout(cpay)["comb_msg_bytes"], details)
     details["calls"] = rig.calls
     if group.coresidency:

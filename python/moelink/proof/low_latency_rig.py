@@ -66,7 +66,7 @@ def global_scale(x: torch.Tensor) -> torch.Tensor:
 class Rig:
     def __init__(self, group: RankGroup, mem, *, t_max: int, hidden: int, experts: int, topk: int, rpn: int,
                  nvlink: bool, block_warps: int, blocks: int, payloads: Sequence[str], combines: Sequence,
-                 split: int = 0):
+                 split: int = 0, zero_copy: bool = False):
         self.group, self.mem, self.ll = group, mem, group.module.low_latency
         R = group.num_ranks
         self.R, self.L, self.N = R, rpn, R // rpn
@@ -74,7 +74,7 @@ class Rig:
         self.W, self.blocks, self.nvlink, self.split = block_warps, blocks, nvlink, split
         self.nbytes = 0  # sizes first (they do not depend on the window), then the window
         half = max([self.layout(pl)["dispatch_bytes"] for pl in payloads] +
-                   [self.layout(self.combine_payload(b))["combine_bytes"] for b in combines])
+                   [self.layout(self.combine_payload(b), zero_copy)["combine_bytes"] for b in combines])
         head = self.ll.window(num_nodes=self.N, ranks_per_node=rpn, window_bytes=0)["data_base"]
         self.nbytes = -(-(head + 2 * half) // 4096) * 4096
         # Fresh windows for every case: signals, seen words and the call count start together (a
@@ -95,25 +95,34 @@ class Rig:
     def combine_payload(bits: Optional[int]) -> str:
         return "bf16" if bits is None else f"logfmt{bits}"
 
-    def layout(self, payload: str) -> dict:
+    def layout(self, payload: str, zero_copy: bool = False) -> dict:
         return dict(self.ll.layout(num_ranks=self.R, ranks_per_node=self.L, num_max_tokens=self.T, hidden=self.H,
                                    num_experts=self.E, num_topk=self.K, format=dict(self.ll.FORMATS)[payload],
-                                   block_warps=self.W, num_nodes=self.N, window_bytes=self.nbytes))
+                                   zero_copy=zero_copy, block_warps=self.W, num_nodes=self.N,
+                                   window_bytes=self.nbytes))
 
-    def context(self, r: int, payload: str):
-        key = (r, payload)
+    def context(self, r: int, payload: str, zero_copy: bool = False):
+        key = (r, payload, zero_copy)
         if key not in self._contexts:
             node = r // self.L
             self._contexts[key] = self.ll.Context(
                 rank=r, num_ranks=self.R, ranks_per_node=self.L, num_max_tokens=self.T, hidden=self.H,
-                num_experts=self.E, num_topk=self.K, format=dict(self.ll.FORMATS)[payload], block_warps=self.W,
-                num_nodes=self.N, window_bytes=self.nbytes, net_kind=SCALE_OUT_KIND_LOOPBACK,
+                num_experts=self.E, num_topk=self.K, format=dict(self.ll.FORMATS)[payload], zero_copy=zero_copy,
+                block_warps=self.W, num_nodes=self.N, window_bytes=self.nbytes, net_kind=SCALE_OUT_KIND_LOOPBACK,
                 net_window=self.windows[r], net_window_bytes=self.nbytes, num_signals=self.window["num_signals"],
                 net_queue=self.table, net_rdma_bytes=self.rdma_counter.ptr + 64 * r, use_nvlink=self.nvlink,
                 node_windows=self.windows[node * self.L:(node + 1) * self.L] if self.nvlink else [],
                 nvl_bytes=self.nvl_counters[r], claims=self.claims[r].ptr, claim_capacity=self.E,
                 codec_split=self.split)
         return self._contexts[key]
+
+    def write_combine_buffer(self, r: int, payload: str, rows: torch.Tensor) -> None:
+        """Rank r's expert outputs into the comb_send region of its next call's half (what
+        get_next_low_latency_combine_buffer returns a view of): the zero-copy combine's input."""
+        arena = self.group.window_mem("rdma")
+        offset = self.window["data_base"] + (self.calls % 2) * self.window["half_bytes"] + \
+            self.layout(payload, True)["comb_send"]
+        self.group.backend.write(arena, self.windows[r] - arena.ptr + offset, rows)
 
     def direct(self, r: int, d: int) -> bool:
         """Rank r reaches rank d with NVLink stores (else a loopback put), as LowLatencyContext::direct."""
@@ -203,7 +212,12 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.numel(), dtype=t.dtype).copy_(t.reshape(-1)).view(torch.uint8)
 
 
-def check_dispatch(r: int, rig: Rig, xs, idx, payload: str, gs, got: dict, send_slots: torch.Tensor,
+def encode_all(xs, payload: str, gs) -> list:
+    """Every rank's rows as the reference encodes them (None for a rank without tokens)."""
+    return [ref.encode_rows(x, payload, gs[s]) if x.shape[0] else None for s, x in enumerate(xs)]
+
+
+def check_dispatch(r: int, rig: Rig, xs, idx, payload: str, encoded, got: dict, send_slots: torch.Tensor,
                    send_counts: torch.Tensor, msgs: torch.Tensor, want) -> None:
     """One rank's dispatch against the reference: recv_count; per (local expert, source) the rows
     [begin, begin + count) of layout_range, begin the counts of earlier sources (grouped by source
@@ -215,7 +229,6 @@ def check_dispatch(r: int, rig: Rig, xs, idx, payload: str, gs, got: dict, send_
     assert count.tolist() == w.recv_count, f"rank {r}: recv_count {count.tolist()}, reference {w.recv_count}"
     info, ranges = got["src_info"].get().long(), got["layout_range"].get()
     parts = received(got, payload)
-    encoded = [ref.encode_rows(x, payload, gs[s]) if x.shape[0] else None for s, x in enumerate(xs)]
     for e in range(EL):
         start = 0
         for s in range(R):
