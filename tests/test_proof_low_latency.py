@@ -37,7 +37,7 @@ def test_low_latency_passes_on_the_host_target(report):
     cases = {r.case: r for r in report.results}
     assert all(r.status == "pass" for r in cases.values()), [r.line() for r in cases.values()]
     assert set(cases) >= {"nic-bf16", "nvlink-pairs-fp8", "alternate-halves", "hook-halves", "empty-and-dropped",
-                          "all-empty", "blocks-warp-form", "absent-in-dispatch", "after-timeout"}
+                          "all-empty", "blocks-warp-form", "weights-replay", "absent-in-dispatch", "after-timeout"}
     checks = [r for r in cases.values() if r.params.get("absent") is None]
     assert all(r.details["calls"] >= 4 for r in checks), "a case did not reuse both halves"
     assert cases["alternate-halves"].details["calls"] == 12

@@ -16,8 +16,11 @@ Checks after every dispatch: recv_count; per (local expert, source) the rows lay
 grouped by source in rank order, their (token, slot) set from src_info, every row bit for bit the
 reference encoding (bf16, FP8 with float32 / power-of-two / UE8M0 scales, MXFP8, NVFP4, LogFMT);
 send_counts and send_slots. After every combine (expert outputs placed by the device's own handle,
-unspecified rows NaN): the output bit for bit the reference combine (bf16 or LogFMT-n). After every
-send half and every call: every rank's signal words and call count are what the protocol says.
+unspecified rows NaN; or, zero-copy, written into the window's comb_send region): the output bit
+for bit the reference combine (bf16 or LogFMT-n). moelink.autograd's entry points: a bf16 dispatch
+carrying its weights replayed into an earlier dispatch's slots (rows w * x), the combine's slot
+values. After every send half and every call: every rank's signal words and call count are what
+the protocol says.
 Byte counters: the loopback's (one counts message per rank reached by a put and one message per
 (token, top-k slot) in a dispatch; one row per received (token, slot) in a combine) and the NVLink
 one (the same, for the node's other rank). ``timeout_cases``: the last rank never launches a
@@ -32,8 +35,8 @@ import torch
 
 from ..reference import low_latency as ref
 from .core import Case, RankGroup, Skip
-from .low_latency_rig import (Rig, check_dispatch, dispatch_outputs, encode_all, expected_combine, expert_outputs,
-                              global_scale, make_inputs, messages)
+from .low_latency_rig import (Rig, check_dispatch, dispatch_outputs, encode_all, expected_combine, expert_fn,
+                              expert_outputs, global_scale, make_inputs, messages)
 
 name = "low_latency"
 
@@ -78,6 +81,11 @@ def cases(group: RankGroup) -> List[Case]:
         Case("empty-and-dropped", dict(t_max=24, hidden=H, topk=8, experts_per_rank=4, rpn=2 if pairs else 1,
                                        nvlink=pairs, tokens=[0] + [24] * (R - 1), drop=0.4, combine_drop=0.3,
                                        payloads=["bf16", "nvfp4"], combines=[10, None], iterations=2)),
+        # Autograd's entry points: a dispatch replayed into the first one's slots with carried
+        # weights (the receiver stores w * row); the combine on the replay's handle, its slot values.
+        Case("weights-replay", dict(t_max=16, hidden=H, topk=4, experts_per_rank=2, rpn=2 if pairs else 1,
+                                    nvlink=pairs, payloads=["bf16", "fp8"], combines=[None], iterations=2,
+                                    replay=True)),
         Case("all-empty", dict(t_max=8, hidden=128, topk=2, experts_per_rank=1, rpn=1, nvlink=False, tokens=[0] * R,
                                payloads=["fp8"], combines=[None], iterations=2)),
         # Host: several blocks of few warps (the GPU's multi-block receive split and last-block
@@ -118,7 +126,7 @@ def _run(group: RankGroup, case: Case, absent: Optional[str] = None) -> Dict:
     with group.scratch() as mem:
         rig = Rig(group, mem, t_max=T, hidden=H, experts=E, topk=K, rpn=L, nvlink=p["nvlink"], block_warps=W,
                   blocks=blocks, payloads=p["payloads"], combines=p["combines"], split=p.get("split", 0),
-                  zero_copy=p.get("zero_copy", False))
+                  zero_copy=p.get("zero_copy", False), carry_weights=p.get("replay", False))
         cum = [mem.empty((EL,), torch.int32) for _ in range(R)]
         wait = [mem.empty((R,), torch.int64) for _ in range(R)]
         total_recv = [torch.zeros(EL, dtype=torch.int32) for _ in range(R)]
@@ -152,6 +160,11 @@ def _run(group: RankGroup, case: Case, absent: Optional[str] = None) -> Dict:
                 assert torch.equal(cum[r].get(), total_recv[r]), f"rank {r}: cumulative_local_expert_recv_stats"
                 assert bool((wait[r].get() >= 0).all()), f"rank {r}: dispatch_wait_recv_cost_stats"
             _check_bytes(rig, "dispatch", msgs * lay["msg_bytes"] + lay["count_bytes"], details)
+            slot_values = None
+            if p.get("replay"):  # the combine then runs on the replay's handle, with its slot values
+                outs, slots, counts = _replay(group, rig, mem, xs, idx, weights, x_ptr, idx_ptr, outs, slots, msgs,
+                                              details)
+                slot_values = [mem.empty((x.shape[0], K, H), torch.bfloat16, fill=0xcd) for x in xs]
 
             # Combine: each expert returns expert_fn(its rows), placed by the device's handle; every
             # other call of a zero-copy case writes them into the window's comb_send region instead.
@@ -174,8 +187,8 @@ def _run(group: RankGroup, case: Case, absent: Optional[str] = None) -> Dict:
             def combine(r, s, phases):
                 o = outs[r]
                 ll.combine(rig.context(r, cpay, zero_copy), phases, blocks, ys[r], o["src_info"].ptr, o["layout_range"].ptr,
-                           xs[r].shape[0], cidx_ptr[r], w_ptr[r], slots[r].ptr, counts[r].ptr, combined[r].ptr, 0, 0,
-                           stream=s, rank=r)
+                           xs[r].shape[0], cidx_ptr[r], w_ptr[r], slots[r].ptr, counts[r].ptr, combined[r].ptr,
+                           slot_values[r].ptr if slot_values else 0, 0, stream=s, rank=r)
             _call(group, rig, "low-latency combine", combine, p.get("hook"), SEND, RECV, range(R),
                   lambda: rig.note_combine(msgs))
             for r in range(R):
@@ -183,6 +196,11 @@ def _run(group: RankGroup, case: Case, absent: Optional[str] = None) -> Dict:
                 assert torch.equal(combined[r].get().view(torch.int16), want_c.view(torch.int16)), \
                     f"rank {r}: combined_x ({cpay}{', zero-copy' if zero_copy else ''}, call {rig.calls}) differs " \
                     "from the reference (bit for bit)"
+                if slot_values:
+                    sent = cidx[r] >= 0
+                    rows = expert_fn(xs[r].unsqueeze(1), cidx[r].clamp_min(0).unsqueeze(-1))
+                    assert torch.equal(slot_values[r].get()[sent].view(torch.int16), rows[sent].view(torch.int16)), \
+                        f"rank {r}: slot_values (the rows returned per top-k slot)"
             _check_bytes(rig, "combine", msgs.t() * rig.layout(cpay)["comb_msg_bytes"], details)
     details["calls"] = rig.calls
     if group.coresidency:
@@ -190,6 +208,44 @@ def _run(group: RankGroup, case: Case, absent: Optional[str] = None) -> Dict:
     details["summary"] = (f"nodes={R // L}x{L}{' nvl' if p['nvlink'] else ''} blocks={blocks} W={W} calls={rig.calls} "
                           f"net={details['loopback_bytes']}B nvl={details['nvlink_bytes']}B")
     return details
+
+
+def _replay(group, rig, mem, xs, idx, weights, x_ptr, idx_ptr, outs, slots, msgs, details):
+    """moelink.autograd's entry points: bf16 rows carrying their top-k weights, replayed into the
+    receive slots of the dispatch just made (its send_slots as cached_slots), the receiver storing
+    w * row. Same counts, layout and src_info as that dispatch, the same send_slots, every row
+    (w * x) in bf16 bit for bit. Returns the replay's outputs, send_slots and send_counts."""
+    R, EL, K, T, H, ll = rig.R, rig.EL, rig.K, rig.T, rig.H, rig.ll
+    w_ptr = [mem.upload(w) for w in weights]
+    outs2 = [dispatch_outputs(mem, "bf16", EL, R, T, H) for _ in range(R)]
+    slots2 = [mem.empty((x.shape[0], K), torch.int32, fill=0x7f) for x in xs]
+    counts2 = [mem.empty((R,), torch.int32, fill=0xff) for _ in range(R)]
+
+    def dispatch(r, s):
+        o = outs2[r]
+        ll.dispatch(rig.context(r, "bf16", carry=True), ll.SEND_PHASE | ll.RECV_PHASE, rig.blocks, xs[r].shape[0],
+                    x_ptr[r], idx_ptr[r], w_ptr[r], 0, slots[r].ptr, True, slots2[r].ptr, counts2[r].ptr, o["x"].ptr, 0,
+                    0, o["count"].ptr, o["src_info"].ptr, o["layout_range"].ptr, 0, 0, stream=s, rank=r)
+    group.run_all("low-latency dispatch (weights, replay)", dispatch)
+    rig.note_dispatch(msgs)
+    rig.check_words("after a replayed dispatch")
+    for r in range(R):
+        a, b = outs[r], outs2[r]
+        count, ranges, info = a["count"].get(), a["layout_range"].get(), a["src_info"].get()
+        assert torch.equal(b["count"].get(), count) and torch.equal(b["layout_range"].get(), ranges),             f"rank {r}: the replay's recv_count / layout_range differ from its dispatch's"
+        assert torch.equal(slots2[r].get(), slots[r].get()), f"rank {r}: the replay's send_slots"
+        info2, rows = b["src_info"].get(), b["x"].get()
+        for e in range(EL):
+            assert torch.equal(info2[e, :int(count[e])], info[e, :int(count[e])]), f"rank {r}: the replay's src_info"
+            for s in range(R):
+                n, begin = int(ranges[e, s]) & 0xFFFFFFFF, int(ranges[e, s]) >> 32
+                t, k = info[e, begin:begin + n].long() // K, info[e, begin:begin + n].long() % K
+                want = (weights[s][t, k].unsqueeze(1) * xs[s][t].float()).to(torch.bfloat16)
+                assert torch.equal(rows[e, begin:begin + n].view(torch.int16), want.view(torch.int16)), \
+                    f"rank {r}: replayed rows of expert {e} from source {s} are not w * x"
+    lay = rig.layout("bf16", carry=True)
+    _check_bytes(rig, "replayed dispatch", msgs * lay["msg_bytes"] + lay["count_bytes"], details)
+    return outs2, slots2, counts2
 
 
 def _call(group, rig, what, launch, hook, SEND, RECV, ranks, note):

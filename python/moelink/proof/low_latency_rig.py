@@ -66,14 +66,14 @@ def global_scale(x: torch.Tensor) -> torch.Tensor:
 class Rig:
     def __init__(self, group: RankGroup, mem, *, t_max: int, hidden: int, experts: int, topk: int, rpn: int,
                  nvlink: bool, block_warps: int, blocks: int, payloads: Sequence[str], combines: Sequence,
-                 split: int = 0, zero_copy: bool = False):
+                 split: int = 0, zero_copy: bool = False, carry_weights: bool = False):
         self.group, self.mem, self.ll = group, mem, group.module.low_latency
         R = group.num_ranks
         self.R, self.L, self.N = R, rpn, R // rpn
         self.T, self.H, self.E, self.K, self.EL = t_max, hidden, experts, topk, experts // R
         self.W, self.blocks, self.nvlink, self.split = block_warps, blocks, nvlink, split
         self.nbytes = 0  # sizes first (they do not depend on the window), then the window
-        half = max([self.layout(pl)["dispatch_bytes"] for pl in payloads] +
+        half = max([self.layout(pl, carry=carry_weights)["dispatch_bytes"] for pl in payloads] +
                    [self.layout(self.combine_payload(b), zero_copy)["combine_bytes"] for b in combines])
         head = self.ll.window(num_nodes=self.N, ranks_per_node=rpn, window_bytes=0)["data_base"]
         self.nbytes = -(-(head + 2 * half) // 4096) * 4096
@@ -95,19 +95,22 @@ class Rig:
     def combine_payload(bits: Optional[int]) -> str:
         return "bf16" if bits is None else f"logfmt{bits}"
 
-    def layout(self, payload: str, zero_copy: bool = False) -> dict:
+    def layout(self, payload: str, zero_copy: bool = False, carry: bool = False) -> dict:
         return dict(self.ll.layout(num_ranks=self.R, ranks_per_node=self.L, num_max_tokens=self.T, hidden=self.H,
                                    num_experts=self.E, num_topk=self.K, format=dict(self.ll.FORMATS)[payload],
-                                   zero_copy=zero_copy, block_warps=self.W, num_nodes=self.N,
+                                   carry_weights=carry, zero_copy=zero_copy, block_warps=self.W, num_nodes=self.N,
                                    window_bytes=self.nbytes))
 
-    def context(self, r: int, payload: str, zero_copy: bool = False):
-        key = (r, payload, zero_copy)
+    def context(self, r: int, payload: str, zero_copy: bool = False, carry: bool = False):
+        """Rank r's context for a call in `payload` (zero_copy: a combine from comb_send; carry:
+        dispatch messages that carry the token's top-k weights)."""
+        key = (r, payload, zero_copy, carry)
         if key not in self._contexts:
             node = r // self.L
             self._contexts[key] = self.ll.Context(
                 rank=r, num_ranks=self.R, ranks_per_node=self.L, num_max_tokens=self.T, hidden=self.H,
                 num_experts=self.E, num_topk=self.K, format=dict(self.ll.FORMATS)[payload], zero_copy=zero_copy,
+                carry_weights=carry,
                 block_warps=self.W, num_nodes=self.N, window_bytes=self.nbytes, net_kind=SCALE_OUT_KIND_LOOPBACK,
                 net_window=self.windows[r], net_window_bytes=self.nbytes, num_signals=self.window["num_signals"],
                 net_queue=self.table, net_rdma_bytes=self.rdma_counter.ptr + 64 * r, use_nvlink=self.nvlink,
