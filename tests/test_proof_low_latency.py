@@ -151,3 +151,10 @@ def test_the_zero_copy_combine_reads_the_window(monkeypatch):
                         lambda self, r, payload, rows: real(self, r, payload, rows * 2))
     result = _one_case(monkeypatch, "alternate-halves")
     assert result.status == "fail" and "zero-copy" in result.error, result.line()
+
+
+def test_a_wrong_slot_value_expectation_fails_the_case(monkeypatch):
+    real = low_latency.expert_fn  # the slot-value check's own expectation (the combine's is in low_latency_rig)
+    monkeypatch.setattr(low_latency, "expert_fn", lambda values, expert: real(values, expert + 1))
+    result = _one_case(monkeypatch, "weights-replay")
+    assert result.status == "fail" and "slot_values" in result.error, result.line()

@@ -277,12 +277,15 @@ def _check_bytes(rig: Rig, what: str, per_peer: torch.Tensor, details: dict) -> 
 def run_timeout(group: RankGroup, case: Case, host_deadline_s: float = 2.0):
     """The last rank never launches the dispatch: every other rank comes back with CommTimeout
     naming the low-latency dispatch and the absent peer, and the execution context stays intact."""
+    import time
+
     from .. import runtime
     from ..errors import CommTimeout
     missing = group.num_ranks - 1
     previous = runtime.wait_timeout()
     if group.target == "host":
         runtime.set_wait_timeout(host_deadline_s)
+    start = time.monotonic()
     try:
         _run(group, case, absent=case.params["absent"])
     except CommTimeout as exc:
@@ -292,7 +295,10 @@ def run_timeout(group: RankGroup, case: Case, host_deadline_s: float = 2.0):
     finally:
         runtime.set_wait_timeout(previous)
         group.reset()
+    waited = time.monotonic() - start
     assert failed == [r for r in range(group.num_ranks) if r != missing], f"ranks {failed} failed: {errors}"
+    if group.target == "host":
+        assert waited >= host_deadline_s, f"the ranks gave up after {waited:.2f} s, before the {host_deadline_s} s deadline"
     for r, e in errors.items():
         text = str(e)
         assert isinstance(e, CommTimeout) and "low-latency dispatch" in text, f"rank {r}: {type(e).__name__}: {e}"
@@ -300,4 +306,4 @@ def run_timeout(group: RankGroup, case: Case, host_deadline_s: float = 2.0):
     broken = group.backend.healthy()
     assert broken is None, f"context not intact after the timeout: {broken}"
     first = str(errors[min(errors)])
-    return {"summary": first[:150], "message": first}
+    return {"summary": first[:150], "message": first, "waited_s": waited}
