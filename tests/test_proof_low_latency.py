@@ -37,7 +37,7 @@ def test_low_latency_passes_on_the_host_target(report):
     cases = {r.case: r for r in report.results}
     assert all(r.status == "pass" for r in cases.values()), [r.line() for r in cases.values()]
     assert set(cases) >= {"nic-bf16", "nvlink-pairs-fp8", "alternate-halves", "hook-halves", "empty-and-dropped",
-                          "all-empty", "blocks-warp-form", "weights-replay", "absent-in-dispatch", "after-timeout"}
+                          "all-empty", "blocks-warp-form", "weights-replay", "absent-in-dispatch", "absent-in-combine", "after-timeout"}
     checks = [r for r in cases.values() if r.params.get("absent") is None]
     assert all(r.details["calls"] >= 4 for r in checks), "a case did not reuse both halves"
     assert cases["alternate-halves"].details["calls"] == 12
@@ -53,8 +53,9 @@ def test_low_latency_passes_on_the_host_target(report):
 def test_low_latency_timeout_names_the_kernel_and_peer_and_a_normal_case_runs_after(report):
     cases = {r.case: r for r in report.results}
     ranks = report.meta["ranks"][0]
-    message = cases["absent-in-dispatch"].details["message"]
-    assert "low_latency_dispatch" in message and f"from peer {ranks - 1}" in message, message
+    for kernel in ("dispatch", "combine"):
+        message = cases[f"absent-in-{kernel}"].details["message"]
+        assert f"low_latency_{kernel}" in message and f"from peer {ranks - 1}" in message, message
     assert cases["after-timeout"].status == "pass"
     assert runtime.wait_timeout() == report.meta["wait_timeout_s"]
 

@@ -24,7 +24,7 @@ the protocol says.
 Byte counters: the loopback's (one counts message per rank reached by a put and one message per
 (token, top-k slot) in a dispatch; one row per received (token, slot) in a combine) and the NVLink
 one (the same, for the node's other rank). ``timeout_cases``: the last rank never launches a
-dispatch; the others must come back with CommTimeout naming the low-latency dispatch and that peer.
+dispatch (then: a combine); the others must come back with CommTimeout naming that kernel and peer.
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ def timeout_cases(group: RankGroup) -> List[Case]:
     base = dict(t_max=8, hidden=128, topk=2, experts_per_rank=2, rpn=1, nvlink=False, payloads=["bf16"],
                 combines=[None], iterations=1)
     return [Case("absent-in-dispatch", dict(base, absent="dispatch"), kind="timeout"),
+            Case("absent-in-combine", dict(base, absent="combine"), kind="timeout"),
             Case("after-timeout", dict(base, iterations=2), kind="recovery")]
 
 
@@ -189,7 +190,8 @@ def _run(group: RankGroup, case: Case, absent: Optional[str] = None) -> Dict:
                 ll.combine(rig.context(r, cpay, zero_copy), phases, blocks, ys[r], o["src_info"].ptr, o["layout_range"].ptr,
                            xs[r].shape[0], cidx_ptr[r], w_ptr[r], slots[r].ptr, counts[r].ptr, combined[r].ptr,
                            slot_values[r].ptr if slot_values else 0, 0, stream=s, rank=r)
-            _call(group, rig, "low-latency combine", combine, p.get("hook"), SEND, RECV, range(R),
+            present = [r for r in range(R) if r != R - 1] if absent == "combine" else range(R)
+            _call(group, rig, "low-latency combine", combine, p.get("hook"), SEND, RECV, present,
                   lambda: rig.note_combine(msgs))
             for r in range(R):
                 want_c = expected_combine(xs[r], cidx[r], weights[r], bits)
@@ -275,13 +277,14 @@ def _check_bytes(rig: Rig, what: str, per_peer: torch.Tensor, details: dict) -> 
 
 
 def run_timeout(group: RankGroup, case: Case, host_deadline_s: float = 2.0):
-    """The last rank never launches the dispatch: every other rank comes back with CommTimeout
-    naming the low-latency dispatch and the absent peer, and the execution context stays intact."""
+    """The last rank never launches the dispatch (or the combine): every other rank comes back with
+    CommTimeout naming that low-latency kernel and the absent peer, having waited out the deadline,
+    and the execution context stays intact."""
     import time
 
     from .. import runtime
     from ..errors import CommTimeout
-    missing = group.num_ranks - 1
+    missing, kernel = group.num_ranks - 1, f"low-latency {case.params['absent']}"
     previous = runtime.wait_timeout()
     if group.target == "host":
         runtime.set_wait_timeout(host_deadline_s)
@@ -291,7 +294,7 @@ def run_timeout(group: RankGroup, case: Case, host_deadline_s: float = 2.0):
     except CommTimeout as exc:
         failed, errors = getattr(exc, "failed_ranks", []), getattr(exc, "rank_errors", {})
     else:
-        raise AssertionError(f"low-latency dispatch without rank {missing} returned normally")
+        raise AssertionError(f"{kernel} without rank {missing} returned normally")
     finally:
         runtime.set_wait_timeout(previous)
         group.reset()
@@ -301,7 +304,7 @@ def run_timeout(group: RankGroup, case: Case, host_deadline_s: float = 2.0):
         assert waited >= host_deadline_s, f"the ranks gave up after {waited:.2f} s, before the {host_deadline_s} s deadline"
     for r, e in errors.items():
         text = str(e)
-        assert isinstance(e, CommTimeout) and "low-latency dispatch" in text, f"rank {r}: {type(e).__name__}: {e}"
+        assert isinstance(e, CommTimeout) and kernel in text, f"rank {r}: {type(e).__name__}: {e}"
         assert f"from peer {missing}" in text, f"rank {r}: the timeout does not name the absent peer {missing}: {e}"
     broken = group.backend.healthy()
     assert broken is None, f"context not intact after the timeout: {broken}"
