@@ -44,9 +44,11 @@ name = "low_latency"
 def blocks_for(group: RankGroup, p: dict, W: int) -> int:
     """The grid of every low-latency kernel of the case. Host target: one block, as the Buffer's
     (LowLatencyState.num_blocks: its fibers run on one thread anyway) unless the case asks for
-    more. GPU: one warp per (local expert, source) pair, the receive half's unit of work (the send
-    half spreads tokens over the same warps), so ceil(EL * R / W) blocks, at most the SMs one rank
-    gets when the R ranks' cooperative grids must be resident on the GPU at once."""
+    more. GPU (blocks of W = the GPU build's 16 warps, which ops_low_latency.cu requires): one warp
+    per (local expert, source) pair, the receive half's unit of work, or per token of the send half
+    if there are more, so ceil(max(EL * R, T) / W) blocks (16 at DeepSeek's 256 experts), at most
+    the SMs one rank gets: the R ranks' cooperative grids wait on each other, so all must be
+    resident on the one GPU at once (the harness's co-residency probe checks it)."""
     if group.target != "cuda":
         return int(p.get("blocks", 1))
     R = group.num_ranks
