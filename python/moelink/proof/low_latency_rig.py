@@ -66,12 +66,12 @@ def global_scale(x: torch.Tensor) -> torch.Tensor:
 class Rig:
     def __init__(self, group: RankGroup, mem, *, t_max: int, hidden: int, experts: int, topk: int, rpn: int,
                  nvlink: bool, block_warps: int, blocks: int, payloads: Sequence[str], combines: Sequence,
-                 split: int = 0, zero_copy: bool = False, carry_weights: bool = False):
+                 split: int = 0, zero_copy: bool = False, carry_weights: bool = False, shrink: bool = False):
         self.group, self.mem, self.ll = group, mem, group.module.low_latency
         R = group.num_ranks
         self.R, self.L, self.N = R, rpn, R // rpn
         self.T, self.H, self.E, self.K, self.EL = t_max, hidden, experts, topk, experts // R
-        self.W, self.blocks, self.nvlink, self.split = block_warps, blocks, nvlink, split
+        self.W, self.blocks, self.nvlink, self.split, self.shrink = block_warps, blocks, nvlink, split, shrink
         self.nbytes = 0  # sizes first (they do not depend on the window), then the window
         half = max([self.layout(pl, carry=carry_weights)["dispatch_bytes"] for pl in payloads] +
                    [self.layout(self.combine_payload(b), zero_copy)["combine_bytes"] for b in combines])
@@ -116,7 +116,7 @@ class Rig:
                 net_queue=self.table, net_rdma_bytes=self.rdma_counter.ptr + 64 * r, use_nvlink=self.nvlink,
                 node_windows=self.windows[node * self.L:(node + 1) * self.L] if self.nvlink else [],
                 nvl_bytes=self.nvl_counters[r], claims=self.claims[r].ptr, claim_capacity=self.E,
-                codec_split=self.split)
+                codec_split=self.split, shrink=self.shrink)
         return self._contexts[key]
 
     def write_combine_buffer(self, r: int, payload: str, rows: torch.Tensor) -> None:
@@ -145,24 +145,33 @@ class Rig:
         return rdma, nvl
 
     # ---- the protocol's words ----
-    def note_dispatch(self, msgs: torch.Tensor) -> None:
+    def note_dispatch(self, msgs: torch.Tensor, counts: Optional[torch.Tensor] = None) -> None:
+        """A dispatch call: msgs[s][d] token messages and counts[s][d] (default 1) counts messages."""
         h = self.calls % 2
-        self.tally[:, COUNT + h, :] += 1
+        self.tally[:, COUNT + h, :] += 1 if counts is None else counts.t()
         self.tally[:, TOKENS + h, :] += msgs.t()  # at receiver r from s: msgs[s][r]
         self.calls += 1
 
-    def note_combine(self, msgs: torch.Tensor) -> None:
+    def note_combine(self, msgs: torch.Tensor, done: Optional[torch.Tensor] = None) -> None:
+        """A combine call: at source r, from expert rank s, the msgs[r][s] rows r sent s and (done[r][s],
+        default 1) its "done"."""
         h = self.calls % 2
-        self.tally[:, COMB + h, :] += msgs + 1  # at source r from expert rank s: its rows, then "done"
+        self.tally[:, COMB + h, :] += msgs + (1 if done is None else done)
         self.calls += 1
 
-    def check_words(self, when: str) -> None:
+    def mask(self, r: int) -> list:
+        """Rank r's mask words (shrink mode: 1 = that rank is masked), own words at 128 + 56 R."""
+        arena = self.group.window_mem("rdma")
+        at = self.windows[r] + self.window["own_offset"] + 128 + 56 * self.R
+        return self.group.backend.download(Mem(at, 4 * self.R, arena.keep), torch.int32, (self.R,)).tolist()
+
+    def check_words(self, when: str, ranks=None) -> None:
         """Every rank's signal words and its call count are what the protocol says (ops_low_latency.h:
         monotonic adds, +1 per counts message, per token message, per combine row and per "done")."""
         base, own = self.window["signal_base"], self.window["own_offset"]
         backend = self.group.backend
         arena = self.group.window_mem("rdma")
-        for r in range(self.R):
+        for r in range(self.R) if ranks is None else ranks:
             words = backend.download(Mem(self.windows[r], own + 8, arena.keep), torch.int64, ((own + 8) // 8,))
             got = words[base:base + 7 * self.R].view(7, self.R)
             assert torch.equal(got, self.tally[r]), \
@@ -221,7 +230,7 @@ def encode_all(xs, payload: str, gs) -> list:
 
 
 def check_dispatch(r: int, rig: Rig, xs, idx, payload: str, encoded, got: dict, send_slots: torch.Tensor,
-                   send_counts: torch.Tensor, msgs: torch.Tensor, want) -> None:
+                   send_counts: torch.Tensor, msgs: torch.Tensor, want, masked=()) -> None:
     """One rank's dispatch against the reference: recv_count; per (local expert, source) the rows
     [begin, begin + count) of layout_range, begin the counts of earlier sources (grouped by source
     in rank order), their (token, slot) set from src_info, each row bit for bit encode_rows;
@@ -254,7 +263,10 @@ def check_dispatch(r: int, rig: Rig, xs, idx, payload: str, encoded, got: dict, 
     assert bool((send_slots[ids < 0] == -1).all()), f"rank {r}: send_slots not -1 where topk_idx is -1"
     for ex in ids[ids >= 0].unique().tolist():
         slots = sorted(send_slots[ids == ex].tolist())
-        assert slots == list(range(len(slots))), f"rank {r}: send_slots of expert {ex}: {slots}"
+        if ex // EL in masked:  # shrink: its rank was masked when the call began, nothing sent
+            assert set(slots) == {rig.ll.MASKED_SLOT}, f"rank {r}: send_slots of expert {ex} of a masked rank: {slots}"
+        else:
+            assert slots == list(range(len(slots))), f"rank {r}: send_slots of expert {ex}: {slots}"
 
 
 def expert_outputs(r: int, rig: Rig, xs, got: dict) -> torch.Tensor:
