@@ -232,9 +232,9 @@ def _run(group: RankGroup, case: Case, absent: Optional[str] = None) -> Dict:
                     f"rank {r}: combined_x ({cpay}{', zero-copy' if zero_copy else ''}, call {rig.calls}) differs " \
                     "from the reference (bit for bit)"
                 if slot_values:
-                    sent = cidx[r] >= 0
+                    valid = cidx[r] >= 0
                     rows = expert_fn(xs[r].unsqueeze(1), cidx[r].clamp_min(0).unsqueeze(-1))
-                    assert torch.equal(slot_values[r].get()[sent].view(torch.int16), rows[sent].view(torch.int16)), \
+                    assert torch.equal(slot_values[r].get()[valid].view(torch.int16), rows[valid].view(torch.int16)), \
                         f"rank {r}: slot_values (the rows returned per top-k slot)"
             _check_bytes(rig, "combine", back.t() * rig.layout(cpay)["comb_msg_bytes"], details)
         if p.get("shrink"):
