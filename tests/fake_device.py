@@ -76,6 +76,7 @@ class FakeCuda(types.SimpleNamespace):
         self.launches = []  # (name, rank) in the order they were queued
         self.intranode = self._proxy(_host.intranode)
         self.internode = self._proxy(_host.internode, "internode")
+        self.low_latency = self._proxy(_host.low_latency, "low_latency")
         for name in ("dispatch_layout", "fp8_quantize", "fp8_dequantize", "logfmt_encode", "logfmt_decode"):
             setattr(self, name, self._kernel(name, getattr(_host, name)))
         self.logfmt_row_bytes = _host.logfmt_row_bytes

@@ -18,7 +18,7 @@ import torch
 import moelink
 import moelink.proof as proof
 from moelink import _backend, _host, errors, runtime
-from moelink.proof import bench
+from moelink.proof import bench, bench_low_latency
 from moelink.proof.backend import Backend, CudaBackend, check_coresident
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,6 +164,7 @@ def test_gpu_backend_control_flow_on_a_simulated_device(monkeypatch):
     runtime.set_wait_timeout(5.0)  # the simulated device's deadline (a GPU's: MOELINK_TIMEOUT_S)
     monkeypatch.setattr(bench, "SHAPES", [(64, 256, 4, 8)])
     monkeypatch.setattr(bench, "RANKS", (2,))
+    monkeypatch.setattr(bench_low_latency, "LL_SHAPES", [(16, 256, 4, 8)])
     try:
         report = proof.run_proof("cuda", [3], seed=_seed(), backend=_SimulatedBackend(fake), bench=True, big=False,
                                  log=lambda line: None)
@@ -176,6 +177,7 @@ def test_gpu_backend_control_flow_on_a_simulated_device(monkeypatch):
     notify = [rank for name, rank in fake.launches if name == "intranode.notify"]
     assert notify[:3] == [0, 1, 2]
     assert report.bench and all(row.get("check") == "ok" and row["method"] == "graph" for row in report.bench), report.bench
+    assert {row["op"] for row in report.bench} == {"dispatch", "combine", "ll-dispatch", "ll-combine"}, report.bench
     assert not report.bench_failed
 
 

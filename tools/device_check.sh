@@ -11,9 +11,10 @@
 #   2. build      moelink in place with nvcc for sm_90 (both extensions, from this repository only:
 #                 no network, no pip), ptxas table and check (tools/check_ptxas.py: zero spills)
 #   3. proof      python -m moelink.proof --target cuda --ranks 2,4,8 (N ranks as N streams; every
-#                 path of moelink.proof.PATHS: layout, codecs, intranode, internode over the loopback)
+#                 path of moelink.proof.PATHS: layout, codecs, intranode, internode and low_latency
+#                 over the loopback)
 #   4. pytest     python -m pytest -m gpu tests (the proof itself is step 3, not rerun)
-#   5. bench      python -m moelink.proof --bench-only (GB/s per rank, SM counts)
+#   5. bench      python -m moelink.proof --bench-only (GB/s per rank, SM counts; us per LL call)
 # Budget: under 8 minutes on a 16-core H200 machine (build ~2-3 min). Results in OUT:
 #   summary.txt / summary.json  every step's status and seconds, the inventory, the proof's and the
 #                               benchmark's console output

@@ -7,8 +7,8 @@ bindings on windows carved out of one allocation, checked against ``moelink.refe
 
 ``PATHS`` lists what is proved, one module per path (``cases``, ``run``, optionally
 ``timeout_cases``/``run_timeout``): layout, codecs, intranode, internode (ranks posing as nodes over
-the device-side loopback). The low-latency path is added as an entry here once its kernels exist. docs/gpu-proof.md says what the proof shows
-and what it cannot.
+the device-side loopback), low_latency (the low-latency dispatch and combine over the loopback and
+node pairs' NVLink stores). docs/gpu-proof.md says what the proof shows and what it cannot.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import os
 import time
 from typing import Callable, List, Optional, Sequence
 
-from . import codecs, internode, intranode, layout
+from . import codecs, internode, intranode, layout, low_latency
 from .backend import HarnessHang, make_backend
 from .core import Case, CaseResult, RankGroup, run_case
 
 __all__ = ["PATHS", "Report", "run_proof", "DEFAULT_GPU_TIMEOUT_S"]
 
-PATHS = [layout, codecs, intranode, internode]
+PATHS = [layout, codecs, intranode, internode, low_latency]
 
 # The deadline of every wait in the proof's GPU process when MOELINK_TIMEOUT_S is unset: each
 # forced timeout costs this long; normal cases finish in milliseconds.

@@ -72,6 +72,11 @@ class Backend:
         """Sets every byte of `mem` to zero (in place: its address stays valid)."""
         raise NotImplementedError
 
+    def write(self, mem: Mem, offset: int, tensor: torch.Tensor) -> None:
+        """Copies `tensor`'s bytes into `mem` at `offset` (a window's region, as a caller fills the
+        zero-copy combine buffer)."""
+        raise NotImplementedError
+
     # execution
     def stream(self, rank: int) -> int:
         return 0
@@ -131,6 +136,12 @@ class HostBackend(Backend):
     def clear(self, mem: Mem) -> None:
         start = mem.ptr - mem.keep.data_ptr()
         mem.keep[start:start + mem.nbytes].zero_()
+
+    def write(self, mem: Mem, offset: int, tensor: torch.Tensor) -> None:
+        data = _host_bytes(tensor)
+        assert 0 <= offset and offset + data.numel() <= mem.nbytes, "write outside the memory"
+        start = mem.ptr - mem.keep.data_ptr() + offset
+        mem.keep[start:start + data.numel()].copy_(data)
 
     def run_phase(self, name, launchers, wait_s):
         errors: Dict[int, Optional[BaseException]] = {r: None for r in launchers}
@@ -194,6 +205,12 @@ class CudaBackend(Backend):
 
     def clear(self, mem: Mem) -> None:
         self.proof.memset(mem.ptr, 0, mem.nbytes)
+
+    def write(self, mem: Mem, offset: int, tensor: torch.Tensor) -> None:
+        data = _host_bytes(tensor)
+        assert 0 <= offset and offset + data.numel() <= mem.nbytes, "write outside the memory"
+        if data.numel():
+            self.proof.copy(mem.ptr + offset, data.data_ptr(), data.numel())
 
     def stream(self, rank: int) -> int:
         while len(self._streams) <= rank:

@@ -12,7 +12,8 @@ Figures are per rank: ``recv_gbps`` = rows received x hidden x 2 bytes / time (D
 convention for dispatch; for combine the rows sent back), ``link_gbps`` = the NVL byte counter (the
 bytes of the slots that crossed to another rank) / time. On one GPU every "link" is the same HBM:
 these figures measure the kernels' copy efficiency with N ranks sharing one GPU's memory and SMs,
-not NVLink. ``BENCHES`` lists the benchmarks; the low-latency one joins it with its kernels.
+not NVLink. ``BENCHES`` lists the benchmarks: this one and the low-latency one
+(bench_low_latency.py: microseconds per LL dispatch and combine call).
 """
 
 from __future__ import annotations
@@ -210,7 +211,9 @@ def intranode_bench(backend, log) -> List[dict]:
     return rows
 
 
-BENCHES = [intranode_bench]
+from .bench_low_latency import low_latency_bench  # noqa: E402 - it uses this module's timing
+
+BENCHES = [intranode_bench, low_latency_bench]
 
 
 def run_bench(backend, log=print) -> List[dict]:
@@ -221,6 +224,9 @@ def run_bench(backend, log=print) -> List[dict]:
 
 
 def format_row(row: dict) -> str:
+    if row["op"].startswith("ll-"):
+        from .bench_low_latency import format_row as low_latency_row
+        return low_latency_row(row)
     if "error" in row:
         return f"bench {row['op']:9} ranks={row['ranks']} tokens={row['tokens']} hidden={row['hidden']} sms={row['num_sms']}: {row['error']}"
     return (f"bench {row['op']:9} ranks={row['ranks']} tokens={row['tokens']:5} hidden={row['hidden']:5} "

@@ -1,7 +1,7 @@
 """The pieces every path of the proof shares: the group of virtual ranks, its windows, cases and
 their results.
 
-A *path* (layout, codecs, intranode; internode and low-latency next) is a module-level object
+A *path* (layout, codecs, intranode, internode, low_latency) is a module-level object
 with a ``name``, ``cases(group)`` (the :class:`Case` list it runs at this group's rank count and
 target) and ``run(group, case)`` that raises AssertionError (a wrong result), a moelink error, or
 :class:`Skip`, and may return details for the report. Paths are listed in
@@ -58,7 +58,7 @@ class CaseResult:
 
 
 class RankGroup:
-    """``num_ranks`` virtual ranks on one backend. Windows of a kind ("nvl"; later "rdma") are
+    """``num_ranks`` virtual ranks on one backend. Windows of a kind ("nvl", "rdma") are
     carved out of ONE allocation, ``stride`` bytes apart, zeroed when created, and kept across
     cases like a Buffer's (epochs and queue counters carry on from call to call). After a failed
     collective they are garbage, exactly as a poisoned Buffer's: :meth:`reset` drops them."""
@@ -95,6 +95,10 @@ class RankGroup:
             held = (arena, stride, [arena.at(r * stride) for r in range(self.num_ranks)])
             self._windows[kind] = held
         return list(held[2])
+
+    def window_mem(self, kind: str) -> Mem:
+        """The one allocation the windows of `kind` were carved from (for reading them back)."""
+        return self._windows[kind][0]
 
     def counters(self) -> List[int]:
         """One u64 per rank (64 bytes apart), zeroed by :meth:`read_counters`: the byte counters."""
