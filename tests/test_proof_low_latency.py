@@ -163,11 +163,9 @@ def test_a_wrong_slot_value_expectation_fails_the_case(monkeypatch):
     assert result.status == "fail" and "slot_values" in result.error, result.line()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="kernel bug (reported): in shrink mode with several blocks, the blocks that "
-                   "follow block 0's verdict (low_latency_common.cuh: follow_verdicts) wait with the same deadline "
-                   "block 0 spends waiting for the absent rank, so they fail with CommTimeout instead of the call "
-                   "masking it; the GPU runs several blocks")
 def test_shrink_mode_masks_an_absent_rank_with_several_blocks(monkeypatch):
+    """The GPU runs several blocks: those that follow block 0's verdicts must outlast its waits for
+    the absent rank (low_latency_common.cuh: follow_verdicts), or the call fails instead of masking."""
     real = low_latency.timeout_cases
 
     def several_blocks(group):

@@ -89,9 +89,20 @@ MOELINK_DEVICE void publish_verdict(const LowLatencyContext& c, uint64_t call, i
 }
 
 // The other blocks: wait until block 0 decided every source of this call (each block, all threads).
+// Block 0 may spend two deadlines on one source before it decides (its counts message arrives just
+// before the deadline, then its tokens never do), so a follower outlasts that: two waits that may
+// expire, then the one that fails the launch (CommTimeout: block 0 itself is stuck). One deadline
+// would expire with block 0's and fail the call instead of masking the dead peer.
 MOELINK_DEVICE void follow_verdicts(const LowLatencyContext& c, uint64_t call, const char* what) {
-  for (int s = static_cast<int>(thread_rank()); s < c.shape.num_ranks; s += static_cast<int>(num_threads()))
-    wait_until<Scope::kGpu>(verdict_word(c, s), Cmp::kGe, 2 * (call + 1), WaitSite{what, c.rank, s});
+  const uint64_t decided = 2 * (call + 1);
+  for (int s = static_cast<int>(thread_rank()); s < c.shape.num_ranks; s += static_cast<int>(num_threads())) {
+    uint64_t* word = verdict_word(c, s);
+    const WaitSite site{what, c.rank, s};
+    uint64_t seen = 0;
+    if (wait_until_or_expire<Scope::kGpu>(word, Cmp::kGe, decided, site, &seen)) continue;
+    if (wait_until_or_expire<Scope::kGpu>(word, Cmp::kGe, decided, site, &seen)) continue;
+    wait_until<Scope::kGpu>(word, Cmp::kGe, decided, site);
+  }
 }
 
 // Base of `peer`'s scale-out window as this process maps it (a rank of this node, NVLink path).
