@@ -1,6 +1,7 @@
 #include "transport/host/nic.h"
 
 #include <linux/futex.h>
+#include <pthread.h>
 #include <sched.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -70,6 +71,9 @@ HostNic::HostNic(HostWindows& windows, size_t entries, uint32_t num_signals, Nic
   ring_->num_signals = num_signals;
   ring_->window_bytes = windows.data_bytes();
   thread_ = new std::thread([this] { run(); });
+  // Named before the constructor returns, so that ps/top/gdb (and tests counting NIC threads in
+  // /proc/self/task/*/comm) find it.
+  pthread_setname_np(thread_->native_handle(), kThreadName);
 }
 
 HostNic::~HostNic() {

@@ -88,6 +88,7 @@ struct NicShaping {
 
 class HostNic {
  public:
+  static constexpr const char* kThreadName = "moelink-nic";  // the NIC thread's name (<= 15 chars)
   // `windows`: every rank's scale-out window mapped (nic_maps_remote); it must outlive close().
   // `entries`: ring size (rounded up to a power of two, >= 64). `num_signals`: the signal region
   // at the start of every window. Starts the NIC thread.
