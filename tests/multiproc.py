@@ -417,3 +417,15 @@ def rank_group_fixture(*world_sizes: int, name: Optional[str] = None, **options)
             group.close()
 
     return _group
+
+
+def nic_threads() -> int:
+    """This process's host NIC threads (named moelink-nic; other threads come and go under load)."""
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as comm:
+                count += comm.read().strip() == "moelink-nic"
+        except OSError:  # the thread ended meanwhile
+            pass
+    return count

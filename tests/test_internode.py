@@ -14,7 +14,7 @@ import torch
 import moelink
 from moelink import errors, reference, runtime
 from moelink.reference.dispatch import assert_combine_close
-from multiproc import leftover_segments, rank_group_fixture
+from multiproc import leftover_segments, nic_threads, rank_group_fixture
 from test_intranode import _inputs
 
 group = rank_group_fixture(2, 4, case_timeout=300)
@@ -215,29 +215,16 @@ def test_eight_ranks(group8, seed, ranks_per_node):
     _run(group8, seed, ranks_per_node=ranks_per_node, hidden=256, num_topk=8, experts_per_rank=4)
 
 
-def _threads() -> int:
-    """This process's NIC threads (named moelink-nic; other threads come and go under load)."""
-    import os
-    count = 0
-    for task in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{task}/comm") as comm:
-                count += comm.read().strip() == "moelink-nic"
-        except OSError:  # the thread ended meanwhile
-            pass
-    return count
-
-
 def _absent_rank(ctx):
     """Rank `world - 1` never enters the dispatch: every other rank raises CommTimeout naming it,
     and after destroy no NIC thread and no segment is left."""
     runtime.set_wait_timeout(1.5)
-    before = _threads()
+    before = nic_threads()
     config = moelink.Config(4, 4, 32, 4, 32)
     buffer = moelink.Buffer(ctx.group, config.get_nvl_buffer_size_hint(128, ctx.world_size, ranks_per_node=2),
                             config.get_rdma_buffer_size_hint(128, ctx.world_size, ranks_per_node=2), ranks_per_node=2)
     try:
-        assert _threads() == before + 1, "one NIC thread per Buffer"
+        assert nic_threads() == before + 1, "one NIC thread per Buffer"
         missing = ctx.world_size - 1
         if ctx.rank == missing:
             return "absent"
@@ -253,7 +240,7 @@ def _absent_rank(ctx):
     finally:
         buffer.destroy()
         runtime.set_wait_timeout(100.0)
-        assert _threads() == before, "the NIC thread was joined"
+        assert nic_threads() == before, "the NIC thread was joined"
 
 
 def test_absent_rank_times_out_naming_it_and_leaves_nothing(group, seed):

@@ -10,7 +10,7 @@ import torch
 
 import moelink
 from moelink import errors, runtime
-from multiproc import leftover_segments, rank_group_fixture
+from multiproc import leftover_segments, nic_threads, rank_group_fixture
 from test_low_latency import _case, _inputs
 
 group = rank_group_fixture(2, 4, case_timeout=300)
@@ -129,19 +129,6 @@ def test_mixing_normal_and_low_latency_calls(group, seed):
     assert all(group.run(_mixed, seed))
 
 
-def _threads() -> int:
-    """This process's NIC threads (named moelink-nic; other threads come and go under load)."""
-    import os
-    count = 0
-    for task in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{task}/comm") as comm:
-                count += comm.read().strip() == "moelink-nic"
-        except OSError:  # the thread ended meanwhile
-            pass
-    return count
-
-
 def _absent_rank(ctx, allow_nvlink):
     """Rank `world - 1` never enters the dispatch: every other rank raises CommTimeout naming it;
     after destroy no NIC thread is left."""
@@ -161,10 +148,10 @@ def _absent_rank(ctx, allow_nvlink):
             buffer.low_latency_dispatch(x, topk, 4, world)
         return str(info.value)
     finally:
-        during = _threads()
+        during = nic_threads()
         buffer.destroy()
         runtime.set_wait_timeout(100.0)
-        assert _threads() == during - 1, "the NIC thread was joined"
+        assert nic_threads() == during - 1, "the NIC thread was joined"
 
 
 @pytest.mark.parametrize("allow_nvlink", [False, True])

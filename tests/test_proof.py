@@ -20,6 +20,7 @@ import moelink.proof as proof
 from moelink import _backend, _host, errors, runtime
 from moelink.proof import bench, bench_low_latency
 from moelink.proof.backend import Backend, CudaBackend, check_coresident
+from seeding import proof_failures, proof_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Where this process imports moelink from (the source tree in place, site-packages in CI): the CLI
@@ -27,22 +28,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(moelink.__file__)))
 
 
-def _seed() -> int:
-    fixed = os.environ.get("MOELINK_TEST_SEED")
-    return int(fixed) if fixed else int.from_bytes(os.urandom(2), "little")
-
-
-def _failures(report) -> str:
-    return f"seed {report.meta['seed']} (MOELINK_TEST_SEED replays it):\n" + "\n".join(r.line() for r in report.failed)
-
-
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda r: f"{r}ranks")
 def host_report(request):
-    return proof.run_proof("host", [request.param], seed=_seed(), log=lambda line: None)
+    return proof.run_proof("host", [request.param], seed=proof_seed(), log=lambda line: None)
 
 
 def test_every_path_passes_on_the_host_target(host_report):
-    assert not host_report.failed, _failures(host_report)
+    assert not host_report.failed, proof_failures(host_report)
     ran = {r.path for r in host_report.results if r.status == "pass"}
     assert ran == {p.name for p in proof.PATHS}
     assert host_report.counts()["skip"] == 0, [r.line() for r in host_report.results if r.status == "skip"]
@@ -166,11 +158,11 @@ def test_gpu_backend_control_flow_on_a_simulated_device(monkeypatch):
     monkeypatch.setattr(bench, "RANKS", (2,))
     monkeypatch.setattr(bench_low_latency, "LL_SHAPES", [(16, 256, 4, 8)])
     try:
-        report = proof.run_proof("cuda", [3], seed=_seed(), backend=_SimulatedBackend(fake), bench=True, big=False,
+        report = proof.run_proof("cuda", [3], seed=proof_seed(), backend=_SimulatedBackend(fake), bench=True, big=False,
                                  log=lambda line: None)
     finally:
         runtime.set_wait_timeout(previous)
-    assert not report.failed, _failures(report)
+    assert not report.failed, proof_failures(report)
     cases = {r.case: r for r in report.results if r.path == "intranode"}
     assert "(fake GPU)" in cases["absent-in-notify"].details["message"]  # came back through the abort record
     # Every rank's kernels of a step are queued before the harness waits for any of them.

@@ -6,7 +6,6 @@ this one included, on a GPU."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -14,16 +13,12 @@ import torch
 import moelink.proof as proof
 from moelink import reference, runtime
 from moelink.proof import internode
-
-
-def _seed() -> int:
-    fixed = os.environ.get("MOELINK_TEST_SEED")
-    return int(fixed) if fixed else int.from_bytes(os.urandom(2), "little")
+from seeding import proof_seed
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda r: f"{r}ranks")
 def report(request):
-    return proof.run_proof("host", [request.param], seed=_seed(), paths=[internode], log=lambda line: None)
+    return proof.run_proof("host", [request.param], seed=proof_seed(), paths=[internode], log=lambda line: None)
 
 
 def test_internode_passes_on_the_host_target(report):
@@ -48,7 +43,7 @@ def test_internode_timeout_names_the_kernel_and_a_normal_case_runs_after(report)
 
 def _one_case(monkeypatch, name="ranks-as-nodes"):
     monkeypatch.setattr(internode, "timeout_cases", lambda group: [])
-    rep = proof.run_proof("host", [2], seed=_seed(), paths=[internode], only=f"internode/{name}", log=lambda line: None)
+    rep = proof.run_proof("host", [2], seed=proof_seed(), paths=[internode], only=f"internode/{name}", log=lambda line: None)
     assert len(rep.results) == 1
     return rep.results[0]
 

@@ -8,7 +8,6 @@ simulated device (tests/fake_device.py). tests/test_gpu_proof.py runs every path
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -17,24 +16,16 @@ import moelink.proof as proof
 from moelink import runtime
 from moelink.proof import low_latency, low_latency_rig
 from moelink.proof.backend import Backend, CudaBackend
-
-
-def _seed() -> int:
-    fixed = os.environ.get("MOELINK_TEST_SEED")
-    return int(fixed) if fixed else int.from_bytes(os.urandom(2), "little")
-
-
-def _failures(report) -> str:
-    return f"seed {report.meta['seed']} (MOELINK_TEST_SEED replays it):\n" + "\n".join(r.line() for r in report.failed)
+from seeding import proof_failures, proof_seed
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda r: f"{r}ranks")
 def report(request):
-    return proof.run_proof("host", [request.param], seed=_seed(), paths=[low_latency], log=lambda line: None)
+    return proof.run_proof("host", [request.param], seed=proof_seed(), paths=[low_latency], log=lambda line: None)
 
 
 def test_low_latency_passes_on_the_host_target(report):
-    assert not report.failed, _failures(report)
+    assert not report.failed, proof_failures(report)
     cases = {r.case: r for r in report.results}
     assert all(r.status == "pass" for r in cases.values()), [r.line() for r in cases.values()]
     assert set(cases) >= {"nic-bf16", "nvlink-pairs-fp8", "alternate-halves", "hook-halves", "empty-and-dropped",
@@ -64,7 +55,7 @@ def test_low_latency_timeout_names_the_kernel_and_peer_and_a_normal_case_runs_af
 
 def _one_case(monkeypatch, name):
     monkeypatch.setattr(low_latency, "timeout_cases", lambda group: [])
-    rep = proof.run_proof("host", [2], seed=_seed(), paths=[low_latency], only=f"low_latency/{name}",
+    rep = proof.run_proof("host", [2], seed=proof_seed(), paths=[low_latency], only=f"low_latency/{name}",
                           log=lambda line: None)
     assert len(rep.results) == 1
     return rep.results[0]
@@ -132,11 +123,11 @@ def test_gpu_control_flow_on_a_simulated_device():
     previous = runtime.wait_timeout()
     runtime.set_wait_timeout(2.0)  # the simulated device's deadline
     try:
-        rep = proof.run_proof("cuda", [4], seed=_seed(), backend=_SimulatedBackend(fake), paths=[low_latency],
+        rep = proof.run_proof("cuda", [4], seed=proof_seed(), backend=_SimulatedBackend(fake), paths=[low_latency],
                               big=False, log=lambda line: None)
     finally:
         runtime.set_wait_timeout(previous)
-    assert not rep.failed, _failures(rep)
+    assert not rep.failed, proof_failures(rep)
     cases = {r.case: r for r in rep.results}
     assert "(fake GPU)" in cases["absent-in-dispatch"].details["message"]
     assert all(r.details["block_warps"] == 16 for r in cases.values() if "block_warps" in r.details)
@@ -172,6 +163,6 @@ def test_shrink_mode_masks_an_absent_rank_with_several_blocks(monkeypatch):
         return [dataclasses.replace(c, params=dict(c.params, blocks=3)) for c in real(group) if c.name == "shrink-absent"]
     monkeypatch.setattr(low_latency, "timeout_cases", several_blocks)
     monkeypatch.setattr(low_latency, "cases", lambda group: [])
-    rep = proof.run_proof("host", [2], seed=_seed(), paths=[low_latency], log=lambda line: None)
+    rep = proof.run_proof("host", [2], seed=proof_seed(), paths=[low_latency], log=lambda line: None)
     assert [r.case for r in rep.results] == ["shrink-absent"] and rep.results[0].params["blocks"] == 3
-    assert not rep.failed, _failures(rep)
+    assert not rep.failed, proof_failures(rep)
