@@ -21,6 +21,7 @@ import torch
 
 from moelink import _host
 from moelink.errors import CommTimeout, CudaError
+from moelink.proof.backend import Backend, CudaBackend
 
 
 class _Stream:
@@ -256,3 +257,13 @@ class FakeCuda(types.SimpleNamespace):
             for t in threads:
                 t.join()
         self.streams[stream].put(replay)
+
+
+class SimulatedBackend(CudaBackend):
+    """The proof's GPU backend (moelink.proof.backend.CudaBackend) over a FakeCuda instead of moelink._cuda."""
+
+    def __init__(self, fake: FakeCuda):
+        Backend.__init__(self, fake)
+        self.proof = fake.proof
+        self.info = fake.proof.device_info()
+        self._streams = []

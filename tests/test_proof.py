@@ -19,7 +19,7 @@ import moelink
 import moelink.proof as proof
 from moelink import _backend, _host, errors, runtime
 from moelink.proof import bench, bench_low_latency
-from moelink.proof.backend import Backend, CudaBackend, check_coresident
+from moelink.proof.backend import check_coresident
 from seeding import proof_failures, proof_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,16 +141,8 @@ def test_coresidency_check_refuses_grids_that_do_not_fit():
 
 # ---- the GPU backend's control flow on a simulated device --------------------------------------
 
-class _SimulatedBackend(CudaBackend):
-    def __init__(self, fake):
-        Backend.__init__(self, fake)
-        self.proof = fake.proof
-        self.info = fake.proof.device_info()
-        self._streams = []
-
-
 def test_gpu_backend_control_flow_on_a_simulated_device(monkeypatch):
-    from fake_device import FakeCuda
+    from fake_device import FakeCuda, SimulatedBackend
     fake = FakeCuda(sm_count=12)  # 4 SMs per rank at 3 ranks: CI-sized grids
     previous = runtime.wait_timeout()
     runtime.set_wait_timeout(5.0)  # the simulated device's deadline (a GPU's: MOELINK_TIMEOUT_S)
@@ -158,7 +150,7 @@ def test_gpu_backend_control_flow_on_a_simulated_device(monkeypatch):
     monkeypatch.setattr(bench, "RANKS", (2,))
     monkeypatch.setattr(bench_low_latency, "LL_SHAPES", [(16, 256, 4, 8)])
     try:
-        report = proof.run_proof("cuda", [3], seed=proof_seed(), backend=_SimulatedBackend(fake), bench=True, big=False,
+        report = proof.run_proof("cuda", [3], seed=proof_seed(), backend=SimulatedBackend(fake), bench=True, big=False,
                                  log=lambda line: None)
     finally:
         runtime.set_wait_timeout(previous)

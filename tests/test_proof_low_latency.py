@@ -15,7 +15,6 @@ import torch
 import moelink.proof as proof
 from moelink import runtime
 from moelink.proof import low_latency, low_latency_rig
-from moelink.proof.backend import Backend, CudaBackend
 from seeding import proof_failures, proof_seed
 
 
@@ -106,24 +105,16 @@ def test_a_corrupted_reference_combine_fails_the_case(monkeypatch):
     assert result.status == "fail" and "combined_x (bf16" in result.error, result.line()
 
 
-class _SimulatedBackend(CudaBackend):
-    def __init__(self, fake):
-        Backend.__init__(self, fake)
-        self.proof = fake.proof
-        self.info = fake.proof.device_info()
-        self._streams = []
-
-
 def test_gpu_control_flow_on_a_simulated_device():
     """The GPU path's control flow: W = the GPU's block, the grid from the experts and the SMs per
     rank, every rank queued before the harness waits, the co-residency probe, the send/receive
     halves as launches of their own, the timeout through the abort record."""
-    from fake_device import FakeCuda
+    from fake_device import FakeCuda, SimulatedBackend
     fake = FakeCuda(sm_count=16)  # 4 SMs per rank at 4 ranks
     previous = runtime.wait_timeout()
     runtime.set_wait_timeout(2.0)  # the simulated device's deadline
     try:
-        rep = proof.run_proof("cuda", [4], seed=proof_seed(), backend=_SimulatedBackend(fake), paths=[low_latency],
+        rep = proof.run_proof("cuda", [4], seed=proof_seed(), backend=SimulatedBackend(fake), paths=[low_latency],
                               big=False, log=lambda line: None)
     finally:
         runtime.set_wait_timeout(previous)
