@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from . import _backend
 from ._nccl_windows import _gather, _outcome, _raise_if_failed, _nccl_module, bootstrap_nccl_windows
+from ._scaleout import StreamOrderedScaleOut
 from .errors import InvalidArgument, MoelinkError, argument_error
 
 __all__ = ["GinScaleOut", "bootstrap_gin_scaleout", "plan", "queue_depth_from_env", "QUEUE_DEPTH_ENV"]
@@ -60,20 +61,15 @@ def plan(num_ranks: int, lsa_size: int, ranks_per_node: int, *, all_to_all: bool
                               all_to_all=all_to_all, queue_depth=depth))
 
 
-class GinScaleOut:
-    """This rank's scale-out window (an NCCL window) and its GIN transport."""
+class GinScaleOut(StreamOrderedScaleOut):
+    """This rank's scale-out window (an NCCL window) and its GIN transport. Once the stream the
+    kernels ran on has drained, every put they posted was handed to the NIC and flushed (each
+    launch's pump joins that stream: transport/nccl/gin_pump.h), so counters are complete and
+    wait_idle has nothing to wait for."""
 
     def __init__(self, windows, native, num_signals: int):
-        self.windows = windows
+        super().__init__(windows, num_signals)
         self.native = native
-        self.num_signals = num_signals
-        self.data_bytes = windows.data_bytes
-        # Bytes at the window's start that belong to the low-latency layout for good (as on the host).
-        self.reserved_head_bytes = 0
-
-    @property
-    def closed(self) -> bool:
-        return self.windows.closed
 
     def handle(self) -> dict:
         """The keyword arguments a kernel context takes for this transport (ScaleOut, kind kGin)."""
@@ -82,23 +78,6 @@ class GinScaleOut:
         nccl = _nccl_module()
         return dict(net_kind=int(nccl.SCALE_OUT_KIND_GIN), net_window=self.windows.local_ptr,
                     net_window_bytes=self.data_bytes, num_signals=self.num_signals, net_queue=self.native.ring_ptr)
-
-    def error(self) -> Optional[str]:
-        return None
-
-    def wait_idle(self, timeout_s: float = 10.0) -> bool:
-        """True: once the stream the kernels ran on has drained (the caller's part), every put they
-        posted was handed to the NIC and flushed, since each launch's pump joins that stream
-        (transport/nccl/gin_pump.h); there is no queue left to wait for on the host."""
-        return True
-
-    def counters(self) -> dict:
-        """Byte counters; the caller has synchronised the stream the kernels ran on (the pump
-        joins it), so every put the kernels posted is counted."""
-        return self.windows.counters()
-
-    def reset_counters(self) -> None:
-        self.windows.reset_counters()
 
     def close(self) -> None:
         """The transport first (device communicator, ring, pump stream), then the windows.

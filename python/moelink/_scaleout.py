@@ -132,42 +132,24 @@ class ScaleOutWindows:
         _open_nics.discard(self)
 
 
-class NodeScaleOut:
-    """The scale-out window of a one-node Buffer whose "network" is NVLink: this rank's window in
-    ``windows`` (the node's windows: NCCL's on the GPU, shared memory on the host), and a table of
-    every rank's window on the target's device, which the loopback binding indexes by rank. Same
-    surface as :class:`ScaleOutWindows` where Buffer and the low-latency mode use it. Puts are
-    counted as NVLink bytes ("nvl"): on one node that is the link they cross."""
+class StreamOrderedScaleOut:
+    """A scale-out window whose puts are done once the kernels that made them are, i.e. once the
+    caller drained the stream they ran on: the one-node NVLink binding (:class:`NodeScaleOut`) and
+    GIN (``moelink._gin.GinScaleOut``, whose pump joins each launch's stream). Nothing is left to
+    wait for on the host. Same surface as :class:`ScaleOutWindows` where Buffer, the internode path
+    and the low-latency mode use it; ``windows`` are NCCL's on the GPU, shared memory on the host."""
 
-    def __init__(self, windows, num_signals: int, device: torch.device):
-        if windows.ranks_per_node != windows.num_ranks:
-            raise argument_error(InvalidArgument, "ranks_per_node", f"{windows.num_ranks} (one node: every rank "
-                                 "reached over NVLink)", windows.ranks_per_node)
+    def __init__(self, windows, num_signals: int):
         self.windows = windows
         self.num_signals = num_signals
         self.data_bytes = windows.data_bytes
-        self.reserved_head_bytes = 0  # as ScaleOutWindows
-        ptrs = windows.node_window_ptrs()
-        self._own = ptrs[windows.rank]
-        self._table = torch.tensor(ptrs, dtype=torch.int64, device=device)  # char*[num_ranks] for the kernels
+        self.reserved_head_bytes = 0  # as ScaleOutWindows: set by a low-latency Buffer
 
     @property
     def closed(self) -> bool:
         return self.windows.closed
 
-    def handle(self) -> dict:
-        """The keyword arguments a kernel context takes for this transport (ScaleOut, kind kLoopback)."""
-        if self.closed:
-            raise InvalidArgument("handle: the scale-out windows are closed")
-        return dict(net_kind=SCALE_OUT_KIND_LOOPBACK, net_window=self._own, net_window_bytes=self.data_bytes,
-                    num_signals=self.num_signals, net_queue=self._table.data_ptr(),
-                    net_rdma_bytes=self.windows.counter_ptr("nvl"))
-
-    def error(self) -> Optional[str]:
-        return None
-
     def wait_idle(self, timeout_s: float = 10.0) -> bool:
-        """True: a put is a store of the kernel that made it, done when the kernel is."""
         return True
 
     def counters(self) -> dict:
@@ -179,3 +161,27 @@ class NodeScaleOut:
     def close(self) -> None:
         if not self.windows.closed:
             self.windows.close()
+
+
+class NodeScaleOut(StreamOrderedScaleOut):
+    """The scale-out window of a one-node Buffer whose "network" is NVLink: this rank's window in
+    ``windows`` (the node's windows), and a table of every rank's window on the target's device,
+    which the loopback binding indexes by rank. Puts are counted as NVLink bytes ("nvl"): on one
+    node that is the link they cross."""
+
+    def __init__(self, windows, num_signals: int, device: torch.device):
+        if windows.ranks_per_node != windows.num_ranks:
+            raise argument_error(InvalidArgument, "ranks_per_node", f"{windows.num_ranks} (one node: every rank "
+                                 "reached over NVLink)", windows.ranks_per_node)
+        super().__init__(windows, num_signals)
+        ptrs = windows.node_window_ptrs()
+        self._own = ptrs[windows.rank]
+        self._table = torch.tensor(ptrs, dtype=torch.int64, device=device)  # char*[num_ranks] for the kernels
+
+    def handle(self) -> dict:
+        """The keyword arguments a kernel context takes for this transport (ScaleOut, kind kLoopback)."""
+        if self.closed:
+            raise InvalidArgument("handle: the scale-out windows are closed")
+        return dict(net_kind=SCALE_OUT_KIND_LOOPBACK, net_window=self._own, net_window_bytes=self.data_bytes,
+                    num_signals=self.num_signals, net_queue=self._table.data_ptr(),
+                    net_rdma_bytes=self.windows.counter_ptr("nvl"))
