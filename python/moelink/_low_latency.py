@@ -57,6 +57,15 @@ def layout(*, num_ranks, ranks_per_node, num_max_tokens, hidden, num_experts, nu
                            window_bytes=window_bytes))
 
 
+def gpu_grid_blocks(num_experts: int, num_max_tokens: int, block_warps: int) -> int:
+    """Blocks of ``block_warps`` warps a GPU low-latency kernel asks for: one warp per (local expert,
+    source) pair (EL * R = num_experts of them), the receive half's unit of work, or per token of
+    the send half if there are more: 16 blocks at DeepSeek-V3's 256 experts. The kernels stride
+    their work over every warp of the grid, so any count is correct; this one is not tuned
+    (nothing has run on a GPU)."""
+    return max(1, -(-max(num_experts, num_max_tokens) // block_warps))
+
+
 def rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int,
                    num_topk: Optional[int] = None) -> int:
     """``num_rdma_bytes`` that holds every low-latency call of this shape in every format (and the
@@ -195,11 +204,10 @@ class LowLatencyState:
                                     claim_capacity=self.claims.numel() // 2, codec_split=_codec_split,
                                     shrink=self.shrink)
 
-    def num_blocks(self, num_experts: int) -> int:
+    def num_blocks(self, num_experts: int, num_max_tokens: int) -> int:
         """The grid: one block on the host target (its fibers run on one thread anyway); on the GPU
-        a block of 16 warps per 4 experts, below the SM count (not tuned: nothing has run on a GPU
-        yet). The kernels stride their work over every warp of the grid, so any count is correct."""
-        return self.target.grid_blocks(-(-num_experts // 4))
+        :func:`gpu_grid_blocks`, below the SM count (target.grid_blocks)."""
+        return self.target.grid_blocks(gpu_grid_blocks(num_experts, num_max_tokens, self.target.block_warps()))
 
     # ---- running -------------------------------------------------------------------------------
 
@@ -341,7 +349,7 @@ def dispatch(state: LowLatencyState, guard, x, topk_idx, num_max_dispatch_tokens
     handle = LowLatencyHandle(src_info, layout_range, t_max, hidden, num_experts, send_slots=send_slots,
                               send_counts=send_counts, num_tokens=num_tokens, num_topk=k, payload=payload,
                               owner=state.token, rank=state.rank, num_ranks=ranks, recv_count=recv_count)
-    call = _Call("dispatch", "dispatch", native, args, keep, num_blocks=state.num_blocks(num_experts))
+    call = _Call("dispatch", "dispatch", native, args, keep, num_blocks=state.num_blocks(num_experts, t_max))
     hook, event = state.run(call, return_recv_hook, guard)
     return result, recv_count, handle, hook, event
 
@@ -413,7 +421,7 @@ def combine(state: LowLatencyState, guard, x, topk_idx, topk_weights, handle, us
             ptr(handle.send_slots), ptr(handle.send_counts), ptr(out), ptr(slot_values), ptr(wait))
     keep = (x, handle[0], handle[1], handle.send_slots, handle.send_counts, topk, weights, out, slot_values, wait,
             state.claims)
-    call = _Call("combine", "combine", native, args, keep, num_blocks=state.num_blocks(num_experts))
+    call = _Call("combine", "combine", native, args, keep, num_blocks=state.num_blocks(num_experts, t_max))
     hook, event = state.run(call, return_recv_hook, guard)
     return out, hook, event
 

@@ -34,6 +34,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .._low_latency import gpu_grid_blocks
 from ..reference import low_latency as ref
 from .core import Case, RankGroup, Skip
 from .low_latency_rig import (Rig, check_dispatch, dispatch_outputs, encode_all, expected_combine, expert_fn,
@@ -45,17 +46,14 @@ name = "low_latency"
 def blocks_for(group: RankGroup, p: dict, W: int) -> int:
     """The grid of every low-latency kernel of the case. Host target: one block, as the Buffer's
     (LowLatencyState.num_blocks: its fibers run on one thread anyway) unless the case asks for
-    more. GPU (blocks of W = the GPU build's 16 warps, which ops_low_latency.cu requires): one warp
-    per (local expert, source) pair, the receive half's unit of work, or per token of the send half
-    if there are more, so ceil(max(EL * R, T) / W) blocks (16 at DeepSeek's 256 experts), at most
-    the SMs one rank gets: the R ranks' cooperative grids wait on each other, so all must be
+    more. GPU (blocks of W = the GPU build's 16 warps, which ops_low_latency.cu requires): the
+    Buffer's grid (moelink._low_latency.gpu_grid_blocks), at most the SMs one rank gets: the R ranks' cooperative grids wait on each other, so all must be
     resident on the one GPU at once (the harness's co-residency probe checks it)."""
     if group.target != "cuda":
         return int(p.get("blocks", 1))
     R = group.num_ranks
-    pairs = p["experts_per_rank"] * R
     per_rank = max(1, group.backend.info["sm_count"] // R)
-    return max(1, min(per_rank, -(-max(pairs, p["t_max"]) // W)))
+    return min(per_rank, gpu_grid_blocks(p["experts_per_rank"] * R, p["t_max"], W))
 
 
 def cases(group: RankGroup) -> List[Case]:
@@ -106,9 +104,8 @@ def timeout_cases(group: RankGroup) -> List[Case]:
     return [Case("absent-in-dispatch", dict(base, absent="dispatch"), kind="timeout"),
             Case("absent-in-combine", dict(base, absent="combine"), kind="timeout"),
             # Shrink mode: the absent rank is masked after one deadline, the call completes, the next
-            # calls skip it. One block: with several, the other blocks' wait for block 0's verdict
-            # expires together with block 0's wait for the absent rank (CommTimeout instead of a
-            # mask; tests/test_proof_low_latency.py keeps that as a strict xfail until it is fixed).
+            # calls skip it. One block on the host (several: tests/test_proof_low_latency.py); the
+            # GPU runs its grid.
             Case("shrink-absent", dict(base, topk=3, rpn=2 if group.num_ranks % 2 == 0 else 1,
                                        nvlink=group.num_ranks % 2 == 0, payloads=["fp8", "bf16"], iterations=3,
                                        shrink=True, victim_from=1, blocks=1, block_warps=4), kind="timeout"),
